@@ -1,0 +1,1 @@
+"""Data: task algebra, TFDS tables, per-seed splits and device-side sampling."""

@@ -1,0 +1,1 @@
+"""Evaluation: checkpoint evaluation, results files, plots, comparisons and analysis."""

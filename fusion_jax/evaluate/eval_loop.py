@@ -1,0 +1,63 @@
+"""Evaluation from checkpoints: restore every task's runs and recompute metrics, no training."""
+
+import functools
+import os
+
+import jax
+import numpy as np
+from absl import logging
+
+from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.evaluate import results
+from fusion_jax.train import checkpoint, loop, steps
+
+
+def split_metrics(apply_fn, params, split) -> dict:
+    """Exact loss/accuracy of each run on a whole host split `[R, N, ...]` (one device)."""
+    mask = np.ones(split.labels.shape[1], np.float32)
+    fn = functools.partial(steps.evaluate_exact, apply_fn=apply_fn, axis_name=None)
+    out = jax.jit(jax.vmap(fn, in_axes=(0, 0, None)))(params, split, mask)
+    return {k: np.asarray(v).tolist() for k, v in out.items()}
+
+
+def evaluate_task(config, workdir: str, task_name: str, step: int | None = None) -> dict:
+    setup = loop.setup_task(config, task_name)
+    directory = os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"No checkpoints for task {task_name!r} under {directory}; train first."
+        )
+    mngr = checkpoint.manager(directory, config.train.max_to_keep)
+    try:
+        step = mngr.latest_step() if step is None else step
+        state = checkpoint.restore(mngr, setup.abstract_runs(), step)
+    finally:
+        mngr.close()
+    train = split_metrics(setup.apply_fn, state.params, setup.data.train)
+    val = split_metrics(setup.apply_fn, state.params, setup.data.val)
+    return {
+        "step": int(step),
+        "seeds": setup.seeds,
+        "train_loss": train["loss"],
+        "train_acc": train["acc"],
+        "val_loss": val["loss"],
+        "val_acc": val["acc"],
+    }
+
+
+def evaluate(config, workdir: str, step: int | None = None) -> dict:
+    """Evaluates the checkpoints of every task (latest, or `step`) on the full splits.
+
+    Writes `eval_step<N>.json` (or `eval_latest.json`) into the workdir and returns its content.
+    """
+    out = {}
+    for task_name in tasks_lib.parse_task_names(config.tasks):
+        r = evaluate_task(config, workdir, task_name, step)
+        out[task_name] = r
+        logging.info(
+      "[%s] step %d  val_loss %s  val_acc %s  (per seed %s)", task_name, r["step"],
+      np.round(r["val_loss"], 4), np.round(r["val_acc"], 4), r["seeds"],
+    )  # fmt: skip
+    name = "eval_latest.json" if step is None else f"eval_step{step}.json"
+    results.write_json(os.path.join(workdir, name), out)
+    return out

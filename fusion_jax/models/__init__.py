@@ -1,0 +1,44 @@
+"""Models: the reference Transformer, the vmapped expert ensemble and gated fusion.
+
+`build_model(model_config, task)` picks a model by `model_config.name` from `MODELS`.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import ml_collections
+
+from fusion_jax.data.tasks import SEQ_LEN, Task
+from fusion_jax.models import transformer
+
+
+def transformer_config(model_config, task: Task) -> transformer.TransformerConfig:
+    """The typed, validated Transformer config for a task's vocabulary and classes."""
+    return transformer.TransformerConfig(
+        vocab_size=task.vocab_size,
+        num_classes=task.num_classes,
+        num_layers=model_config.num_layers,
+        dim=model_config.dim,
+        num_heads=model_config.num_heads,
+        mlp_ratio=model_config.mlp_ratio,
+        max_len=SEQ_LEN + 1,  # The reference's position table has 5 rows for 4 input tokens.
+        last_position_only=model_config.last_position_only,
+    )
+
+
+def _build_transformer(model_config, task: Task) -> nn.Module:
+    return transformer.Transformer(transformer_config(model_config, task))
+
+
+MODELS: dict[str, Callable[[ml_collections.ConfigDict, Task], nn.Module]] = {
+    "transformer": _build_transformer,
+}
+
+
+def build_model(model_config, task: Task) -> nn.Module:
+    if model_config.name not in MODELS:
+        raise ValueError(
+            f"Unknown config.model.name {model_config.name!r}; "
+            f"known models: {', '.join(sorted(MODELS))}."
+        )
+    return MODELS[model_config.name](model_config, task)

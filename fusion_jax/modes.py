@@ -1,0 +1,29 @@
+"""One entry function per `--mode` of main.py, each `(config, workdir, **flags)`."""
+
+import os
+
+from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.evaluate import eval_loop, results
+from fusion_jax.train import loop
+
+
+def train(config, workdir: str, **_):
+    """Trains (resuming if possible) every task, then writes final_info.json, logs and plots."""
+    task_records = loop.train(config, workdir)
+    return results.write_report(config, workdir, task_records)
+
+
+def evaluate(config, workdir: str, step: int | None = None, **_):
+    """Restores checkpoints and recomputes train/validation metrics on the full splits."""
+    return eval_loop.evaluate(config, workdir, step)
+
+
+def report(config, workdir: str, **_):
+    """Rewrites final_info.json and the plots from the logs in the workdir (no computation)."""
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"No workdir {workdir}.")
+    task_records = results.read_task_records(workdir, tasks_lib.parse_task_names(config.tasks))
+    return results.write_report(config, workdir, task_records)
+
+
+MODES = {"train": train, "eval": evaluate, "report": report}

@@ -1,0 +1,1 @@
+"""Training: optimiser, pure jit/pmap steps, the chunked loop and Orbax checkpoints."""

@@ -1,0 +1,45 @@
+"""Per-step metric logs as JSON lines: one record per (logged step, seed)."""
+
+import json
+import os
+
+import numpy as np
+
+METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+
+def append(path: str, records: list[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def read(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate(path: str, max_step: int) -> list[dict]:
+    """Drops records past `max_step` (written after the checkpoint a resume starts from)."""
+    records = [r for r in read(path) if r["step"] <= max_step]
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return records
+
+
+def to_arrays(records: list[dict]) -> dict[str, np.ndarray]:
+    """Records -> {"step": [T], "seed": [R], metric: [R, T]} (steps and seeds sorted)."""
+    steps = sorted({r["step"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    out = {"step": np.array(steps), "seed": np.array(seeds)}
+    t_index = {s: i for i, s in enumerate(steps)}
+    r_index = {s: i for i, s in enumerate(seeds)}
+    for name in METRICS:
+        out[name] = np.full((len(seeds), len(steps)), np.nan)
+    for r in records:
+        for name in METRICS:
+            out[name][r_index[r["seed"]], t_index[r["step"]]] = r[name]
+    return out

@@ -1,0 +1,271 @@
+"""Training loop: every seed of a task in one vmapped program, pmap over devices, Orbax resume.
+
+Resume order (on every start): for each task, restore the latest checkpoint of
+`<workdir>/<task>/checkpoints` if there is one, drop log records written after it, and continue
+from its step; a task whose latest checkpoint is at `num_steps` is done and skipped.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from fusion_jax import models
+from fusion_jax.data import pipeline
+from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.train import checkpoint, logs, steps
+from fusion_jax.train.optimizer import make_optimizer
+
+
+@dataclasses.dataclass
+class TaskSetup:
+    """Everything needed to train or evaluate the runs of one task."""
+
+    task: tasks_lib.Task
+    model: nn.Module
+    apply_fn: steps.ApplyFn
+    tx: optax.GradientTransformation
+    seeds: list[int]
+    run_keys: jax.Array  # [R] one PRNG key per run
+    data: pipeline.TaskData  # host numpy, leaves [R, ...]
+
+    def init_runs(self) -> steps.TrainState:
+        """Fresh states stacked over runs: leaves `[R, ...]`."""
+        example = jnp.asarray(self.data.train.inputs[0, :1])
+
+        def one(key):
+            key = jax.random.fold_in(key, steps.INIT_STREAM)
+            return steps.init_state(self.model, self.tx, key, example)
+
+        return jax.jit(jax.vmap(one))(self.run_keys)
+
+    def abstract_runs(self):
+        return jax.eval_shape(self.init_runs)
+
+
+def task_dir(workdir: str, task_name: str) -> str:
+    return os.path.join(workdir, task_name)
+
+
+def task_size(config, task_name: str) -> int | None:
+    return None if task_name == "permutation" else config.data.p
+
+
+def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
+    task = tasks_lib.get_task(task_name, task_size(config, task_name))
+    inputs, labels = pipeline.load_table(
+        task_name, config.data.source, config.data.tfds_dir, task_size(config, task_name)
+    )
+    seeds = [config.seed + r for r in range(config.num_seeds)]
+    model = models.build_model(config.model, task)
+    return TaskSetup(
+        task=task,
+        model=model,
+        apply_fn=steps.model_apply_fn(model),
+        tx=make_optimizer(config.opt),
+        seeds=seeds,
+        run_keys=jax.vmap(jax.random.key)(jnp.array(seeds)),
+        data=pipeline.make_task_data(inputs, labels, config.data.frac_train, seeds),
+    )
+
+
+def resolve_num_devices(config) -> int:
+    available = jax.local_device_count()
+    n = config.train.num_devices or available
+    if n > available:
+        raise ValueError(f"config.train.num_devices={n} but only {available} local devices exist.")
+    for field in ("train.batch_size", "eval.batch_size"):
+        section, name = field.split(".")
+        size = config[section][name]
+        if size % n:
+            raise ValueError(
+                f"config.{field}={size} is not divisible by the {n} devices used for data "
+                "parallelism; pick a multiple or set config.train.num_devices."
+            )
+    return n
+
+
+def validate(config) -> None:
+    """Checks the fields the loop relies on, naming the field in every message."""
+    tasks_lib.parse_task_names(config.tasks)
+    t = config.train
+    positive = {
+        "num_steps": config.num_steps,
+        "num_seeds": config.num_seeds,
+        "train.batch_size": t.batch_size,
+        "train.eval_every": t.eval_every,
+        "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every,
+        "eval.num_batches": config.eval.num_batches,
+        "eval.batch_size": config.eval.batch_size,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"config.{name} must be >= 1, got {value}.")
+    if t.log_every % t.eval_every or t.checkpoint_every % t.log_every:
+        raise ValueError(
+            "config.train.log_every must be a multiple of train.eval_every, and "
+            f"train.checkpoint_every a multiple of train.log_every (got {t.eval_every}, "
+            f"{t.log_every}, {t.checkpoint_every})."
+        )
+    if config.num_steps % t.eval_every:
+        raise ValueError(
+            f"config.num_steps={config.num_steps} must be a multiple of "
+            f"config.train.eval_every={t.eval_every}."
+        )
+    if config.eval.mode not in ("exact", "sampled"):
+        raise ValueError(
+            f"config.eval.mode must be 'exact' or 'sampled', got {config.eval.mode!r}."
+        )
+
+
+def step_config(config, num_devices: int) -> steps.StepConfig:
+    return steps.StepConfig(
+        batch_size=config.train.batch_size,
+        eval_every=config.train.eval_every,
+        eval_mode=config.eval.mode,
+        eval_batches=config.eval.num_batches,
+        eval_batch_size=config.eval.batch_size,
+        num_devices=num_devices,
+    )
+
+
+def device_data(setup: TaskSetup, num_devices: int) -> dict:
+    """Train/val splits replicated on every device, plus each device's share of the val split."""
+    val_shard, val_mask = pipeline.shard_for_eval(setup.data.val, num_devices)
+    return {
+        "train": pipeline.replicate(setup.data.train, num_devices),
+        "val": pipeline.replicate(setup.data.val, num_devices),
+        "val_shard": pipeline.to_devices(val_shard),
+        "val_mask": pipeline.to_devices(val_mask),
+    }
+
+
+def _records(metrics: dict, first_step: int, eval_every: int, seeds: list[int]) -> list[dict]:
+    """Chunk metrics `[R, n]` -> one log record per (step, seed)."""
+    out = []
+    for i in range(metrics["val_acc"].shape[1]):
+        for r, seed in enumerate(seeds):
+            rec = {"step": first_step + (i + 1) * eval_every, "seed": seed}
+            rec.update({k: float(metrics[k][r, i]) for k in logs.METRICS})
+            out.append(rec)
+    return out
+
+
+def _progress(task, step, num_steps, metrics, rate, compiled):
+    eta = (num_steps - step) / rate if rate > 0 else float("nan")
+    mean = {k: float(np.mean(metrics[k][:, -1])) for k in logs.METRICS}
+    logging.info(
+    "[%s] step %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  "
+    "(mean of %d runs)  %.1f steps/s%s  ETA %ds",
+    task, step, num_steps, mean["train_loss"], mean["train_acc"], mean["val_loss"],
+    mean["val_acc"], metrics["val_acc"].shape[0], rate, " incl. compile" if compiled else "", eta,
+  )  # fmt: skip
+
+
+def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) -> list[dict]:
+    """Trains (or resumes) all runs of one task; returns its log records."""
+    setup = setup_task(config, task_name)
+    num_devices = resolve_num_devices(config)
+    directory = task_dir(workdir, task_name)
+    os.makedirs(directory, exist_ok=True)
+    log_path = os.path.join(directory, "metrics.jsonl")
+    mngr = checkpoint.manager(os.path.join(directory, "checkpoints"), config.train.max_to_keep)
+    try:
+        start = mngr.latest_step()
+        if start is None:
+            state, start = setup.init_runs(), 0
+            logs.truncate(log_path, 0)
+        else:
+            state = checkpoint.restore(mngr, setup.abstract_runs(), start)
+            logging.info("[%s] resuming from the checkpoint at step %d", task_name, start)
+        records = logs.truncate(log_path, start)
+        if start >= config.num_steps:
+            logging.info("[%s] already trained to step %d; skipping", task_name, start)
+            return records
+        _train_chunks(config, setup, mngr, state, start, num_devices, log_path, records)
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+    return records
+
+
+def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, records):
+    cfg = step_config(config, num_devices)
+    t = config.train
+    data = device_data(setup, num_devices)
+    run_keys = pipeline.replicate(setup.run_keys, num_devices)
+    chunk_fns = {}
+    saved_step, done_state = step, state
+    try:
+        state = pipeline.replicate(state, num_devices)
+        while step < config.num_steps:
+            # Chunks end on multiples of log_every, so a resumed run compiles the same programs.
+            n = min(t.log_every - step % t.log_every, config.num_steps - step)
+            intervals = n // t.eval_every
+            compiled = intervals not in chunk_fns
+            if compiled:
+                chunk_fns[intervals] = steps.make_chunk_fn(setup.apply_fn, setup.tx, cfg, intervals)
+            tic = time.perf_counter()
+            state, metrics = chunk_fns[intervals](state, data, run_keys)
+            metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
+            rate = n / (time.perf_counter() - tic)
+            _check_finite(setup.task.name, step + n, metrics)
+            new = _records(metrics, step, t.eval_every, setup.seeds)
+            logs.append(log_path, new)
+            records.extend(new)
+            step += n
+            done_state = jax.tree.map(lambda x: x[0], state)
+            _progress(setup.task.name, step, config.num_steps, metrics, rate, compiled)
+            if step % t.checkpoint_every == 0 or step == config.num_steps:
+                checkpoint.save(mngr, step, done_state)
+                saved_step = step
+    except KeyboardInterrupt:
+        # Keep what was logged: save the last state whose metrics are in the log, then stop.
+        if step > saved_step:
+            logging.warning(
+                "[%s] interrupted: saving step %d before exiting", setup.task.name, step
+            )
+            checkpoint.save(mngr, step, done_state)
+        raise
+
+
+def _check_finite(task_name, step, metrics):
+    for name in ("train_loss", "val_loss", "grad_norm"):
+        if not np.all(np.isfinite(metrics[name])):
+            raise FloatingPointError(
+                f"[{task_name}] non-finite {name} by step {step}: {metrics[name][:, -1]}. "
+                "Lower config.opt.learning_rate or check the model config."
+            )
+
+
+def write_config(config, workdir: str) -> None:
+    """Saves the config beside the results; warns when a resume runs with a different one."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, "config.json")
+    text = config.to_json(indent=2)
+    if os.path.exists(path):
+        with open(path) as f:
+            if json.load(f) != json.loads(text):
+                logging.warning(
+                    "The config differs from the one saved in %s; it is overwritten.", path
+                )
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
+    """Trains every task of the config in turn; returns log records per task."""
+    validate(config)
+    write_config(config, workdir)
+    return {
+        name: train_task(config, workdir, name) for name in tasks_lib.parse_task_names(config.tasks)
+    }
