@@ -93,6 +93,12 @@ def train_step(state: TrainState, data: pipeline.Split, run_key, *, apply_fn, tx
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
+def train_steps(state, data, run_key, num_steps, *, apply_fn, tx, cfg, axis_name):
+    """`num_steps` train steps fused in one `lax.scan`; metrics get a leading `[num_steps]` axis."""
+    step_fn = functools.partial(train_step, apply_fn=apply_fn, tx=tx, cfg=cfg, axis_name=axis_name)
+    return jax.lax.scan(lambda s, _: step_fn(s, data, run_key), state, None, length=num_steps)
+
+
 def _sums(apply_fn, params, tokens, labels, weights):
     logits, _ = apply_fn(params, tokens)
     correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
@@ -134,11 +140,17 @@ def run_chunk(state, data, run_key, *, apply_fn, tx, cfg, axis_name, num_interva
     interval's batches (measured before each update, as the reference logs them), validation
     loss/acc after the interval, and the last step's gradient norm.
     """
-    step_fn = functools.partial(train_step, apply_fn=apply_fn, tx=tx, cfg=cfg, axis_name=axis_name)
 
     def interval(state, _):
-        state, m = jax.lax.scan(
-            lambda s, _: step_fn(s, data["train"], run_key), state, None, length=cfg.eval_every
+        state, m = train_steps(
+            state,
+            data["train"],
+            run_key,
+            cfg.eval_every,
+            apply_fn=apply_fn,
+            tx=tx,
+            cfg=cfg,
+            axis_name=axis_name,
         )
         if cfg.eval_mode == "exact":
             val = evaluate_exact(

@@ -1,0 +1,31 @@
+"""Merging room: static merges and DAM as pure functions on stacked expert parameter trees."""
+
+from fusion_jax.merging import dam
+from fusion_jax.merging.dam import NONLINEARITIES, dam_loss, init_coefficients
+from fusion_jax.merging.dam import merge as dam_merge
+from fusion_jax.merging.static import (
+    MERGES,
+    dare,
+    merge,
+    num_experts,
+    slerp,
+    task_arithmetic,
+    ties,
+    weight_average,
+)
+
+__all__ = [
+    "MERGES",
+    "NONLINEARITIES",
+    "dam",
+    "dam_loss",
+    "dam_merge",
+    "dare",
+    "init_coefficients",
+    "merge",
+    "num_experts",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "weight_average",
+]

@@ -1,0 +1,152 @@
+"""DAM (Differentiable Adaptive Merging): trainable per-feature merge coefficients.
+
+`coefficients` is a tree shaped like the stacked experts, one coefficient array per leaf:
+  kernel    [K, in, out] -> [K, in]  one per input feature, broadcast over outputs
+  embedding [K, V, d]    -> [K, d]   one per feature dimension, broadcast over the vocabulary
+  scale     [K, d]       -> [K, d]   one per feature
+  bias      [K, ...]     -> [K]      one scalar per expert (Dense and LayerNorm biases alike)
+Kernels with more than one input axis (DenseGeneral) get one coefficient per entry of their first
+axis. The merged leaf is sum_k f(c_k) * W_k; only the coefficients train, the experts stay frozen.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from fusion_jax.merging.static import _path_str, num_experts
+
+NONLINEARITIES = {
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "relu": jax.nn.relu,
+    "none": lambda c: c,
+}
+
+
+def _leaf_name(path):
+    """The Flax name of a leaf: the last key of its path (dict key or attribute name)."""
+    return getattr(path[-1], "key", getattr(path[-1], "name", None)) if path else None
+
+
+def _coefficient_shape(path, leaf) -> tuple[int, ...]:
+    """Coefficient shape for one stacked leaf, chosen by its Flax name."""
+    name = _leaf_name(path)
+    shape = jnp.shape(leaf)
+    where = _path_str(path)
+    if name == "kernel":
+        if len(shape) < 3:
+            raise ValueError(f"kernel {where!r} has stacked shape {shape}; expected [K, in, out]")
+        return shape[:2]
+    if name == "embedding":
+        if len(shape) != 3:
+            raise ValueError(f"embedding {where!r} has stacked shape {shape}; expected [K, V, d]")
+        return (shape[0], shape[2])
+    if name == "scale":
+        if len(shape) != 2:
+            raise ValueError(f"scale {where!r} has stacked shape {shape}; expected [K, d]")
+        return shape
+    if name == "bias":
+        return shape[:1]
+    raise ValueError(
+        f"DAM has no coefficient rule for leaf {where!r} (name {name!r}); "
+        "known leaf names: kernel, embedding, scale, bias"
+    )
+
+
+def init_coefficients(stacked, init=None):
+    """A coefficient tree for `stacked` (shapes in the module docstring), every entry `init`.
+
+    `init` defaults to 1/K.
+    """
+    k = num_experts(stacked)
+    value = 1.0 / k if init is None else float(init)
+    return jax.tree.map_with_path(
+        lambda path, leaf: jnp.full(_coefficient_shape(path, leaf), value, jnp.float32), stacked
+    )
+
+
+def _broadcast(path, c, leaf):
+    """Reshape coefficients `c` so they multiply the stacked leaf elementwise."""
+    expected = _coefficient_shape(path, leaf)
+    if c.shape != expected:
+        raise ValueError(
+            f"coefficients for {_path_str(path)!r} have shape {c.shape}, expected {expected}"
+        )
+    if _leaf_name(path) == "embedding":
+        return c[:, None, :]
+    return c.reshape(c.shape + (1,) * (leaf.ndim - c.ndim))
+
+
+def merge(coefficients, stacked, nonlinearity="tanh"):
+    """Merged single-model tree: each leaf is sum_k f(c_k) * W_k, cast to the experts' dtype."""
+    if nonlinearity not in NONLINEARITIES:
+        raise ValueError(f"unknown nonlinearity {nonlinearity!r}; known: {sorted(NONLINEARITIES)}")
+    f = NONLINEARITIES[nonlinearity]
+    num_experts(stacked)
+    if jax.tree.structure(coefficients) != jax.tree.structure(stacked):
+        raise ValueError("coefficients do not have the same tree structure as the stacked experts")
+
+    def combine(path, leaf, c):
+        return jnp.sum(_broadcast(path, f(c), leaf) * leaf, axis=0).astype(leaf.dtype)
+
+    return jax.tree.map_with_path(combine, stacked, coefficients)
+
+
+def _mean_pairwise_cosine(coefficients, k):
+    """Mean cosine similarity over expert pairs i < j of whole-model coefficient vectors."""
+    if k < 2:
+        return jnp.zeros((), jnp.float32)
+    # Granularity: one vector per expert holding all of its coefficients across every leaf.
+    v = jnp.concatenate([c.reshape(k, -1) for c in jax.tree.leaves(coefficients)], axis=1)
+    sq = jnp.sum(v * v, axis=1)
+    # The floor keeps the norm (and its gradient) finite if a coefficient vector reaches zero.
+    cos = (v @ v.T) / jnp.sqrt(jnp.maximum(sq[:, None] * sq[None, :], 1e-24))
+    i, j = jnp.triu_indices(k, 1)
+    return jnp.mean(cos[i, j])
+
+
+def dam_loss(
+    coefficients,
+    stacked,
+    apply_fn,
+    inputs_per_expert,
+    temperature=2.0,
+    similarity_weight=0.01,
+    l1_weight=0.0,
+    l2_weight=0.0,
+    nonlinearity="tanh",
+):
+    """DAM objective; returns (loss, aux) for `jax.value_and_grad(..., has_aux=True)`.
+
+    `apply_fn(params, inputs) -> logits [B, C]` runs one plain model; `inputs_per_expert` is
+    `[K, B, ...]`, expert k's own batch. Loss = sum_k T^2 * mean_b KL(p_k || q_k) with p_k, q_k the
+    temperature-T softmaxes of expert k's and the merged model's logits on batch k, plus
+    similarity_weight * mean pairwise coefficient cosine, plus l1/l2 sums over all coefficients.
+    aux: loss, kl, kl_per_expert [K], similarity, l1, l2.
+    """
+    k = num_experts(stacked)
+    if jax.tree.leaves(inputs_per_expert)[0].shape[0] != k:
+        raise ValueError(f"inputs_per_expert must have a leading axis of K={k} expert batches")
+    if not float(temperature) > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    merged = merge(coefficients, stacked, nonlinearity)
+    expert_logits = jax.lax.stop_gradient(jax.vmap(apply_fn)(stacked, inputs_per_expert))
+    merged_logits = jax.vmap(apply_fn, in_axes=(None, 0))(merged, inputs_per_expert)
+    log_p = jax.nn.log_softmax(expert_logits / temperature, axis=-1)
+    log_q = jax.nn.log_softmax(merged_logits / temperature, axis=-1)
+    kl_per_example = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    kl_per_expert = temperature**2 * jnp.mean(kl_per_example, axis=-1)
+    kl = jnp.sum(kl_per_expert)
+    similarity = _mean_pairwise_cosine(coefficients, k)
+    leaves = jax.tree.leaves(coefficients)
+    l1 = sum(jnp.sum(jnp.abs(c)) for c in leaves)
+    l2 = sum(jnp.sum(c * c) for c in leaves)
+    loss = kl + similarity_weight * similarity + l1_weight * l1 + l2_weight * l2
+    aux = {
+        "loss": loss,
+        "kl": kl,
+        "kl_per_expert": kl_per_expert,
+        "similarity": similarity,
+        "l1": l1,
+        "l2": l2,
+    }
+    return loss, aux

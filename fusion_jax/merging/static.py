@@ -1,0 +1,226 @@
+"""Static merges: pure functions from a stacked expert tree `[K, ...]` to one model's tree `[...]`.
+
+Every leaf of `stacked` carries a leading expert axis K; `base` (where used) is the same tree
+without it. Hyper-parameters that fix shapes or are range-checked (`density`, `drop_rate`,
+`combine`, `eps`) are static arguments and must be Python values; mixing weights (`lam`, `t`,
+`weights`) may be traced.
+"""
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _path_str(path) -> str:
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def num_experts(stacked) -> int:
+    """The shared leading axis K of every leaf of `stacked`; raises if leaves disagree."""
+    leaves = jax.tree.leaves_with_path(stacked)
+    if not leaves:
+        raise ValueError("stacked parameter tree has no leaves")
+    sizes = {}
+    for path, leaf in leaves:
+        if jnp.ndim(leaf) == 0:
+            raise ValueError(f"leaf {_path_str(path)!r} is a scalar; it has no expert axis")
+        sizes.setdefault(jnp.shape(leaf)[0], _path_str(path))
+    if len(sizes) > 1:
+        found = ", ".join(f"K={k} at {p!r}" for k, p in sizes.items())
+        raise ValueError(f"leaves disagree on the number of experts: {found}")
+    return next(iter(sizes))
+
+
+def _check_base(stacked, base) -> None:
+    if jax.tree.structure(base) != jax.tree.structure(stacked):
+        raise ValueError("base does not have the same tree structure as the stacked experts")
+    for (path, s), b in zip(jax.tree.leaves_with_path(stacked), jax.tree.leaves(base), strict=True):
+        if jnp.shape(s)[1:] != jnp.shape(b):
+            raise ValueError(
+                f"leaf {_path_str(path)!r}: base shape {jnp.shape(b)} does not match "
+                f"expert shape {jnp.shape(s)[1:]}"
+            )
+
+
+def _compute_dtype(x):
+    # Merging in at least float32 keeps bf16 experts from losing the small task-vector differences.
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _task_vectors(stacked, base):
+    """tau_k = expert_k - base, leaf-wise `[K, ...]`, in the compute dtype."""
+    num_experts(stacked)
+    _check_base(stacked, base)
+    return jax.tree.map(
+        lambda s, b: s.astype(_compute_dtype(s)) - b.astype(_compute_dtype(s))[None], stacked, base
+    )
+
+
+def _apply_to_base(base, merged, lam):
+    """base + lam * merged, cast back to each base leaf's dtype."""
+    return jax.tree.map(lambda b, m: (b.astype(m.dtype) + lam * m).astype(b.dtype), base, merged)
+
+
+def _check_density(density) -> None:
+    if not 0.0 < float(density) <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+
+
+# Each public merge is one jitted program (static: the range-checked numbers) so that eager callers
+# compile once per tree instead of once per operation; inside an outer jit it simply inlines.
+@jax.jit
+def weight_average(stacked, weights=None):
+    """Model soup: sum_k w_k * expert_k with `weights` `[K]` normalised to sum 1 (default uniform).
+
+    `weights` must have a non-zero sum.
+    """
+    k = num_experts(stacked)
+    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) for K={k} experts, got {w.shape}")
+    w = w / jnp.sum(w)
+
+    def average(x):
+        return jnp.tensordot(w.astype(_compute_dtype(x)), x, axes=1).astype(x.dtype)
+
+    return jax.tree.map(average, stacked)
+
+
+@jax.jit
+def task_arithmetic(stacked, base, lam):
+    """base + lam * sum_k (expert_k - base)."""
+    tau = _task_vectors(stacked, base)
+    return _apply_to_base(base, jax.tree.map(lambda t: jnp.sum(t, axis=0), tau), lam)
+
+
+def _trim(tau, density):
+    """Per expert, keep the ceil(density * n) largest-magnitude entries of tau `[K, ...]`.
+
+    Entries tied with the smallest kept magnitude are kept too: a threshold avoids a scatter.
+    """
+    flat = tau.reshape(tau.shape[0], -1)
+    n = flat.shape[1]
+    # round() first so that e.g. 0.3 * 10 = 3.0000000000000004 keeps 3 entries, not 4.
+    keep = max(1, math.ceil(round(density * n, 6)))
+    if keep >= n:
+        return tau
+    threshold = jax.lax.top_k(jnp.abs(flat), keep)[0][:, -1:]
+    return jnp.where(jnp.abs(flat) >= threshold, flat, 0).reshape(tau.shape)
+
+
+def _disjoint_mean(trimmed):
+    """Elect a sign per entry by total mass, then average only the experts that agree with it."""
+    elected = jnp.sign(jnp.sum(trimmed, axis=0))
+    # Where the mass sums to exactly 0 the elected sign is 0 and no nonzero entry agrees: result 0.
+    agree = (trimmed != 0) & (jnp.sign(trimmed) == elected)
+    count = jnp.sum(agree, axis=0)
+    total = jnp.sum(jnp.where(agree, trimmed, 0), axis=0)
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+def _ties_combine(tau, density):
+    return jax.tree.map(lambda t: _disjoint_mean(_trim(t, density)), tau)
+
+
+@functools.partial(jax.jit, static_argnames="density")
+def ties(stacked, base, density, lam):
+    """TIES: trim each task vector to its top `density` fraction, elect signs, disjoint mean.
+
+    Trimming is per tensor and per expert; the kept count is ceil(density * n), at least 1
+    (plus any entries tied with the smallest kept magnitude).
+    """
+    _check_density(density)
+    return _apply_to_base(base, _ties_combine(_task_vectors(stacked, base), density), lam)
+
+
+def _drop_leaf(key, tau, p):
+    """Drop entries of tau `[K, ...]` with prob p and rescale survivors; one key per expert."""
+    keys = jax.random.split(key, tau.shape[0])
+    # Flat draws, reshaped: threefry over a multi-axis shape compiles several times slower on CPU.
+    flat = jax.vmap(lambda k: jax.random.bernoulli(k, 1.0 - p, (math.prod(tau.shape[1:]),)))(keys)
+    return jnp.where(flat.reshape(tau.shape), tau / (1.0 - p), 0)
+
+
+@functools.partial(jax.jit, static_argnames=("drop_rate", "combine", "density"))
+def dare(stacked, base, rng, drop_rate, lam, combine="linear", density=1.0):
+    """DARE: drop task-vector entries with prob `drop_rate`, rescale survivors by 1/(1 - p).
+
+    combine="linear": base + lam * sum_k tau_k; combine="ties": TIES on the rescaled task vectors
+    (density 1.0 by default, i.e. sign election and disjoint mean without further trimming).
+    """
+    p = float(drop_rate)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+    if combine not in ("linear", "ties"):
+        raise ValueError(f"combine must be 'linear' or 'ties', got {combine!r}")
+    if combine == "ties":
+        _check_density(density)
+    # fold_in(leaf index) gives every leaf its own stream; _drop_leaf splits it per expert.
+    leaves, treedef = jax.tree.flatten(_task_vectors(stacked, base))
+    dropped = jax.tree.unflatten(
+        treedef, [_drop_leaf(jax.random.fold_in(rng, i), t, p) for i, t in enumerate(leaves)]
+    )
+    if combine == "ties":
+        merged = _ties_combine(dropped, density)
+    else:
+        merged = jax.tree.map(lambda t: jnp.sum(t, axis=0), dropped)
+    return _apply_to_base(base, merged, lam)
+
+
+def _slerp_leaf(x, t, eps):
+    """Interpolate x[0] -> x[1] of one leaf `[2, ...]`, flattened, to `[...]`."""
+    a = x[0].reshape(-1).astype(_compute_dtype(x))
+    b = x[1].reshape(-1).astype(_compute_dtype(x))
+    na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+    degenerate = (na == 0) | (nb == 0)
+    cos = jnp.clip(jnp.dot(a, b) / jnp.where(degenerate, 1.0, na * nb), -1.0, 1.0)
+    linear = degenerate | (jnp.abs(cos) > 1.0 - eps)
+    # A harmless cos on the linear branch keeps its unused slerp weights finite (no 0/0).
+    omega = jnp.arccos(jnp.where(linear, 0.0, cos))
+    sin_omega = jnp.sin(omega)
+    wa = jnp.where(linear, 1.0 - t, jnp.sin((1.0 - t) * omega) / sin_omega)
+    wb = jnp.where(linear, t, jnp.sin(t * omega) / sin_omega)
+    return (wa * a + wb * b).reshape(x.shape[1:]).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def slerp(stacked, t, eps=1e-4):
+    """Spherical interpolation between the K=2 experts, per tensor (flattened): t=0 -> expert 0.
+
+    Falls back to linear interpolation where |cos| > 1 - eps (nearly colinear: the slerp weights
+    divide by sin(angle) ~ 0) or where either tensor has zero norm (no direction).
+    """
+    k = num_experts(stacked)
+    if k != 2:
+        raise ValueError(f"slerp merges exactly 2 experts, got K={k}")
+    return jax.tree.map(lambda x: _slerp_leaf(x, t, eps), stacked)
+
+
+MERGES: dict[str, Callable] = {
+    "weight_average": weight_average,
+    "task_arithmetic": task_arithmetic,
+    "ties": ties,
+    "dare": dare,
+    "slerp": slerp,
+}
+_NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare"})
+_NEEDS_RNG = frozenset({"dare"})
+
+
+def merge(name, stacked, base=None, rng=None, **hparams):
+    """Run the static merge `name` from MERGES; `base`/`rng` are passed only where used."""
+    if name not in MERGES:
+        raise ValueError(f"unknown merge method {name!r}; known methods: {sorted(MERGES)}")
+    args = {}
+    if name in _NEEDS_BASE:
+        if base is None:
+            raise ValueError(f"merge method {name!r} needs a base model (base=...)")
+        args["base"] = base
+    if name in _NEEDS_RNG:
+        if rng is None:
+            raise ValueError(f"merge method {name!r} needs a PRNG key (rng=...)")
+        args["rng"] = rng
+    return MERGES[name](stacked, **args, **hparams)
