@@ -43,7 +43,7 @@ def test_modular_tables_exhaustively(name):
     else:
         # Independent inverse by search rather than Fermat's little theorem.
         inverse = {x: next(y for y in range(1, p) if x * y % p == 1) for x in range(1, p)}
-        expected = np.array([ai * inverse[bi] % p for ai, bi in zip(a, b)])
+        expected = np.array([ai * inverse[bi] % p for ai, bi in zip(a, b, strict=True)])
         assert (labels * b % p == a).all()
         assert b.min() == 1
     np.testing.assert_array_equal(labels, expected)

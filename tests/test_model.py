@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy.special import erf
 
+from fusion_jax.data import tasks
 from fusion_jax.models import build_model
 from fusion_jax.models.transformer import Transformer, TransformerConfig
-from fusion_jax.data import tasks
 
 
 def numpy_forward(p, tokens, num_heads):
