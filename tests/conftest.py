@@ -13,14 +13,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
+# Tests rebuild the same programs many times (a resumed run recompiles the uninterrupted run's
+# chunks, main.py runs in a subprocess); caching compiled executables on disk keeps the suite
+# within minutes on 2 cores. Set through the environment so subprocesses share the cache.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="fusion_jax_xla_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
-# Tests rebuild the same programs many times (e.g. a resumed run recompiles the uninterrupted
-# run's chunks); caching compiled executables on disk keeps the suite within minutes on 2 cores.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="fusion_jax_xla_cache_"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+import pytest  # noqa: E402
 
 
 @pytest.fixture

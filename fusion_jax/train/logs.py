@@ -23,11 +23,13 @@ def read(path: str) -> list[dict]:
 
 def truncate(path: str, max_step: int) -> list[dict]:
     """Drops records past `max_step` (written after the checkpoint a resume starts from)."""
-    records = [r for r in read(path) if r["step"] <= max_step]
-    with open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    return records
+    records = read(path)
+    kept = [r for r in records if r["step"] <= max_step]
+    if len(kept) < len(records) or not os.path.exists(path):
+        with open(path, "w") as f:
+            for r in kept:
+                f.write(json.dumps(r) + "\n")
+    return kept
 
 
 def to_arrays(records: list[dict]) -> dict[str, np.ndarray]:

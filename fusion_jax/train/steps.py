@@ -87,7 +87,7 @@ def train_step(state: TrainState, data: pipeline.Split, run_key, *, apply_fn, tx
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     # Equal per-device shares, so the mean of device means is the full-batch mean.
     grads, metrics = _pmean((grads, metrics), axis_name)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -1,0 +1,175 @@
+"""End to end through main.py, eval mode, checkpoints, resume, the schedule and config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import baseline
+from fusion_jax import modes
+from fusion_jax.train import checkpoint, logs, loop, steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_KEYS = {
+    "means": {f"{k}_mean" for k in ("final_train_loss", "final_val_loss", "final_train_acc",
+                                      "final_val_acc", "step_val_acc_99")},
+    "stderrs": {f"{k}_stderr" for k in ("final_train_loss", "final_val_loss", "final_train_acc",
+                                          "final_val_acc", "step_val_acc_99")},
+}  # fmt: skip
+
+
+def tiny():
+    config = baseline.get_config("tiny")
+    config.train.num_devices = 1
+    return config
+
+
+def restore_params(workdir, config, task="x_plus_y", step=None):
+    setup = loop.setup_task(config, task)
+    mngr = checkpoint.manager(os.path.join(workdir, task, "checkpoints"), 5)
+    try:
+        return checkpoint.restore(mngr, setup.abstract_runs(), step)
+    finally:
+        mngr.close()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny baseline trained once through main.py's flag parsing and dispatch."""
+    workdir = str(tmp_path_factory.mktemp("baseline"))
+    command = [sys.executable, "main.py", "--config=configs/baseline.py:tiny",
+               f"--workdir={workdir}", "--config.train.num_devices=1"]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "[x_plus_y] step 20/20" in done.stderr  # progress lines reach the console
+    return workdir
+
+
+def test_main_writes_reference_outputs(trained):
+    with open(os.path.join(trained, "final_info.json")) as f:
+        info = json.load(f)
+    assert set(info) == {"x_plus_y"}
+    assert set(info["x_plus_y"]["means"]) == REFERENCE_KEYS["means"]
+    assert set(info["x_plus_y"]["stderrs"]) == REFERENCE_KEYS["stderrs"]
+    assert len(info["x_plus_y"]["final_info_dict"]["final_val_acc"]) == 2  # one per seed
+    for split in ("train", "val"):
+        for metric in ("loss", "acc"):
+            assert os.path.getsize(os.path.join(trained, f"{split}_{metric}_x_plus_y.png")) > 1000
+    records = logs.read(os.path.join(trained, "x_plus_y", "metrics.jsonl"))
+    assert [(r["step"], r["seed"]) for r in records] == [
+        (s, r) for s in (5, 10, 15, 20) for r in (0, 1)
+    ]
+    # The final_info values are the last logged ones.
+    last = [r for r in records if r["step"] == 20]
+    assert info["x_plus_y"]["final_info_dict"]["final_val_loss"] == [r["val_loss"] for r in last]
+
+
+def test_eval_mode_recomputes_logged_validation(trained):
+    config = tiny()
+    out = modes.evaluate(config, trained)["x_plus_y"]
+    records = logs.read(os.path.join(trained, "x_plus_y", "metrics.jsonl"))
+    last = [r for r in records if r["step"] == 20]
+    assert out["step"] == 20 and out["seeds"] == [0, 1]
+    np.testing.assert_allclose(out["val_loss"], [r["val_loss"] for r in last], rtol=1e-5)
+    np.testing.assert_allclose(out["val_acc"], [r["val_acc"] for r in last], rtol=1e-6)
+    assert os.path.exists(os.path.join(trained, "eval_latest.json"))
+    earlier = modes.evaluate(config, trained, step=10)["x_plus_y"]
+    at_10 = [r for r in records if r["step"] == 10]
+    np.testing.assert_allclose(earlier["val_loss"], [r["val_loss"] for r in at_10], rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
+        modes.evaluate(config, trained, step=7)
+
+
+def test_rerun_of_finished_workdir_skips_training(trained):
+    before = os.path.getmtime(os.path.join(trained, "x_plus_y", "metrics.jsonl"))
+    records = loop.train(tiny(), trained)["x_plus_y"]
+    assert len(records) == 8
+    assert os.path.getmtime(os.path.join(trained, "x_plus_y", "metrics.jsonl")) == before
+
+
+def test_interrupt_then_resume_equals_uninterrupted(trained, tmp_path, monkeypatch):
+    config = tiny()
+    config.train.checkpoint_every = 20  # so only the interrupt handler saves step 10
+    real_progress = loop._progress
+
+    def interrupt(*args):
+        real_progress(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_progress", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(config, str(tmp_path))
+    monkeypatch.setattr(loop, "_progress", real_progress)
+    assert restore_params(str(tmp_path), config).step.tolist() == [10, 10]
+    loop.train(config, str(tmp_path))
+
+    resumed = restore_params(str(tmp_path), config)
+    uninterrupted = restore_params(trained, config)
+    assert resumed.step.tolist() == [20, 20]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 resumed.params, uninterrupted.params)  # fmt: skip
+    assert logs.read(os.path.join(tmp_path, "x_plus_y", "metrics.jsonl")) == logs.read(
+        os.path.join(trained, "x_plus_y", "metrics.jsonl")
+    )
+
+
+def test_checkpoint_round_trip(tmp_path):
+    state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.array([3, 3], jnp.int32)}
+    mngr = checkpoint.manager(str(tmp_path), max_to_keep=2)
+    for step in (1, 2, 3):
+        checkpoint.save(mngr, step, jax.tree.map(lambda x: x + step, state))
+    mngr.wait_until_finished()
+    assert mngr.all_steps() == [2, 3]  # max_to_keep
+    restored = checkpoint.restore(mngr, state)
+    np.testing.assert_array_equal(restored["w"], state["w"] + 3)
+    np.testing.assert_array_equal(checkpoint.restore(mngr, state, 2)["step"], [5, 5])
+    mngr.close()
+
+
+def test_training_lowers_the_loss_and_first_update_has_lr_zero():
+    config = tiny()
+    config.num_seeds = 1
+    config.opt.warmup_steps = 5
+    config.opt.learning_rate = 1e-2
+    setup = loop.setup_task(config, "x_plus_y")
+    cfg = loop.step_config(config, 1)
+    state = jax.tree.map(lambda x: x[0], setup.init_runs())
+    data = jax.tree.map(lambda x: jnp.asarray(x[0]), setup.data.train)
+
+    @jax.jit
+    def run(state):
+        return steps.train_steps(state, data, setup.run_keys[0], 200, apply_fn=setup.apply_fn,
+                                 tx=setup.tx, cfg=cfg, axis_name=None)  # fmt: skip
+
+    first, _ = steps.train_step(state, data, setup.run_keys[0], apply_fn=setup.apply_fn,
+                                tx=setup.tx, cfg=cfg, axis_name=None)  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, first.params, state.params)  # lr(0) = 0
+    end, metrics = run(state)
+    assert int(end.step) == 200
+    assert metrics["loss"][-10:].mean() < 0.7 * metrics["loss"][:5].mean()
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("train.num_devices", 4, "config.train.batch_size=30 is not divisible by the 4 devices"),
+        ("train.num_devices", 64, "config.train.num_devices=64 but only 4 local devices exist"),
+        ("train.log_every", 7, "log_every must be a multiple of train.eval_every"),
+        ("num_steps", 12, "config.num_steps=12 must be a multiple of config.train.eval_every=5"),
+        ("eval.mode", "all", "config.eval.mode must be 'exact' or 'sampled'"),
+        ("tasks", "x_plus_y,mod_pow", "Unknown task 'mod_pow'"),
+        ("model.num_heads", 3, "model.num_heads=3 does not divide model.dim=16"),
+    ],
+)
+def test_bad_configs_fail_with_clear_errors(tmp_path, field, value, message):
+    config = tiny()
+    config.train.batch_size = 30
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message):
+        loop.train(config, str(tmp_path))
