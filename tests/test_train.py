@@ -122,7 +122,7 @@ def test_checkpoint_round_trip(tmp_path):
     state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.array([3, 3], jnp.int32)}
     mngr = checkpoint.manager(str(tmp_path), max_to_keep=2)
     for step in (1, 2, 3):
-        checkpoint.save(mngr, step, jax.tree.map(lambda x: x + step, state))
+        checkpoint.save(mngr, step, jax.tree.map(lambda x, s=step: x + s, state))
     mngr.wait_until_finished()
     assert mngr.all_steps() == [2, 3]  # max_to_keep
     restored = checkpoint.restore(mngr, state)
