@@ -11,7 +11,7 @@ from scipy.special import erf
 
 from fusion_jax.data import tasks
 from fusion_jax.models import build_model
-from fusion_jax.models.transformer import Transformer, TransformerConfig
+from fusion_jax.models.transformer import Transformer, TransformerConfig, gelu, layer_norm_fn
 
 
 def numpy_forward(p, tokens, num_heads):
@@ -109,3 +109,29 @@ def test_config_errors_name_the_field(tiny_config):
     tiny_config.model.name = "mystery"
     with pytest.raises(ValueError, match="Unknown config.model.name 'mystery'.*transformer"):
         build_model(tiny_config.model, tasks.get_task("x_plus_y"))
+
+
+def test_hand_written_derivatives_match_autodiff():
+    x = jax.random.normal(jax.random.key(1), (6, 3, 16)) * 3
+    scale, bias = jnp.linspace(0.5, 1.5, 16), jnp.linspace(-0.2, 0.2, 16)
+    cot = jax.random.normal(jax.random.key(2), (6, 3, 16))
+
+    def plain_ln(x, s, b):
+        c = x - x.mean(-1, keepdims=True)
+        return c / jnp.sqrt((c * c).mean(-1, keepdims=True) + 1e-5) * s + b
+
+    def vjp(f):
+        out, pullback = jax.vjp(f, x, scale, bias)
+        return out, pullback(cot)
+
+    (ours, ours_grads), (ref, ref_grads) = vjp(layer_norm_fn), vjp(plain_ln)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    for a, b in zip(ours_grads, ref_grads, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+    np.testing.assert_allclose(
+        jax.grad(lambda v: jnp.sum(gelu(v) * cot))(x),
+        jax.grad(lambda v: jnp.sum(jax.nn.gelu(v, approximate=False) * cot))(x),
+        rtol=1e-5,
+        atol=1e-6,
+    )

@@ -65,12 +65,81 @@ class TorchDense(nn.Module):
             else (lambda k, s, d=jnp.float32: jax.random.uniform(k, s, d, -bound, bound))
         )
         bias = self.param("bias", bias_init, (self.features,))
-        return x @ kernel + bias
+        return matmul(x, kernel) + bias
 
 
-def layer_norm(name: str) -> nn.LayerNorm:
-    # Two-pass variance as torch computes it, rather than Flax's default E[x^2] - E[x]^2.
-    return nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=name)
+# LayerNorm and exact GELU carry hand-written derivatives: the functions are the usual ones, but
+# XLA:CPU runs autodiff's backward graphs of them slowly (together about 40 % of a baseline
+# update on 2 cores; see BUILD_NOTES.md). tests/test_model.py checks both against autodiff.
+@jax.custom_vjp
+def layer_norm_fn(x, scale, bias):
+    """LayerNorm over the last axis with torch's two-pass variance and eps 1e-5."""
+    return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_fwd(x, scale, bias):
+    centred = x - jnp.mean(x, axis=-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.mean(centred * centred, axis=-1, keepdims=True) + LN_EPS)
+    normed = centred * rstd
+    return normed * scale + bias, (normed, rstd, scale)
+
+
+def _layer_norm_bwd(res, g):
+    normed, rstd, scale = res
+    batch_axes = tuple(range(g.ndim - 1))
+    gn = g * scale
+    dx = rstd * (
+        gn
+        - jnp.mean(gn, axis=-1, keepdims=True)
+        - normed * jnp.mean(gn * normed, axis=-1, keepdims=True)
+    )
+    return dx, jnp.sum(g * normed, axis=batch_axes), jnp.sum(g, axis=batch_axes)
+
+
+layer_norm_fn.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+@jax.custom_vjp
+def gelu(x):
+    """Exact (erf) GELU, torch.nn.GELU()'s default."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
+    return (g * (cdf + x * _INV_SQRT_2PI * jnp.exp(-0.5 * x * x)),)
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm(dim): params `scale` (ones) and `bias` (zeros), as Flax names them."""
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        return layer_norm_fn(x, scale, bias)
+
+
+def matmul(x, kernel):
+    """`x [..., in] @ kernel [in, out]` as one 2-D matmul.
+
+    XLA:CPU runs the backward of a 3-D `[B, L, in] @ [in, out]` dot markedly slower than the same
+    product on `[B * L, in]` (kernel gradient contracted over two axes); see BUILD_NOTES.md.
+    """
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(x.shape[:-1] + kernel.shape[-1:])
+
+
+def layer_norm(name: str) -> LayerNorm:
+    return LayerNorm(name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -90,17 +159,19 @@ class CausalSelfAttention(nn.Module):
         h, dh = self.num_heads, self.dim // self.num_heads
         kernel = self.param("kernel", nn.initializers.xavier_uniform(), (d, 3 * self.dim))
         bias = self.param("bias", nn.initializers.zeros, (3 * self.dim,))
-        kv = x @ kernel[:, self.dim :] + bias[self.dim :]
-        k, v = jnp.split(kv.reshape(b, length, 2 * h, dh), 2, axis=2)
-        xq = x[:, -1:] if self.last_query_only else x
-        q = (xq @ kernel[:, : self.dim] + bias[: self.dim]).reshape(b, xq.shape[1], h, dh)
+        if self.last_query_only:
+            kv = matmul(x, kernel[:, self.dim :]) + bias[self.dim :]
+            k, v = jnp.split(kv.reshape(b, length, 2 * h, dh), 2, axis=2)
+            q = matmul(x[:, -1:], kernel[:, : self.dim]) + bias[: self.dim]
+            q = q.reshape(b, 1, h, dh)
+        else:
+            q, k, v = jnp.split((matmul(x, kernel) + bias).reshape(b, length, 3 * h, dh), 3, 2)
+        num_q = q.shape[1]
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(dh)
-        q_pos = jnp.arange(length - xq.shape[1], length)[:, None]
+        q_pos = jnp.arange(length - num_q, length)[:, None]
         scores = jnp.where(q_pos >= jnp.arange(length)[None, :], scores, -jnp.inf)
         out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
-        return TorchDense(self.dim, zero_bias=True, name="out")(
-            out.reshape(b, xq.shape[1], self.dim)
-        )
+        return TorchDense(self.dim, zero_bias=True, name="out")(out.reshape(b, num_q, self.dim))
 
 
 class DecoderBlock(nn.Module):
@@ -116,7 +187,7 @@ class DecoderBlock(nn.Module):
         x = x[:, -1:] if self.last_query_only else x
         x = layer_norm("attn_norm")(x + attn)
         y = TorchDense(cfg.mlp_ratio * cfg.dim, name="mlp_in")(x)
-        y = TorchDense(cfg.dim, name="mlp_out")(nn.gelu(y, approximate=False))
+        y = TorchDense(cfg.dim, name="mlp_out")(gelu(y))
         return layer_norm("mlp_norm")(x + y)
 
 
