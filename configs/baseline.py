@@ -15,6 +15,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Title of this experiment in plots and tables.
     config.name = "Baseline"
+    # Key of this experiment in shared/reference/seed_runs.json, for comparison tables.
+    config.reference_run = "run_0"
     # Comma-separated task names: x_plus_y, x_minus_y, x_div_y, permutation.
     config.tasks = "x_div_y,x_minus_y,x_plus_y,permutation"
     # Optimiser updates per run.
@@ -42,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mlp_ratio = 4
     # Skip what the reference computes and discards (last block off the last position).
     config.model.last_position_only = True
+    # Train only non-expert parameters (fusion models); see configs/dyn_fusion.py.
+    config.model.freeze_experts = False
 
     config.opt = ml_collections.ConfigDict()
     config.opt.learning_rate = 1e-3
@@ -89,13 +93,16 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
         config.train.log_every = 100
         config.train.checkpoint_every = 500
     elif arg == "tiny":
+        # Seconds on a CPU: what the tests run.
         config.tasks = "x_plus_y"
         config.data.p = 11
         config.data.source = "algebra"
         config.num_seeds = 2
         config.num_steps = 20
-        config.model.dim = 16
-        config.model.num_heads = 2
+        # Keeps the variant's head count (e.g. heads6) with 8 dimensions per head.
+        config.model.dim = 8 * config.model.num_heads
+        if "gate_dim" in config.model:
+            config.model.gate_dim = 8
         config.train.batch_size = 32
         config.train.eval_every = 5
         config.train.log_every = 10

@@ -10,12 +10,19 @@ from fusion_jax.train import loop
 def train(config, workdir: str, **_):
     """Trains (resuming if possible) every task, then writes final_info.json, logs and plots."""
     task_records = loop.train(config, workdir)
-    return results.write_report(config, workdir, task_records)
+    info = results.write_report(config, workdir, task_records)
+    eval_loop.analyze(config, workdir)
+    return info
 
 
 def evaluate(config, workdir: str, step: int | None = None, **_):
     """Restores checkpoints and recomputes train/validation metrics on the full splits."""
     return eval_loop.evaluate(config, workdir, step)
+
+
+def analyze(config, workdir: str, step: int | None = None, **_):
+    """Compute accounting (params, FLOPs/example, examples/s) and, for fusion, gate analysis."""
+    return eval_loop.analyze(config, workdir, step)
 
 
 def report(config, workdir: str, **_):
@@ -26,4 +33,4 @@ def report(config, workdir: str, **_):
     return results.write_report(config, workdir, task_records)
 
 
-MODES = {"train": train, "eval": evaluate, "report": report}
+MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report}

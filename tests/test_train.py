@@ -163,7 +163,7 @@ def test_training_lowers_the_loss_and_first_update_has_lr_zero():
         ("num_steps", 12, "config.num_steps=12 must be a multiple of config.train.eval_every=5"),
         ("eval.mode", "all", "config.eval.mode must be 'exact' or 'sampled'"),
         ("tasks", "x_plus_y,mod_pow", "Unknown task 'mod_pow'"),
-        ("model.num_heads", 3, "model.num_heads=3 does not divide model.dim=16"),
+        ("model.num_heads", 3, "model.num_heads=3 does not divide model.dim=32"),
     ],
 )
 def test_bad_configs_fail_with_clear_errors(tmp_path, field, value, message):

@@ -8,7 +8,7 @@ import numpy as np
 from absl import logging
 
 from fusion_jax.data import tasks as tasks_lib
-from fusion_jax.evaluate import results
+from fusion_jax.evaluate import analysis, results
 from fusion_jax.train import checkpoint, loop, steps
 
 
@@ -20,7 +20,8 @@ def split_metrics(apply_fn, params, split) -> dict:
     return {k: np.asarray(v).tolist() for k, v in out.items()}
 
 
-def evaluate_task(config, workdir: str, task_name: str, step: int | None = None) -> dict:
+def restore_task(config, workdir: str, task_name: str, step: int | None = None):
+    """`(setup, run-stacked state, step)` from a task's checkpoint (latest when step is None)."""
     setup = loop.setup_task(config, task_name)
     directory = os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
     if not os.path.isdir(directory):
@@ -33,6 +34,11 @@ def evaluate_task(config, workdir: str, task_name: str, step: int | None = None)
         state = checkpoint.restore(mngr, setup.abstract_runs(), step)
     finally:
         mngr.close()
+    return setup, state, step
+
+
+def evaluate_task(config, workdir: str, task_name: str, step: int | None = None) -> dict:
+    setup, state, step = restore_task(config, workdir, task_name, step)
     train = split_metrics(setup.apply_fn, state.params, setup.data.train)
     val = split_metrics(setup.apply_fn, state.params, setup.data.val)
     return {
@@ -43,6 +49,28 @@ def evaluate_task(config, workdir: str, task_name: str, step: int | None = None)
         "val_loss": val["loss"],
         "val_acc": val["acc"],
     }
+
+
+def analyze(config, workdir: str, step: int | None = None) -> dict:
+    """Compute accounting for every model, gate analysis for fusion models; writes JSON + plots.
+
+    Writes `compute.json` ({task: params, FLOPs/example, examples/s}) and, for models with a
+    gate, `gate_analysis.json` and `gate_heatmap_<task>.png` into the workdir.
+    """
+    compute, gates = {}, {}
+    for task_name in tasks_lib.parse_task_names(config.tasks):
+        setup, state, _ = restore_task(config, workdir, task_name, step)
+        first_run = jax.tree.map(lambda x: x[0], state.params)
+        tokens = jax.numpy.asarray(setup.data.val.inputs[0, : config.train.batch_size])
+        compute[task_name] = analysis.compute_stats(setup.apply_fn, first_run, tokens)
+        logging.info("[%s] compute: %s", task_name, compute[task_name])
+        if hasattr(setup.model, "fused_features"):
+            gates[task_name] = analysis.analyze_gates(setup, state.params, workdir)
+            logging.info("[%s] gate (mean over seeds): %s", task_name, gates[task_name]["mean"])
+    results.write_json(os.path.join(workdir, "compute.json"), compute)
+    if gates:
+        results.write_json(os.path.join(workdir, "gate_analysis.json"), gates)
+    return {"compute": compute, "gates": gates}
 
 
 def evaluate(config, workdir: str, step: int | None = None) -> dict:

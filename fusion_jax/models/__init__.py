@@ -9,7 +9,7 @@ import flax.linen as nn
 import ml_collections
 
 from fusion_jax.data.tasks import SEQ_LEN, Task
-from fusion_jax.models import transformer
+from fusion_jax.models import fusion, transformer
 
 
 def transformer_config(model_config, task: Task) -> transformer.TransformerConfig:
@@ -30,8 +30,26 @@ def _build_transformer(model_config, task: Task) -> nn.Module:
     return transformer.Transformer(transformer_config(model_config, task))
 
 
+def fusion_config(model_config, task: Task) -> fusion.FusionConfig:
+    return fusion.FusionConfig(
+        expert=transformer_config(model_config, task),
+        num_experts=model_config.num_experts,
+        context=model_config.fusion_context,
+        gate_dim=model_config.gate_dim,
+        temperature=model_config.temperature,
+        top_k=model_config.top_k,
+        balance_weight=model_config.balance_weight,
+        entropy_weight=model_config.entropy_weight,
+    )
+
+
+def _build_fusion(model_config, task: Task) -> nn.Module:
+    return fusion.FusionTransformer(fusion_config(model_config, task))
+
+
 MODELS: dict[str, Callable[[ml_collections.ConfigDict, Task], nn.Module]] = {
     "transformer": _build_transformer,
+    "fusion": _build_fusion,
 }
 
 

@@ -70,11 +70,22 @@ def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
         task=task,
         model=model,
         apply_fn=steps.model_apply_fn(model),
-        tx=make_optimizer(config.opt),
+        tx=make_optimizer(config.opt, frozen_collections(config, model)),
         seeds=seeds,
         run_keys=jax.vmap(jax.random.key)(jnp.array(seeds)),
         data=pipeline.make_task_data(inputs, labels, config.data.frac_train, seeds),
     )
+
+
+def frozen_collections(config, model) -> tuple[str, ...]:
+    if not config.model.get("freeze_experts", False):
+        return ()
+    if not hasattr(model, "fused_features"):
+        raise ValueError(
+            "config.model.freeze_experts=True needs a model with experts, "
+            f"not {config.model.name!r}."
+        )
+    return ("ensemble",)
 
 
 def resolve_num_devices(config) -> int:
