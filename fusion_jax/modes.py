@@ -3,6 +3,7 @@
 import os
 
 from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
 from fusion_jax.train import loop
 
@@ -33,4 +34,10 @@ def report(config, workdir: str, **_):
     return results.write_report(config, workdir, task_records)
 
 
-MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report}
+def compare(config, workdir: str, workdirs: str = "", **_):
+    """Overlays the curves of finished workdirs and tabulates them beside the seed's numbers."""
+    del config  # Each workdir carries its own config.json.
+    return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
+
+
+MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report, "compare": compare}

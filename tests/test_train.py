@@ -12,6 +12,7 @@ import pytest
 
 from configs import baseline
 from fusion_jax import modes
+from fusion_jax.evaluate import compare
 from fusion_jax.train import checkpoint, logs, loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,3 +174,18 @@ def test_bad_configs_fail_with_clear_errors(tmp_path, field, value, message):
     (config[section] if section else config)[name] = value
     with pytest.raises(ValueError, match=message):
         loop.train(config, str(tmp_path))
+
+
+def test_compare_mode_puts_seed_numbers_beside_ours(trained, tmp_path):
+    out = str(tmp_path / "cmp")
+    table = modes.compare(None, out, workdirs=f"{trained},{trained}")
+    rows = table["x_plus_y"]
+    assert len(rows) == 2 and rows[0]["run"] != rows[1]["run"]  # same name, told apart
+    with open(compare.REFERENCE) as f:
+        seed = json.load(f)["run_0"]["means"]["x_plus_y"]
+    assert rows[0]["seed_final_val_acc"] == seed["final_val_acc_mean"]
+    info = json.load(open(os.path.join(trained, "final_info.json")))["x_plus_y"]
+    assert rows[0]["final_val_loss"] == info["means"]["final_val_loss_mean"]
+    markdown = open(os.path.join(out, "comparison.md")).read()
+    assert f"{seed['step_val_acc_99_mean']:.4g}" in markdown
+    assert os.path.exists(os.path.join(out, "val_acc_x_plus_y.png"))
