@@ -5,6 +5,7 @@ import os
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
+from fusion_jax.experiments import merge_compare as merge_compare_lib
 from fusion_jax.train import loop
 
 
@@ -40,4 +41,11 @@ def compare(config, workdir: str, workdirs: str = "", **_):
     return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
 
 
-MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report, "compare": compare}
+def merge_compare(config, workdir: str, **_):
+    """The merging experiment: base -> experts -> every method -> comparison.md/json."""
+    loop.write_config(config, workdir)
+    return merge_compare_lib.run(config, workdir)
+
+
+MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report, "compare": compare,
+         "merge_compare": merge_compare}

@@ -1,0 +1,1 @@
+"""Multi-stage experiments built on the data, models, merging, train and evaluate rooms."""
