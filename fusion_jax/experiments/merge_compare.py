@@ -19,12 +19,12 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from fusion_jax import merging
+from fusion_jax import merging, models
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, results
 from fusion_jax.models import fusion
-from fusion_jax.models.transformer import Transformer, TransformerConfig
+from fusion_jax.models.transformer import Transformer
 from fusion_jax.train import steps
 from fusion_jax.train.optimizer import make_optimizer
 
@@ -154,16 +154,7 @@ def run(config, workdir: str) -> dict:
     holdout = [p.holdout for p in parts]
     val = [p.val for p in parts]
     k = len(names)
-    m = config.model
-    expert_cfg = TransformerConfig(
-        vocab_size=mt.vocab_size,
-        num_classes=mt.num_classes,
-        num_layers=m.num_layers,
-        dim=m.dim,
-        num_heads=m.num_heads,
-        mlp_ratio=m.mlp_ratio,
-        max_len=tasks_lib.SEQ_LEN + 1,
-    )
+    expert_cfg = models.transformer_config(config.model, mt)  # MultiTask has a Task's sizes
     model = Transformer(expert_cfg)
     apply = apply_plain(model)
     example = jnp.asarray(val[0].inputs[:2])

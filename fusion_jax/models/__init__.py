@@ -13,7 +13,10 @@ from fusion_jax.models import fusion, transformer
 
 
 def transformer_config(model_config, task: Task) -> transformer.TransformerConfig:
-    """The typed, validated Transformer config for a task's vocabulary and classes."""
+    """The typed, validated Transformer config for a task's vocabulary and classes.
+
+    `task` is anything with `vocab_size` and `num_classes` (a `Task` or a `MultiTask`).
+    """
     return transformer.TransformerConfig(
         vocab_size=task.vocab_size,
         num_classes=task.num_classes,
