@@ -47,5 +47,11 @@ def merge_compare(config, workdir: str, **_):
     return merge_compare_lib.run(config, workdir)
 
 
-MODES = {"train": train, "eval": evaluate, "analyze": analyze, "report": report, "compare": compare,
-         "merge_compare": merge_compare}
+MODES = {
+    "train": train,
+    "eval": evaluate,
+    "analyze": analyze,
+    "report": report,
+    "compare": compare,
+    "merge_compare": merge_compare,
+}
