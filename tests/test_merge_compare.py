@@ -43,7 +43,8 @@ def test_writes_every_methods_row(compared):
     )
     assert rows["weight average"]["train_flops"] == 0 and rows["DAM"]["train_flops"] > 0
     for row in out["rows"]:
-        assert 0 <= row["mean_acc"] <= 1 and row["mean_loss"] > 0
+        assert 0 <= row["mean_acc"] <= 1 and 0 <= row["mean_train_acc"] <= 1
+        assert row["mean_loss"] > 0
     # Grid search chose among the configured values on held-out training data.
     assert out["grid_search"]["task arithmetic"]["chosen"]["lam"] in (0.5, 1.0)
 
