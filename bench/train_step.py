@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from configs import baseline  # noqa: E402
 from fusion_jax.train import loop, steps  # noqa: E402
@@ -111,7 +110,6 @@ def main():
             rate = share * ref_flops / seconds
             print(f"{name:<34}{seconds * 1e3:>10.2f}{rate / 1e9:>10.1f}{rate / matmul:>8.2f}")
     print("* GFLOP/s counts the reference's FLOPs (forward rows: one third of an update's).")
-    np.set_printoptions(precision=3)
 
 
 if __name__ == "__main__":
