@@ -3,16 +3,21 @@
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from configs import compare as compare_config
-from fusion_jax import modes
+from fusion_jax import merging, modes
+from fusion_jax.data import tasks
 from fusion_jax.experiments import merge_compare
+from fusion_jax.models.transformer import Transformer, TransformerConfig
 
 METHODS = {
     "base model", "own expert per task (oracle routing)", "output ensemble (mean logits)",
     "output ensemble (mean probs)", "weight average", "weight average, unrelated random inits",
-    "task arithmetic", "TIES", "DARE (linear)", "SLERP (x_plus_y, x_minus_y)", "DAM",
+    "task arithmetic", "TIES", "DARE (linear)", "DARE (TIES)", "SLERP (x_plus_y, x_minus_y)", "DAM",
     "dynamic fusion, frozen experts", "dynamic fusion, end to end",
 }  # fmt: skip
 
@@ -58,3 +63,21 @@ def test_rerun_restores_finished_stages(compared, monkeypatch):
     monkeypatch.setattr(merge_compare, "train_params", fail)
     again = merge_compare.run(compare_config.get_config("tiny"), workdir)
     assert [r["mean_acc"] for r in again["rows"]] == [r["mean_acc"] for r in out["rows"]]
+
+
+def test_dam_export_is_a_plain_transformer():
+    cfg = TransformerConfig(vocab_size=13, num_classes=11, dim=16, num_heads=2)
+    model = Transformer(cfg)
+    tokens = jnp.asarray(tasks.get_task("x_plus_y", 11).table()[0][:20])
+    stacked = jax.vmap(lambda k: model.init(k, tokens)["params"])(
+        jax.random.split(jax.random.key(0), 3)
+    )
+    one_hot = jax.tree.map(
+        lambda c: c.at[:].set(0).at[1].set(1), merging.init_coefficients(stacked)
+    )
+    exported = merging.dam_merge(one_hot, stacked, "none")
+    expert1 = jax.tree.map(lambda x: x[1], stacked)
+    assert jax.tree.structure(exported) == jax.tree.structure(expert1)
+    np.testing.assert_array_equal(
+        model.apply({"params": exported}, tokens), model.apply({"params": expert1}, tokens)
+    )

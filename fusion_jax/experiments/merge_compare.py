@@ -335,6 +335,23 @@ def run(config, workdir: str) -> dict:
             0.0,
         ),
         (
+            "DARE (TIES)",
+            apply,
+            searched(
+                "DARE (TIES)",
+                lambda drop_rate, lam, density: merging.dare(
+                    experts, base, jax.random.fold_in(key, 600), drop_rate, lam, "ties", density
+                ),
+                [
+                    {"drop_rate": p, "lam": x, "density": dn}
+                    for p in g.drop_rates
+                    for x in g.lams
+                    for dn in g.densities
+                ],
+            ),
+            0.0,
+        ),
+        (
             f"SLERP ({names[0]}, {names[1 % k]})",
             apply,
             searched(
