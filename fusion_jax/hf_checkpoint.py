@@ -1,0 +1,462 @@
+"""Hugging Face checkpoint I/O: local config.json + safetensors (single or sharded) <-> Flax trees.
+
+One declarative table per architecture family maps each Hugging Face tensor name to its Flax
+leaf path and layout (`linear`: torch `Linear.weight` is [out, in], transposed to a Flax
+[in, out] kernel; `copy`: embeddings, norms, biases and GPT-2's Conv1D, already [in, out]). The
+same table, read backwards, writes checkpoints out again. Tensors are read lazily with
+`safe_open(..., framework="numpy")`, one at a time, so nothing here holds more than the tensors
+asked for; writes go through `ShardWriter`, which plans shard boundaries up front and writes
+`model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`.
+
+Local directories only: nothing here reaches a model hub.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from fusion_jax.models.lm import LanguageModel, LMConfig
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Files that hold weights in some format; everything else in a checkpoint directory (tokenizer,
+# generation config, ...) is copied next to a written checkpoint.
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt|gguf)$|.*\.index\.json$")
+
+DTYPES = {
+    "float32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+}
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": DTYPES["float32"],
+    "BF16": DTYPES["bfloat16"],
+    "F16": DTYPES["float16"],
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(bool),
+}
+
+# (Hugging Face name template, Flax path template, layout). `{i}` is a layer number, `{x:a|b}`
+# one of the listed words; both sides use the same placeholders.
+_LLAMA_TABLE = (
+    ("model.embed_tokens.weight", "embed_tokens/embedding", "copy"),
+    ("model.layers.{i}.{n:input_layernorm|post_attention_layernorm}.weight",
+     "layers_{i}/{n}/scale", "copy"),
+    ("model.layers.{i}.{m:self_attn}.{p:q_proj|k_proj|v_proj|o_proj}.weight",
+     "layers_{i}/{m}/{p}/kernel", "linear"),
+    ("model.layers.{i}.{m:mlp}.{p:gate_proj|up_proj|down_proj}.weight",
+     "layers_{i}/{m}/{p}/kernel", "linear"),
+    ("model.layers.{i}.{m:self_attn|mlp}.{p:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj}.bias",
+     "layers_{i}/{m}/{p}/bias", "copy"),
+    ("model.norm.weight", "norm/scale", "copy"),
+    ("lm_head.weight", "lm_head/kernel", "linear"),
+)  # fmt: skip
+_GPT2_TABLE = (
+    ("wte.weight", "wte/embedding", "copy"),
+    ("wpe.weight", "wpe/embedding", "copy"),
+    ("h.{i}.{n:ln_1|ln_2}.weight", "h_{i}/{n}/scale", "copy"),
+    ("h.{i}.{n:ln_1|ln_2}.bias", "h_{i}/{n}/bias", "copy"),
+    # Conv1D stores [in, out] already: no transpose.
+    ("h.{i}.{m:attn|mlp}.{p:c_attn|c_proj|c_fc}.weight", "h_{i}/{m}/{p}/kernel", "copy"),
+    ("h.{i}.{m:attn|mlp}.{p:c_attn|c_proj|c_fc}.bias", "h_{i}/{m}/{p}/bias", "copy"),
+    ("ln_f.weight", "ln_f/scale", "copy"),
+    ("ln_f.bias", "ln_f/bias", "copy"),
+)
+# Stored tensors that are not parameters: GPT-2's causal-mask buffers, old Llama rotary buffers.
+_IGNORED = re.compile(r"(.*\.attn\.(bias|masked_bias)|.*rotary_emb\.inv_freq)$")
+
+
+_PLACEHOLDER = re.compile(r"\{(\w+)(?::([\w|]+))?\}")
+
+
+def _compile(template: str, hf_template: str) -> re.Pattern:
+    """A regex for `template`; each placeholder matches the words listed for it in the HF
+    template (a layer number where none are listed)."""
+    choices = {m.group(1): m.group(2) or r"\d+" for m in _PLACEHOLDER.finditer(hf_template)}
+    out, pos = "", 0
+    for m in _PLACEHOLDER.finditer(template):
+        out += re.escape(template[pos : m.start()]) + f"(?P<{m.group(1)}>{choices[m.group(1)]})"
+        pos = m.end()
+    return re.compile(out + re.escape(template[pos:]) + "$")
+
+
+def _fill(template: str, groups: dict) -> str:
+    return _PLACEHOLDER.sub(lambda m: groups[m.group(1)], template)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a family's tensors are named: the table and a name prefix (GPT-2 saved by
+    `GPT2LMHeadModel` prefixes `transformer.`; the original GPT-2 files do not)."""
+
+    table: tuple
+    prefix: str = ""
+
+    def to_flax(self, hf_name: str) -> tuple[str, str] | None:
+        """(Flax path, layout) for a Hugging Face tensor name, or None if it is not a parameter."""
+        if not hf_name.startswith(self.prefix):
+            return None
+        name = hf_name[len(self.prefix) :]
+        for hf_t, flax_t, kind in self.table:
+            m = _compile(hf_t, hf_t).match(name)
+            if m:
+                return _fill(flax_t, m.groupdict()), kind
+        return None
+
+    def to_hf(self, flax_path: str) -> tuple[str, str]:
+        """(Hugging Face name, layout) for a Flax leaf path."""
+        for hf_t, flax_t, kind in self.table:
+            m = _compile(flax_t, hf_t).match(flax_path)
+            if m:
+                return self.prefix + _fill(hf_t, m.groupdict()), kind
+        raise KeyError(f"no Hugging Face name for Flax parameter {flax_path!r}")
+
+
+_TABLES = {"llama": _LLAMA_TABLE, "gpt2": _GPT2_TABLE}
+
+
+def layout_for(config: LMConfig, tensor_names=()) -> Layout:
+    """The family's layout; for GPT-2 the prefix is read off the stored names."""
+    prefix = ""
+    if config.family == "gpt2" and any(n.startswith("transformer.") for n in tensor_names):
+        prefix = "transformer."
+    return Layout(_TABLES[config.family], prefix)
+
+
+def _need(path: str) -> str:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    return path
+
+
+def read_config(directory: str) -> dict:
+    """The parsed config.json of a checkpoint directory."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    with open(_need(os.path.join(directory, "config.json"))) as f:
+        return json.load(f)
+
+
+def tensor_files(directory: str) -> dict[str, str]:
+    """Tensor name -> safetensors file path, from the index or the single file."""
+    index = os.path.join(directory, INDEX_FILE)
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: _need(os.path.join(directory, file)) for name, file in weight_map.items()}
+    single = os.path.join(directory, SINGLE_FILE)
+    if not os.path.exists(single):
+        raise FileNotFoundError(
+            f"checkpoint file not found: {single} (nor a sharded index {index})"
+        )
+    with safe_open(single, framework="numpy") as f:
+        return dict.fromkeys(f.keys(), single)
+
+
+class TensorReader:
+    """Lazy reads of one checkpoint's tensors; keeps each shard's file handle open."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.files = tensor_files(directory)
+        self._handles = {}
+
+    def _handle(self, name: str):
+        path = self.files[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, framework="numpy")
+        return self._handles[path]
+
+    def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
+        s = self._handle(name).get_slice(name)
+        return tuple(s.get_shape()), s.get_dtype()
+
+    def get_dtype(self, name: str) -> np.dtype:
+        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def close(self):
+        for h in self._handles.values():
+            h.__exit__(None, None, None)
+        self._handles = {}
+
+
+def sha256_files(directory: str) -> dict[str, str]:
+    """sha256 of every regular file directly in `directory`, by file name."""
+    out = {}
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    h.update(block)
+            out[name] = h.hexdigest()
+    return out
+
+
+def _flatten(params) -> dict[str, object]:
+    return {
+        jax.tree_util.keystr(p, simple=True, separator="/"): leaf
+        for p, leaf in jax.tree.leaves_with_path(params)
+    }
+
+
+def _unflatten(flat: dict) -> dict:
+    tree = {}
+    for path, leaf in flat.items():
+        node = tree
+        *parents, last = path.split("/")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = leaf
+    return tree
+
+
+def abstract_params(config: LMConfig) -> dict:
+    """Flax path -> expected `ShapeDtypeStruct` of every parameter (nothing allocated)."""
+    shapes = jax.eval_shape(
+        lambda: LanguageModel(config).init(jax.random.key(0), np.zeros((1, 1), np.int32))
+    )
+    return _flatten(shapes["params"])
+
+
+def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[str, str]]]:
+    """(config, layout, Flax path -> (HF name, layout kind)) after checking names and shapes.
+
+    Every problem (missing, unexpected, wrong shape) is collected and reported in one error.
+    """
+    config = LMConfig.from_hf(read_config(directory))
+    reader = TensorReader(directory)
+    try:
+        layout = layout_for(config, reader.files)
+        expected = abstract_params(config)
+        found, errors = {}, []
+        for name in reader.files:
+            mapped = layout.to_flax(name)
+            if mapped is None:
+                if not (
+                    _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings)
+                ):
+                    errors.append(f"unexpected tensor {name!r}")
+                continue
+            path, kind = mapped
+            if path not in expected:
+                errors.append(f"unexpected tensor {name!r}")
+                continue
+            shape, _ = reader.shape_dtype(name)
+            want = expected[path].shape
+            want = want[::-1] if kind == "linear" else want
+            if shape != tuple(want):
+                errors.append(f"tensor {name!r} has shape {list(shape)}, expected {list(want)}")
+            found[path] = (name, kind)
+        for path in expected:
+            if path not in found:
+                errors.append(f"missing tensor {layout.to_hf(path)[0]!r}")
+    finally:
+        reader.close()
+    if errors:
+        raise ValueError(
+            f"checkpoint {directory} does not match its config.json: " + "; ".join(errors)
+        )
+    return config, layout, found
+
+
+def load(directory: str, dtype: str | None = None) -> tuple[LMConfig, dict]:
+    """(config, params) of a checkpoint directory; params as NumPy arrays in the stored dtype,
+    or cast to `dtype` ("float32", "bfloat16", "float16")."""
+    config, _, names = parameter_names(directory)
+    reader = TensorReader(directory)
+    try:
+        flat = {}
+        for path, (name, kind) in names.items():
+            x = reader.get(name)
+            x = np.ascontiguousarray(x.T) if kind == "linear" else x
+            flat[path] = x.astype(DTYPES[dtype]) if dtype else x
+    finally:
+        reader.close()
+    return config, _unflatten(flat)
+
+
+def parse_size(size) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "100KB" (powers of 1000, as HF)."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size must be bytes or like '2GB', got {size!r}")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2) or "B"]
+    return int(float(m.group(1)) * scale)
+
+
+class ShardWriter:
+    """Writes tensors, in a planned order, into safetensors shards of at most `max_shard_size`.
+
+    `plan` is [(name, nbytes)] for every tensor in write order; a shard is written as soon as its
+    last tensor arrives, so at most one shard is held in memory.
+    """
+
+    def __init__(self, directory: str, plan: list[tuple[str, int]], max_shard_size):
+        limit = parse_size(max_shard_size)
+        self.directory = directory
+        shards, size = [[]], 0
+        for name, nbytes in plan:
+            if shards[-1] and size + nbytes > limit:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        self.total_size = sum(n for _, n in plan)
+        n = len(shards)
+        self.files = [
+            SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)
+        ]
+        self.shard_of = {name: i for i, names in enumerate(shards) for name in names}
+        self._remaining = [len(names) for names in shards]
+        self._pending = [{} for _ in shards]
+        os.makedirs(directory, exist_ok=True)
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        i = self.shard_of[name]
+        self._pending[i][name] = np.ascontiguousarray(array)
+        self._remaining[i] -= 1
+        if self._remaining[i] == 0:
+            path = os.path.join(self.directory, self.files[i])
+            save_file(self._pending[i], path, metadata={"format": "pt"})
+            self._pending[i] = {}
+
+    def close(self) -> None:
+        if any(self._remaining):
+            missing = [n for n, i in self.shard_of.items() if self._remaining[i]]
+            raise RuntimeError(f"ShardWriter closed before all tensors were written: {missing[:3]}")
+        if len(self.files) > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {n: self.files[i] for n, i in sorted(self.shard_of.items())},
+            }
+            with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
+                json.dump(index, f, indent=2)
+
+
+def copy_side_files(src: str, dst: str) -> list[str]:
+    """Copies every non-weight file except config.json (tokenizer, generation config, ...)."""
+    copied = []
+    os.makedirs(dst, exist_ok=True)
+    for name in sorted(os.listdir(src)):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and name != "config.json" and not _WEIGHT_FILE.match(name):
+            shutil.copy2(path, os.path.join(dst, name))
+            copied.append(name)
+    return copied
+
+
+def write_config(hf_config: dict, directory: str, dtype: str) -> None:
+    """config.json with the stored dtype under both transformers spellings."""
+    out = dict(hf_config)
+    out["dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"] = dtype
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(out, f, indent=2, sort_keys=True)
+
+
+def save(
+    params,
+    hf_config: dict,
+    directory: str,
+    layout: Layout | None = None,
+    dtype: str | None = None,
+    max_shard_size="2GB",
+    source: str | None = None,
+) -> None:
+    """Writes `params` as a Hugging Face checkpoint (config.json + safetensors [+ index]).
+
+    `dtype` defaults to the params' own; `source` (a checkpoint directory) provides the
+    tokenizer and other side files, which are copied over.
+    """
+    config = LMConfig.from_hf(hf_config)
+    layout = layout or layout_for(config)
+    flat = _flatten(params)
+    expected = abstract_params(config)
+    if set(flat) != set(expected):
+        diff = sorted(set(flat) ^ set(expected))
+        raise ValueError(
+            f"params do not match the config's architecture; first difference {diff[0]!r}"
+        )
+    out_dtype = DTYPES[dtype] if dtype else np.asarray(next(iter(flat.values()))).dtype
+    names = {path: layout.to_hf(path) for path in flat}
+    plan = [(names[p][0], int(np.prod(flat[p].shape)) * out_dtype.itemsize) for p in flat]
+    writer = ShardWriter(directory, plan, max_shard_size)
+    for path, leaf in flat.items():
+        name, kind = names[path]
+        x = np.asarray(leaf).astype(out_dtype)
+        writer.add(name, x.T if kind == "linear" else x)
+    writer.close()
+    write_config(hf_config, directory, str(out_dtype))
+    if source:
+        copy_side_files(source, directory)
+
+
+def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]:
+    """Checks that checkpoints share architecture, tensor names and shapes, before any work.
+
+    Returns (config, config.json, tensor names) of the first. The error names the first field
+    or tensor that differs.
+    """
+    first, rest = directories[0], directories[1:]
+    config, _, _ = parameter_names(first)
+    hf_config = read_config(first)
+    reader = TensorReader(first)
+    try:
+        names = list(reader.files)
+        shapes = {n: reader.shape_dtype(n)[0] for n in names}
+    finally:
+        reader.close()
+    for other in rest:
+        other_config, _, _ = parameter_names(other)
+        for field in dataclasses.fields(LMConfig):
+            if field.name in ("param_dtype", "dtype"):
+                continue
+            a, b = getattr(config, field.name), getattr(other_config, field.name)
+            if a != b:
+                raise ValueError(
+                    f"models differ in config field {field.name!r}: {a!r} in {first} "
+                    f"but {b!r} in {other}"
+                )
+        r = TensorReader(other)
+        try:
+            for name in names:
+                if name not in r.files:
+                    raise ValueError(
+                        f"models differ: tensor {name!r} is in {first} but not in {other}"
+                    )
+                shape = r.shape_dtype(name)[0]
+                if shape != shapes[name]:
+                    raise ValueError(
+                        f"models differ at tensor {name!r}: shape {list(shapes[name])} in {first} "
+                        f"but {list(shape)} in {other}"
+                    )
+            extra = sorted(set(r.files) - set(names))
+            if extra:
+                raise ValueError(
+                    f"models differ: tensor {extra[0]!r} is in {other} but not in {first}"
+                )
+        finally:
+            r.close()
+    return config, hf_config, names

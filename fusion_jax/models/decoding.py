@@ -1,0 +1,37 @@
+"""Autoregressive decoding with a key/value cache: greedy or temperature sampling.
+
+Works for any `step_fn(tokens [B, T], cache, index) -> (logits [B, T, V], cache)`: a plain
+`LanguageModel` and the LM fusion model alike. The prompt is one prefill call; every new token is
+one step of a `lax.scan`, so the whole generation is one compiled program.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+@functools.partial(jax.jit, static_argnames=("step_fn", "max_new_tokens"))
+def generate(step_fn, cache, prompt, max_new_tokens: int, rng, temperature=0.0):
+    """`prompt [B, P]` -> `[B, P + max_new_tokens]`; `cache` must hold P + max_new_tokens slots.
+
+    temperature 0 is greedy (argmax); otherwise token t is drawn from softmax(logits / T) with
+    the key `fold_in(rng, t)`.
+    """
+    prompt_len = prompt.shape[1]
+    logits, cache = step_fn(prompt, cache, 0)
+
+    def pick(last_logits, i):
+        sampled = jax.random.categorical(
+            jax.random.fold_in(rng, i), last_logits / jnp.maximum(temperature, 1e-6)
+        )
+        return jnp.where(temperature > 0, sampled, jnp.argmax(last_logits, -1)).astype(prompt.dtype)
+
+    def body(carry, i):
+        cache, last_logits = carry
+        token = pick(last_logits, i)
+        logits, cache = step_fn(token[:, None], cache, prompt_len + i)
+        return (cache, logits[:, -1]), token
+
+    _, tokens = jax.lax.scan(body, (cache, logits[:, -1]), jnp.arange(max_new_tokens))
+    return jnp.concatenate([prompt, tokens.T], axis=1)
