@@ -5,12 +5,24 @@ import os
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
+from fusion_jax.experiments import lm_merge
 from fusion_jax.experiments import merge_compare as merge_compare_lib
 from fusion_jax.train import loop
 
+# Configs with `config.experiment` set run that experiment's entry point as their main job.
+EXPERIMENTS = {
+    "lm_merge": lm_merge.run,
+}
+
 
 def train(config, workdir: str, **_):
-    """Trains (resuming if possible) every task, then writes final_info.json, logs and plots."""
+    """Trains (resuming if possible) every task, then writes final_info.json, logs and plots.
+
+    A config naming an `experiment` (configs/lm_merge.py, ...) runs that experiment instead.
+    """
+    if "experiment" in config:
+        loop.write_config(config, workdir)
+        return EXPERIMENTS[config.experiment](config, workdir)
     task_records = loop.train(config, workdir)
     info = results.write_report(config, workdir, task_records)
     eval_loop.analyze(config, workdir)

@@ -1,7 +1,7 @@
 """Merging room: static merges and DAM as pure functions on stacked expert parameter trees."""
 
 from fusion_jax.merging import dam
-from fusion_jax.merging.dam import NONLINEARITIES, dam_loss, init_coefficients
+from fusion_jax.merging.dam import NONLINEARITIES, SIMILARITIES, dam_loss, init_coefficients
 from fusion_jax.merging.dam import merge as dam_merge
 from fusion_jax.merging.static import (
     MERGES,
@@ -17,6 +17,7 @@ from fusion_jax.merging.static import (
 __all__ = [
     "MERGES",
     "NONLINEARITIES",
+    "SIMILARITIES",
     "dam",
     "dam_loss",
     "dam_merge",

@@ -91,17 +91,44 @@ def merge(coefficients, stacked, nonlinearity="tanh"):
     return jax.tree.map_with_path(combine, stacked, coefficients)
 
 
-def _mean_pairwise_cosine(coefficients, k):
-    """Mean cosine similarity over expert pairs i < j of whole-model coefficient vectors."""
+def _mean_pairwise_cosine(vectors):
+    """Mean cosine similarity over expert pairs i < j of the rows of `vectors [K, n]`."""
+    k = vectors.shape[0]
     if k < 2:
         return jnp.zeros((), jnp.float32)
-    # Granularity: one vector per expert holding all of its coefficients across every leaf.
-    v = jnp.concatenate([c.reshape(k, -1) for c in jax.tree.leaves(coefficients)], axis=1)
-    sq = jnp.sum(v * v, axis=1)
+    sq = jnp.sum(vectors * vectors, axis=1)
     # The floor keeps the norm (and its gradient) finite if a coefficient vector reaches zero.
-    cos = (v @ v.T) / jnp.sqrt(jnp.maximum(sq[:, None] * sq[None, :], 1e-24))
+    cos = (vectors @ vectors.T) / jnp.sqrt(jnp.maximum(sq[:, None] * sq[None, :], 1e-24))
     i, j = jnp.triu_indices(k, 1)
     return jnp.mean(cos[i, j])
+
+
+SIMILARITIES = ("whole_model", "per_layer")
+
+
+def similarity(coefficients, k, granularity="whole_model"):
+    """The cosine-similarity regulariser.
+
+    whole_model: one vector per expert holding all its coefficients. per_layer (the DAM
+    repository's): for each coefficient vector leaf (`[K, n]`, n > 1), the mean pairwise cosine,
+    summed over leaves; scalar bias coefficients have no direction and are left out.
+    """
+    leaves = jax.tree.leaves(coefficients)
+    if granularity == "whole_model":
+        return _mean_pairwise_cosine(jnp.concatenate([c.reshape(k, -1) for c in leaves], axis=1))
+    if granularity == "per_layer":
+        layers = [c.reshape(k, -1) for c in leaves if c.ndim > 1 and c.size > k]
+        return sum((_mean_pairwise_cosine(v) for v in layers), jnp.zeros((), jnp.float32))
+    raise ValueError(f"unknown similarity {granularity!r}; known: {', '.join(SIMILARITIES)}")
+
+
+def _masked_mean(x, mask):
+    """Mean of `x [K, B, ...]` per expert, over the entries where `mask` is 1 (all if None)."""
+    x = x.reshape(x.shape[0], -1)
+    if mask is None:
+        return jnp.mean(x, axis=-1)
+    mask = mask.reshape(mask.shape[0], -1).astype(x.dtype)
+    return jnp.sum(x * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
 def dam_loss(
@@ -114,13 +141,20 @@ def dam_loss(
     l1_weight=0.0,
     l2_weight=0.0,
     nonlinearity="tanh",
+    mask_per_expert=None,
+    similarity_granularity="whole_model",
+    trainable=None,
 ):
     """DAM objective; returns (loss, aux) for `jax.value_and_grad(..., has_aux=True)`.
 
-    `apply_fn(params, inputs) -> logits [B, C]` runs one plain model; `inputs_per_expert` is
-    `[K, B, ...]`, expert k's own batch. Loss = sum_k T^2 * mean_b KL(p_k || q_k) with p_k, q_k the
-    temperature-T softmaxes of expert k's and the merged model's logits on batch k, plus
-    similarity_weight * mean pairwise coefficient cosine, plus l1/l2 sums over all coefficients.
+    `apply_fn(params, inputs) -> logits [B, ..., C]` runs one plain model; `inputs_per_expert` is
+    `[K, B, ...]`, expert k's own batch, and `mask_per_expert` (optional, `[K, B, ...]` matching
+    the logits without C) marks the positions that count (1) and padding (0). Loss = sum_k T^2 *
+    KL(p_k || q_k) averaged over expert k's counted positions, with p_k, q_k the temperature-T
+    softmaxes of expert k's and the merged model's logits on batch k; plus similarity_weight *
+    `similarity(...)`, plus the DAM repository's L1/L2: sums over coefficient vectors of their
+    L1 and L2 norms (norms, not squares). `trainable` (a tree of bools like `coefficients`)
+    freezes the False leaves (no gradient) and keeps them out of the regularisers.
     aux: loss, kl, kl_per_expert [K], similarity, l1, l2.
     """
     k = num_experts(stacked)
@@ -128,24 +162,39 @@ def dam_loss(
         raise ValueError(f"inputs_per_expert must have a leading axis of K={k} expert batches")
     if not float(temperature) > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if trainable is not None:
+        coefficients = jax.tree.map(
+            lambda c, t: c if t else jax.lax.stop_gradient(c), coefficients, trainable
+        )
     merged = merge(coefficients, stacked, nonlinearity)
     expert_logits = jax.lax.stop_gradient(jax.vmap(apply_fn)(stacked, inputs_per_expert))
     merged_logits = jax.vmap(apply_fn, in_axes=(None, 0))(merged, inputs_per_expert)
     log_p = jax.nn.log_softmax(expert_logits / temperature, axis=-1)
     log_q = jax.nn.log_softmax(merged_logits / temperature, axis=-1)
-    kl_per_example = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    kl_per_expert = temperature**2 * jnp.mean(kl_per_example, axis=-1)
+    kl_per_position = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    kl_per_expert = temperature**2 * _masked_mean(kl_per_position, mask_per_expert)
     kl = jnp.sum(kl_per_expert)
-    similarity = _mean_pairwise_cosine(coefficients, k)
-    leaves = jax.tree.leaves(coefficients)
-    l1 = sum(jnp.sum(jnp.abs(c)) for c in leaves)
-    l2 = sum(jnp.sum(c * c) for c in leaves)
-    loss = kl + similarity_weight * similarity + l1_weight * l1 + l2_weight * l2
+    regularised = coefficients
+    if trainable is not None:
+        regularised = [
+            c
+            for c, t in zip(jax.tree.leaves(coefficients), jax.tree.leaves(trainable), strict=True)
+            if t
+        ]
+    sim = similarity(regularised, k, similarity_granularity)
+    vectors = [c.reshape(k, -1) for c in jax.tree.leaves(regularised)]
+    l1 = sum((jnp.sum(jnp.abs(v)) for v in vectors), jnp.zeros((), jnp.float32))
+    # The floor keeps the norm's gradient finite at a zero vector.
+    l2 = sum(
+        (jnp.sum(jnp.sqrt(jnp.maximum(jnp.sum(v * v, axis=1), 1e-24))) for v in vectors),
+        jnp.zeros((), jnp.float32),
+    )
+    loss = kl + similarity_weight * sim + l1_weight * l1 + l2_weight * l2
     aux = {
         "loss": loss,
         "kl": kl,
         "kl_per_expert": kl_per_expert,
-        "similarity": similarity,
+        "similarity": sim,
         "l1": l1,
         "l2": l2,
     }

@@ -25,6 +25,7 @@ CONTEXTS = ("experts", "tokens")
 class FusionConfig:
     """Hyper-parameters of the fusion model; validated on construction."""
 
+    # The expert's config: a TransformerConfig, or an LMConfig for language models.
     expert: TransformerConfig
     num_experts: int = 3
     # Query source: "experts" (mean of the experts' states) or "tokens" (own context encoder).

@@ -1,0 +1,75 @@
+"""Merge Hugging Face language-model checkpoints (local directories) into one checkpoint.
+
+    python main.py --config=configs/lm_merge.py --workdir=runs/m \
+        --config.base=BASE_DIR --config.models=DIR_A,DIR_B,DIR_C \
+        --config.method=ties --config.density=0.5 --config.lam=1.0
+
+    python main.py --config=configs/lm_merge.py --workdir=runs/dam --config.method=dam \
+        --config.models=DIR_A,DIR_B,DIR_C --config.dam.data='a/*.txt;b/*.txt;c/*.txt'
+
+Writes `<workdir>/merged/` (config.json, safetensors, tokenizer files; loads in transformers and
+vLLM) and `<workdir>/merge_info.json` (method, hyper-parameters, inputs with sha256 per file).
+Methods: weight_average, task_arithmetic, ties, dare, slerp (streamed tensor by tensor) and dam.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.experiment = "lm_merge"
+    # Base checkpoint directory (task_arithmetic, ties and dare merge task vectors against it).
+    config.base = ""
+    # Expert checkpoint directories, comma-separated.
+    config.models = ""
+    # One of weight_average, task_arithmetic, ties, dare, slerp, dam.
+    config.method = "ties"
+    # weight_average: comma-separated weights, one per model ("" = uniform).
+    config.weights = ""
+    # task_arithmetic/ties/dare: scale of the combined task vector.
+    config.lam = 1.0
+    # ties (and dare with combine=ties): fraction of each task vector kept, per tensor.
+    config.density = 0.5
+    # dare: probability of dropping a task-vector entry; combine "linear" or "ties".
+    config.drop_rate = 0.5
+    config.combine = "linear"
+    # slerp: interpolation point between the two models (0 = the first).
+    config.t = 0.5
+    # Seed of DARE's masks and of DAM's data order.
+    config.seed = 0
+    # Stored dtype of the output ("" = as the inputs; float32, bfloat16, float16).
+    config.dtype = ""
+    # Largest safetensors shard; more tensors go to further shards with an index.
+    config.max_shard_size = "2GB"
+
+    config.dam = ml_collections.ConfigDict()
+    # Each model's own local text: one source per model, separated by ';' (each source is
+    # comma-separated files, directories or globs).
+    config.dam.data = ""
+    # "bytes" (UTF-8 bytes as tokens), "model" (the first model's tokenizer.json) or a path.
+    config.dam.tokenizer = "model"
+    # Tokens per training window.
+    config.dam.seq_len = 256
+    # Windows per model per step.
+    config.dam.batch_size = 4
+    # Coefficient updates; 0 = one epoch over the largest model's text (as the DAM repository).
+    config.dam.num_steps = 0
+    config.dam.learning_rate = 1e-3
+    # KL temperature T (loss = sum_k T^2 KL(expert_k || merged) on expert k's text).
+    config.dam.temperature = 2.0
+    # Cosine-similarity regulariser: "per_layer" (the DAM repository's) or "whole_model".
+    config.dam.similarity = "per_layer"
+    config.dam.similarity_weight = 0.01
+    # Sums of L1 / L2 norms of the coefficient vectors (off by default, as in DAM).
+    config.dam.l1_weight = 0.0
+    config.dam.l2_weight = 0.0
+    # f in W = sum_k f(c_k) W_k: tanh, sigmoid, relu or none.
+    config.dam.nonlinearity = "tanh"
+    # Coefficient groups that train: linear, embedding, norm (DAM: linear only).
+    config.dam.train = "linear"
+    # Activations' dtype in the forward passes (float32 or bfloat16).
+    config.dam.compute_dtype = "float32"
+    config.dam.log_every = 10
+    config.dam.checkpoint_every = 100
+    return config

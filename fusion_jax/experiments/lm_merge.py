@@ -1,0 +1,309 @@
+"""Merging Hugging Face language-model checkpoints: every static merge, streamed, and DAM.
+
+    python main.py --config=configs/lm_merge.py --workdir=runs/m \
+        --config.base=BASE --config.models=A,B,C --config.method=ties --config.density=0.5
+
+Static merges stream: for one tensor name at a time, the K experts' tensors (and the base's) are
+read lazily, stacked to `[K, ...]` and passed as a one-leaf tree to the same function of
+`merging.MERGES` that merges in-memory trees; the result goes to a shard writer. Memory is one
+output shard plus a few tensors times K, never K whole models. The merges are orientation-free
+(element-wise, per-tensor top-k, per-tensor flattening), so tensors are merged in their stored
+layout. DARE draws each tensor's mask from `fold_in(seed key, tensor index)`.
+
+DAM needs the experts' forward passes, so it loads them whole, trains the coefficients on each
+expert's own local text (Orbax checkpoints under `<workdir>/dam`, resumed on a rerun) and exports
+the merged model. Both write `<workdir>/merged/` (via a temporary directory renamed at the end, so
+a half-written checkpoint never looks finished) and `<workdir>/merge_info.json`.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from tqdm import tqdm
+
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax import merging
+from fusion_jax.data import text
+from fusion_jax.merging import dam
+from fusion_jax.models.lm import LanguageModel
+from fusion_jax.train import checkpoint
+
+# The config fields each static merge takes (names as in merging.MERGES' signatures).
+HPARAMS = {
+    "weight_average": ("weights",),
+    "task_arithmetic": ("lam",),
+    "ties": ("density", "lam"),
+    "dare": ("drop_rate", "lam", "combine", "density"),
+    "slerp": ("t",),
+}
+METHODS = (*merging.MERGES, "dam")
+# DAM coefficient groups: which leaves get trained (the DAM repository trains "linear" only).
+DAM_GROUPS = ("linear", "embedding", "norm")
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def method_hparams(config) -> dict:
+    """The hyper-parameters of `config.method` from the config, as the merge function takes them."""
+    out = {}
+    for name in HPARAMS[config.method]:
+        value = config[name]
+        if name == "weights":
+            value = tuple(float(w) for w in split_list(value)) or None
+        out[name] = value
+    return out
+
+
+def validate(config) -> tuple[list[str], str | None]:
+    """(expert dirs, base dir or None) after checking the method and its inputs."""
+    if config.method not in METHODS:
+        raise ValueError(f"unknown config.method {config.method!r}; known: {', '.join(METHODS)}")
+    models = split_list(config.models)
+    if not models:
+        raise ValueError("config.models is empty: give the expert checkpoints as DIR_A,DIR_B,...")
+    base = config.base or None
+    if config.method in ("task_arithmetic", "ties", "dare") and base is None:
+        raise ValueError(f"config.method={config.method!r} needs a base model: set config.base=DIR")
+    if config.method == "slerp" and len(models) != 2:
+        raise ValueError(f"config.method='slerp' merges exactly 2 models, got {len(models)}")
+    if config.dtype and config.dtype not in hc.DTYPES:
+        raise ValueError(
+            f"config.dtype must be one of {', '.join(hc.DTYPES)} or '', got {config.dtype!r}"
+        )
+    return models, base
+
+
+def _input_record(directory: str) -> dict:
+    return {"path": os.path.abspath(directory), "sha256": hc.sha256_files(directory)}
+
+
+def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp_dir, out_dir)
+    with open(os.path.join(workdir, "merge_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    logging.info("[lm_merge] wrote %s and merge_info.json", out_dir)
+    return info
+
+
+def streaming_merge(
+    method: str,
+    hparams: dict,
+    models: list[str],
+    base: str | None,
+    out_dir: str,
+    dtype: str | None = None,
+    max_shard_size="2GB",
+    seed: int = 0,
+    progress: bool = True,
+) -> int:
+    """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count."""
+    inputs = ([base] if base else []) + models
+    _, hf_config, names = hc.check_compatible(inputs)
+    readers = [hc.TensorReader(d) for d in models]
+    base_reader = hc.TensorReader(base) if base else None
+    ref = base_reader or readers[0]
+    try:
+        out_dtypes = {}
+        for name in names:
+            stored = ref.get_dtype(name)
+            out_dtypes[name] = hc.DTYPES[dtype] if dtype and stored.kind == "f" else stored
+        plan = [(n, int(np.prod(ref.shape_dtype(n)[0])) * out_dtypes[n].itemsize) for n in names]
+        writer = hc.ShardWriter(out_dir, plan, max_shard_size)
+        key = jax.random.key(seed)
+        for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
+            if ref.get_dtype(name).kind != "f":  # integer buffers: copied, not merged
+                writer.add(name, ref.get(name))
+                continue
+            stacked = {name: jnp.asarray(np.stack([r.get(name) for r in readers]))}
+            args = {"base": {name: jnp.asarray(base_reader.get(name))}} if base_reader else {}
+            merged = merging.merge(
+                method, stacked, rng=jax.random.fold_in(key, i), **args, **hparams
+            )[name]
+            writer.add(name, np.asarray(merged).astype(out_dtypes[name]))
+        writer.close()
+    finally:
+        for r in readers + ([base_reader] if base_reader else []):
+            r.close()
+    stored = str(out_dtypes[names[0]]) if names else "float32"
+    hc.write_config(hf_config, out_dir, dtype or stored)
+    hc.copy_side_files(base or models[0], out_dir)
+    return len(names)
+
+
+def _coefficient_groups(coefficients) -> dict:
+    """Per coefficient leaf its DAM group: linear (kernels and biases of the decoder's Dense
+    layers), embedding (token/position embeddings and the LM head), norm (norm scales/biases)."""
+
+    def group(path, _):
+        keys = [getattr(p, "key", None) for p in path]
+        if keys[-1] == "embedding" or "lm_head" in keys:
+            return "embedding"
+        if keys[-1] == "scale" or any(str(k).startswith(("ln_", "norm")) for k in keys):
+            return "norm"
+        return "linear"
+
+    return jax.tree.map_with_path(group, coefficients)
+
+
+def _dam_batches(tokens, mask, batch_size, step, seed):
+    """Expert k's batch for `step`: its windows in a seed-fixed order, taken cyclically."""
+    out_tokens, out_mask = [], []
+    for k, (t, m) in enumerate(zip(tokens, mask, strict=True)):
+        order = np.random.default_rng([seed, k]).permutation(len(t))
+        idx = order[(step * batch_size + np.arange(batch_size)) % len(t)]
+        out_tokens.append(t[idx])
+        out_mask.append(m[idx])
+    return np.stack(out_tokens), np.stack(out_mask)
+
+
+def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
+    """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model."""
+    d = config.dam
+    groups = [g for g in split_list(d.train)]
+    if unknown := [g for g in groups if g not in DAM_GROUPS]:
+        raise ValueError(
+            f"unknown config.dam.train group {unknown[0]!r}; known: {', '.join(DAM_GROUPS)}"
+        )
+    sources = [s for s in str(d.data).split(";") if s.strip()]
+    if len(sources) != len(models):
+        raise ValueError(
+            f"config.dam.data needs one text source per model separated by ';': "
+            f"got {len(sources)} for {len(models)} models"
+        )
+    lm_config, hf_config, _ = hc.check_compatible(models)
+    lm_config = dataclasses.replace(lm_config, dtype=d.compute_dtype)
+    tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
+    data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
+    tokens, mask = [t for t, _ in data], [m for _, m in data]
+    if max(int(t.max()) for t in tokens) >= lm_config.vocab_size:
+        raise ValueError(
+            f"config.dam.tokenizer gives token ids up to {max(int(t.max()) for t in tokens)} "
+            f"but the models' vocab_size is {lm_config.vocab_size}"
+        )
+    num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
+    stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
+    model = LanguageModel(lm_config)
+    trainable = jax.tree.map(
+        lambda g: g in groups, _coefficient_groups(dam.init_coefficients(stacked))
+    )
+    tx = optax.adam(d.learning_rate)
+
+    def apply_fn(params, tokens_bt):
+        return model.apply({"params": params}, tokens_bt[:, :-1])
+
+    @jax.jit
+    def step_fn(state, tokens_kbt, mask_kbt):
+        (_, aux), grads = jax.value_and_grad(dam.dam_loss, has_aux=True)(
+            state["coefficients"],
+            stacked,
+            apply_fn,
+            tokens_kbt,
+            temperature=d.temperature,
+            similarity_weight=d.similarity_weight,
+            l1_weight=d.l1_weight,
+            l2_weight=d.l2_weight,
+            nonlinearity=d.nonlinearity,
+            mask_per_expert=mask_kbt,
+            similarity_granularity=d.similarity,
+            trainable=trainable,
+        )
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["coefficients"])
+        coefficients = optax.apply_updates(state["coefficients"], updates)
+        return {
+            "step": state["step"] + 1,
+            "coefficients": coefficients,
+            "opt_state": opt_state,
+        }, aux
+
+    coefficients = dam.init_coefficients(stacked)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "coefficients": coefficients,
+        "opt_state": tx.init(coefficients),
+    }
+    mngr = checkpoint.manager(os.path.join(workdir, "dam", "checkpoints"), max_to_keep=2)
+    try:
+        if mngr.latest_step() is not None:
+            state = checkpoint.restore(mngr, state)
+            logging.info("[dam] resumed at step %d of %d", int(state["step"]), num_steps)
+        start, t0, history = int(state["step"]), time.time(), []
+        log_path = os.path.join(workdir, "dam", "metrics.jsonl")
+        for step in range(start, num_steps):
+            batch_tokens, batch_mask = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
+            state, aux = step_fn(state, batch_tokens, batch_mask)
+            done = step + 1
+            if done % d.log_every == 0 or done == num_steps:
+                record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
+                history.append(record)
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                rate = (done - start) / max(time.time() - t0, 1e-9)
+                logging.info(
+                    "[dam] step %d/%d  kl %.5f  similarity %.4f  %.2f steps/s  ETA %.0f s",
+                    done, num_steps, record["kl"], record["similarity"], rate,
+                    (num_steps - done) / rate,
+                )  # fmt: skip
+            if done % d.checkpoint_every == 0 or done == num_steps:
+                checkpoint.save(mngr, done, state)
+        mngr.wait_until_finished()
+    except KeyboardInterrupt:
+        logging.info("[dam] interrupted: saving step %d", int(state["step"]))
+        checkpoint.save(mngr, int(state["step"]), state)
+        mngr.wait_until_finished()
+        raise
+    finally:
+        mngr.close()
+    merged = dam.merge(state["coefficients"], stacked, d.nonlinearity)
+    hc.save(
+        merged,
+        hf_config,
+        out_dir,
+        dtype=config.dtype or None,
+        max_shard_size=config.max_shard_size,
+        source=models[0],
+    )
+    return {"num_steps": num_steps, "final": history[-1] if history else None}
+
+
+def run(config, workdir: str) -> dict:
+    """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`."""
+    models, base = validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    out_dir = os.path.join(workdir, "merged")
+    tmp_dir = out_dir + ".partial"
+    if os.path.exists(tmp_dir):
+        shutil.rmtree(tmp_dir)  # left by an interrupted merge; nothing in it is trusted
+    t0 = time.time()
+    info = {"method": config.method}
+    if config.method == "dam":
+        info["hparams"] = config.dam.to_dict()
+        info["dam"] = dam_merge(config, workdir, models, tmp_dir)
+    else:
+        hparams = method_hparams(config)
+        info["hparams"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
+        info["tensors"] = streaming_merge(
+            config.method, hparams, models, base, tmp_dir, config.dtype or None,
+            config.max_shard_size, config.seed,
+        )  # fmt: skip
+    info.update(
+        seed=config.seed,
+        dtype=config.dtype or "as stored",
+        base=_input_record(base) if base else None,
+        models=[_input_record(m) for m in models],
+        output=os.path.abspath(out_dir),
+        seconds=round(time.time() - t0, 3),
+    )
+    return _finish(tmp_dir, out_dir, workdir, info)
