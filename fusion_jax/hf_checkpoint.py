@@ -130,11 +130,13 @@ class Layout:
 _TABLES = {"llama": _LLAMA_TABLE, "gpt2": _GPT2_TABLE}
 
 
-def layout_for(config: LMConfig, tensor_names=()) -> Layout:
-    """The family's layout; for GPT-2 the prefix is read off the stored names."""
+def layout_for(config: LMConfig, tensor_names=None) -> Layout:
+    """The family's layout. GPT-2's prefix is read off stored names; for writing (no names) it is
+    `transformer.`, as `GPT2LMHeadModel.save_pretrained` writes."""
     prefix = ""
-    if config.family == "gpt2" and any(n.startswith("transformer.") for n in tensor_names):
-        prefix = "transformer."
+    if config.family == "gpt2":
+        if tensor_names is None or any(n.startswith("transformer.") for n in tensor_names):
+            prefix = "transformer."
     return Layout(_TABLES[config.family], prefix)
 
 
@@ -250,12 +252,11 @@ def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[s
         expected = abstract_params(config)
         found, errors = {}, []
         for name in reader.files:
+            if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings):
+                continue  # buffers, or a redundant copy of the tied embedding
             mapped = layout.to_flax(name)
             if mapped is None:
-                if not (
-                    _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings)
-                ):
-                    errors.append(f"unexpected tensor {name!r}")
+                errors.append(f"unexpected tensor {name!r}")
                 continue
             path, kind = mapped
             if path not in expected:

@@ -5,13 +5,14 @@ import os
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
-from fusion_jax.experiments import lm_merge
+from fusion_jax.experiments import lm_fuse, lm_merge
 from fusion_jax.experiments import merge_compare as merge_compare_lib
 from fusion_jax.train import loop
 
 # Configs with `config.experiment` set run that experiment's entry point as their main job.
 EXPERIMENTS = {
     "lm_merge": lm_merge.run,
+    "lm_fuse": lm_fuse.train,
 }
 
 
@@ -59,6 +60,13 @@ def merge_compare(config, workdir: str, **_):
     return merge_compare_lib.run(config, workdir)
 
 
+def generate(config, workdir: str, **_):
+    """Continues `config.generate.prompt` with a trained LM fusion workdir (configs/lm_fuse.py)."""
+    if config.get("experiment") != "lm_fuse":
+        raise ValueError("--mode=generate needs an LM fusion config (configs/lm_fuse.py)")
+    return lm_fuse.generate(config, workdir)
+
+
 MODES = {
     "train": train,
     "eval": evaluate,
@@ -66,4 +74,5 @@ MODES = {
     "report": report,
     "compare": compare,
     "merge_compare": merge_compare,
+    "generate": generate,
 }

@@ -1,0 +1,66 @@
+"""Dynamic fusion of Hugging Face language models (local directories) on local text.
+
+    python main.py --config=configs/lm_fuse.py --workdir=runs/f \
+        --config.models=DIR_A,DIR_B --config.data.sources='texts/**/*.txt'
+    python main.py --config=configs/lm_fuse.py --workdir=runs/f --mode=generate \
+        --config.models=DIR_A,DIR_B --config.generate.prompt='Once upon a time'
+
+The experts (same architecture and tokenizer) run as one vmapped module; a gated fusion
+attention layer weighs their final hidden states per token and a fusion head (initialised as the
+mean of the experts' heads) predicts the next token. Only the gate and head train unless
+`--config.train.end_to_end=True`.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    config = ml_collections.ConfigDict()
+    config.experiment = "lm_fuse"
+    # Expert checkpoint directories, comma-separated (at least 2).
+    config.models = ""
+    config.seed = 0
+    # Activations' dtype (float32 or bfloat16).
+    config.compute_dtype = "float32"
+
+    config.data = ml_collections.ConfigDict()
+    # Training text: comma-separated files, directories or globs.
+    config.data.sources = ""
+    # "" (a file is a document) or "%" (fortune files: records separated by % lines).
+    config.data.record_separator = ""
+    # "model" (the first expert's tokenizer.json), "bytes", or a tokenizer.json path.
+    config.data.tokenizer = "model"
+    # Tokens per training window.
+    config.data.seq_len = 256
+    # Fraction of documents held out for validation (split fixed by config.seed).
+    config.data.val_fraction = 0.1
+
+    config.fusion = ml_collections.ConfigDict()
+    # Width of the gate's query/key space.
+    config.fusion.gate_dim = 64
+    # Softmax temperature over experts; top_k > 0 keeps only the k best experts per token.
+    config.fusion.temperature = 1.0
+    config.fusion.top_k = 0
+    # Switch-style balance loss and gate-entropy weights (0 = off).
+    config.fusion.balance_weight = 0.0
+    config.fusion.entropy_weight = 0.0
+
+    config.train = ml_collections.ConfigDict()
+    # Train the experts too (and checkpoint them); False trains the gate and head only.
+    config.train.end_to_end = False
+    config.train.num_steps = 1000
+    # Windows per step.
+    config.train.batch_size = 8
+    config.train.learning_rate = 1e-3
+    config.train.weight_decay = 0.0
+    config.train.log_every = 50
+    config.train.checkpoint_every = 200
+
+    config.generate = ml_collections.ConfigDict()
+    config.generate.prompt = ""
+    config.generate.max_new_tokens = 64
+    # 0 = greedy; otherwise sample from softmax(logits / temperature).
+    config.generate.temperature = 0.0
+    config.generate.seed = 0
+    return config

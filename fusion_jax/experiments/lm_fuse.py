@@ -1,0 +1,285 @@
+"""Dynamic fusion of Hugging Face language models: train the gate on local text, then generate.
+
+    python main.py --config=configs/lm_fuse.py --workdir=runs/f \
+        --config.models=DIR_A,DIR_B --config.data.sources='texts/**/*.txt'
+    python main.py --config=configs/lm_fuse.py --workdir=runs/f --mode=generate \
+        --config.models=DIR_A,DIR_B --config.generate.prompt='Once upon a time'
+
+The experts stay frozen by default (only the gate and the fusion head train, and only those are
+checkpointed; the experts are re-read from their directories, whose sha256 are recorded in
+`<workdir>/experts.json` and checked on every resume); `config.train.end_to_end=True` trains and
+saves everything. Orbax checkpoints under `<workdir>/checkpoints`; a rerun resumes from the latest
+and an interrupted run saves its last step on the way out. Batches are drawn with
+`fold_in(seed key, step)`, so a resumed run sees the batches of an uninterrupted one.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax.data import text
+from fusion_jax.models import decoding, lm_fusion
+from fusion_jax.models.lm import LanguageModel
+from fusion_jax.train import checkpoint
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+class Setup:
+    """Experts, model, tokenizer and data for a fusion workdir."""
+
+    def __init__(self, config, workdir: str, load_data: bool = True):
+        self.config = config
+        models = split_list(config.models)
+        if len(models) < 2:
+            raise ValueError(f"config.models needs at least 2 expert directories, got {models}")
+        lm_config, _, _ = hc.check_compatible(models)
+        _check_experts(workdir, models)
+        expert_params = [hc.load(m, "float32")[1] for m in models]
+        f = config.fusion
+        fcfg = lm_fusion.fusion_config(
+            lm_config,
+            len(models),
+            gate_dim=f.gate_dim,
+            temperature=f.temperature,
+            top_k=f.top_k,
+            balance_weight=f.balance_weight,
+            entropy_weight=f.entropy_weight,
+        )
+        self.fusion_config = lm_fusion.with_dtype(fcfg, config.compute_dtype)
+        self.model = lm_fusion.LMFusion(self.fusion_config)
+        self.params = lm_fusion.init_from_experts(
+            self.model, jax.random.key(config.seed), expert_params
+        )
+        tok = config.data.tokenizer
+        self.tokenizer = text.load_tokenizer(models[0] if tok == "model" else tok)
+        if load_data:
+            self._load_data()
+
+    def _load_data(self):
+        d = self.config.data
+        docs = text.read_documents(text.expand_sources(d.sources), d.record_separator or None)
+        train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
+        eos = getattr(self.tokenizer, "eos_id", None)
+        pad = self.tokenizer.pad_id
+
+        def pack(ds):
+            return text.pack([self.tokenizer.encode(x) for x in ds], d.seq_len, eos, pad)
+
+        self.train, self.val = pack(train_docs), pack(val_docs)
+        vocab = self.fusion_config.expert.vocab_size
+        top = max(int(self.train[0].max()), int(self.val[0].max()))
+        if top >= vocab:
+            raise ValueError(
+                f"config.data.tokenizer gives token ids up to {top} but the experts' "
+                f"vocab_size is {vocab}"
+            )
+
+    def split(self, params):
+        """(trainable, frozen): without end_to_end the experts are frozen."""
+        if self.config.train.end_to_end:
+            return params, {}
+        return {k: v for k, v in params.items() if k != "experts"}, {"experts": params["experts"]}
+
+
+def _check_experts(workdir: str, models: list[str]) -> None:
+    """Records the experts' sha256 on first use; refuses a workdir whose experts changed."""
+    path = os.path.join(workdir, "experts.json")
+    record = [{"path": os.path.abspath(m), "sha256": hc.sha256_files(m)} for m in models]
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        for old, new in zip(saved, record, strict=False):
+            if old["sha256"] != new["sha256"] or len(saved) != len(record):
+                raise ValueError(
+                    f"the expert checkpoints differ from those this workdir was trained with "
+                    f"(first difference: {new['path']}); use a new --workdir"
+                )
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+
+
+def _loss_fn(model, trainable, frozen, tokens, mask):
+    """Mean next-token cross-entropy over the mask, plus the gate's sown regularisers."""
+    params = {**trainable, **jax.lax.stop_gradient(frozen)}
+    logits, extra = model.apply({"params": params}, tokens[:, :-1], mutable=["aux_loss"])
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros((), jnp.float32))
+    return loss + aux, loss
+
+
+def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
+    """Mean next-token loss (nats per token) over every window of a split."""
+    trainable, frozen = setup.split(params)
+
+    @jax.jit
+    def batch_sums(t, m):
+        _, loss = _loss_fn(setup.model, trainable, frozen, t, m)
+        return loss * jnp.sum(m), jnp.sum(m)
+
+    total, count = 0.0, 0.0
+    for i in range(0, len(tokens), batch_size):
+        s, c = batch_sums(tokens[i : i + batch_size], mask[i : i + batch_size])
+        total, count = total + float(s), count + float(c)
+    return total / max(count, 1.0)
+
+
+def train(config, workdir: str) -> dict:
+    """Trains the fusion gate (and head; everything with end_to_end), resuming if possible."""
+    t = config.train
+    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
+        if t[name] < 1:
+            raise ValueError(f"config.train.{name} must be >= 1, got {t[name]}")
+    setup = Setup(config, workdir)
+    tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
+    trainable, frozen = setup.split(setup.params)
+    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable)}
+    train_tokens, train_mask = (jnp.asarray(x) for x in setup.train)
+    key = jax.random.key(config.seed)
+
+    @jax.jit
+    def step_fn(state):
+        idx = jax.random.randint(
+            jax.random.fold_in(key, state["step"]), (t.batch_size,), 0, train_tokens.shape[0]
+        )
+        (_, loss), grads = jax.value_and_grad(
+            lambda p: _loss_fn(setup.model, p, frozen, train_tokens[idx], train_mask[idx]),
+            has_aux=True,
+        )(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    log_path = os.path.join(workdir, "metrics.jsonl")
+    try:
+        if mngr.latest_step() is not None:
+            state = checkpoint.restore(mngr, state)
+            logging.info("[lm_fuse] resumed at step %d", int(state["step"]))
+        start, t0, losses = int(state["step"]), time.time(), []
+        tokens_per_step = t.batch_size * config.data.seq_len
+        try:
+            for step in range(start, t.num_steps):
+                state, loss = step_fn(state)
+                losses.append(loss)
+                done = step + 1
+                if done % t.log_every == 0 or done == t.num_steps:
+                    mean = float(np.mean(np.asarray(losses)))
+                    losses = []
+                    rate = (done - start) / max(time.time() - t0, 1e-9)
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": done, "train_loss": mean}) + "\n")
+                    logging.info(
+                        "[lm_fuse] step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
+                        done, t.num_steps, mean, rate * tokens_per_step,
+                        (t.num_steps - done) / rate,
+                    )  # fmt: skip
+                if done % t.checkpoint_every == 0 or done == t.num_steps:
+                    checkpoint.save(mngr, done, state)
+        except KeyboardInterrupt:
+            logging.info("[lm_fuse] interrupted: saving step %d", int(state["step"]))
+            checkpoint.save(mngr, int(state["step"]), state)
+            raise
+        finally:
+            mngr.wait_until_finished()
+    finally:
+        mngr.close()
+    params = {**state["params"], **frozen}
+    val_loss = evaluate(setup, params, *setup.val, t.batch_size)
+    expert_losses = _expert_val_losses(setup)
+    info = {
+        "steps": int(state["step"]),
+        "val_loss": val_loss,
+        "val_bits_per_token": val_loss / math.log(2),
+        "expert_val_loss": expert_losses,
+        "end_to_end": bool(t.end_to_end),
+    }
+    with open(os.path.join(workdir, "fusion_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    logging.info("[lm_fuse] validation loss %.4f (experts: %s)", val_loss, expert_losses)
+    return info
+
+
+def _expert_val_losses(setup: Setup) -> list[float]:
+    """Each expert alone (with its own head) on the validation split, for comparison."""
+    model = LanguageModel(setup.fusion_config.expert)
+    tokens, mask = setup.val
+    size = setup.config.train.batch_size
+
+    @jax.jit
+    def sums(p, t, m):
+        logits = model.apply({"params": p}, t[:, :-1])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, t[:, 1:])
+        return jnp.sum(nll * m), jnp.sum(m)
+
+    out = []
+    for directory in split_list(setup.config.models):
+        _, p = hc.load(directory, "float32")
+        total = count = 0.0
+        for i in range(0, len(tokens), size):
+            s, c = sums(p, tokens[i : i + size], mask[i : i + size])
+            total, count = total + float(s), count + float(c)
+        out.append(total / max(count, 1.0))
+    return out
+
+
+def restore_params(setup: Setup, workdir: str):
+    """The trained fusion params of a workdir (latest checkpoint)."""
+    tx = optax.adamw(setup.config.train.learning_rate, weight_decay=setup.config.train.weight_decay)
+    trainable, frozen = setup.split(setup.params)
+    abstract = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": trainable,
+        "opt_state": tx.init(trainable),
+    }
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
+    try:
+        state = checkpoint.restore(mngr, abstract)
+    finally:
+        mngr.close()
+    return {**state["params"], **frozen}
+
+
+def generate(config, workdir: str) -> str:
+    """Continues `config.generate.prompt` with the trained fusion model; prints and returns it."""
+    g = config.generate
+    if g.max_new_tokens < 1 or g.temperature < 0:
+        raise ValueError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
+    setup = Setup(config, workdir, load_data=False)
+    params = restore_params(setup, workdir)
+    prompt = setup.tokenizer.encode(g.prompt)
+    if not prompt:
+        raise ValueError("config.generate.prompt is empty")
+    max_len = setup.fusion_config.expert.max_len
+    if len(prompt) + g.max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + config.generate.max_new_tokens "
+            f"({g.max_new_tokens}) exceeds the experts' {max_len} positions"
+        )
+    model = setup.model
+    step_fn = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
+    cache = lm_fusion.init_fusion_cache(setup.fusion_config, 1, len(prompt) + g.max_new_tokens)
+    out = decoding.generate(
+        step_fn,
+        cache,
+        jnp.asarray([prompt], jnp.int32),
+        g.max_new_tokens,
+        jax.random.key(g.seed),
+        g.temperature,
+    )
+    completion = setup.tokenizer.decode(np.asarray(out[0]).tolist())
+    print(completion)
+    return completion

@@ -1,0 +1,99 @@
+"""Dynamic fusion of K language models: one vmapped module, a per-token gate, a fusion head.
+
+The K experts (same architecture and tokenizer) are `nn.vmap(LanguageModel)`, so their
+parameters are one tree with leaves `[K, ...]`, exactly what the checkpoint loader stacks and the
+merges consume. At every token, `GatedFusionAttention` (shared with the grokking fusion model)
+weighs the experts' final hidden states by the context (the mean expert state), and a fusion head
+`[D, V]` predicts the next token. `init_from_experts` starts the head as the mean of the
+experts' heads and the gate's context projection as the identity, so before training the model
+predicts from the mean expert state through the mean head.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fusion_jax.models.fusion import FusionConfig, GatedFusionAttention
+from fusion_jax.models.lm import LanguageModel, LMConfig, init_cache
+
+
+class LMFusion(nn.Module):
+    """`tokens [B, T] -> logits [B, T, V]` (and the stacked cache when one is passed)."""
+
+    config: FusionConfig  # config.expert is an LMConfig
+
+    def setup(self):
+        cfg = self.config
+        self.experts = nn.vmap(
+            LanguageModel,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(None, 0, None),
+            out_axes=0,
+            axis_size=cfg.num_experts,
+            methods=["features"],
+        )(cfg.expert, name="experts")
+        self.fusion = GatedFusionAttention(cfg, name="fusion")
+        self.head = nn.Dense(
+            cfg.expert.vocab_size, use_bias=False, dtype=cfg.expert.dtype, name="head"
+        )
+
+    def fused(self, tokens, cache=None, index=0):
+        """(gate weights `[B, T, K]`, fused state `[B, T, D]`, cache `[K, ...]` or None)."""
+        hidden, cache = self.experts.features(tokens, cache, index)
+        weights, mixed = self.fusion(hidden, jnp.mean(hidden, axis=0))
+        return weights, mixed, cache
+
+    def __call__(self, tokens, cache=None, index=0):
+        _, mixed, new_cache = self.fused(tokens, cache, index)
+        logits = self.head(mixed).astype(jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+
+def fusion_config(expert: LMConfig, num_experts: int, **gate) -> FusionConfig:
+    """The fusion config for K experts; `gate` sets gate_dim, temperature, top_k, ..."""
+    return FusionConfig(expert=expert, num_experts=num_experts, **gate)
+
+
+def expert_head(config: LMConfig, params) -> np.ndarray:
+    """One expert's output projection `[D, V]` (the embedding's transpose when tied)."""
+    if config.tie_embeddings:
+        embed = params["wte" if config.family == "gpt2" else "embed_tokens"]["embedding"]
+        return jnp.asarray(embed).T
+    return jnp.asarray(params["lm_head"]["kernel"])
+
+
+def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
+    """Fusion params around the given experts' params: stacked experts, a fresh gate, the mean
+    head, and an identity context projection."""
+    cfg = model.config
+    if len(expert_params) != cfg.num_experts:
+        raise ValueError(f"expected {cfg.num_experts} experts' params, got {len(expert_params)}")
+    fresh = jax.eval_shape(model.init, rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    gate_init = GatedFusionAttention(cfg).init(
+        rng, jnp.zeros((cfg.num_experts, 1, 1, cfg.expert.dim)), jnp.zeros((1, 1, cfg.expert.dim))
+    )["params"]
+    if "context_proj" in gate_init:
+        d = cfg.expert.dim
+        gate_init["context_proj"] = {"kernel": jnp.eye(d), "bias": jnp.zeros((d,))}
+    # The experts' own heads are not part of the ensemble: the fusion head replaces them.
+    bodies = [{k: v for k, v in p.items() if k != "lm_head"} for p in expert_params]
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *bodies)
+    head = jnp.mean(jnp.stack([expert_head(cfg.expert, p) for p in expert_params]), axis=0)
+    params = {"experts": stacked, "fusion": gate_init, "head": {"kernel": head.astype(jnp.float32)}}
+    if jax.tree.structure(params) != jax.tree.structure(fresh):
+        raise ValueError("the experts' params do not match the fusion model's expert architecture")
+    return params
+
+
+def init_fusion_cache(config: FusionConfig, batch: int, length: int):
+    """A stacked cache `[K, ...]` for the experts."""
+    cache = init_cache(config.expert, batch, length)
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (config.num_experts, *x.shape)), cache)
+
+
+def with_dtype(config: FusionConfig, dtype: str) -> FusionConfig:
+    return dataclasses.replace(config, expert=dataclasses.replace(config.expert, dtype=dtype))
