@@ -1,0 +1,294 @@
+"""Merging Hugging Face checkpoints through the checkpoint path: streamed merges, DAM, the CLI."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import lm_merge as lm_merge_config
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax.experiments import lm_merge
+from fusion_jax.merging import dam
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
+LLAMA = os.path.join(FIXTURES, "llama")
+TIED = os.path.join(FIXTURES, "llama_tied_sharded")
+REPO = os.path.dirname(os.path.dirname(__file__))
+
+
+def _flat(directory):
+    _, params = hc.load(directory)
+    return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(params)}
+
+
+def _shifted(tmp_path, name, source, fn):
+    """A copy of checkpoint `source` with every float tensor x replaced by fn(x)."""
+    _, params = hc.load(source)
+    out = str(tmp_path / name)
+    hc.save(jax.tree.map(fn, params), hc.read_config(source), out, source=source)
+    return out
+
+
+def _merge(tmp_path, method, models, base=None, **hparams):
+    out = str(tmp_path / f"out_{method}_{len(os.listdir(tmp_path))}")
+    lm_merge.streaming_merge(method, hparams, models, base, out, progress=False)
+    return _flat(out)
+
+
+@pytest.mark.parametrize(
+    "method, hparams",
+    [
+        ("weight_average", {"weights": None}),
+        ("ties", {"density": 0.5, "lam": 1.0}),
+        ("dare", {"drop_rate": 0.5, "lam": 1.0, "combine": "ties", "density": 1.0}),
+        ("slerp", {"t": 0.3}),
+    ],
+)
+def test_merging_copies_of_one_checkpoint_returns_it(tmp_path, method, hparams):
+    k = 2 if method == "slerp" else 3
+    base = TIED if method in ("ties", "dare") else None
+    merged = _merge(tmp_path, method, [TIED] * k, base, **hparams)
+    original = _flat(TIED)
+    for key, x in original.items():
+        assert merged[key].dtype == x.dtype  # bf16 in, bf16 out
+        np.testing.assert_allclose(
+            merged[key].astype(np.float32), x.astype(np.float32), rtol=1e-2, atol=0
+        )
+        if method != "slerp":  # sums of equal terms over K: exact after rounding to bf16
+            np.testing.assert_array_equal(merged[key], x, err_msg=key)
+
+
+@pytest.mark.parametrize(
+    "method, hparams",
+    [
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {"density": 0.3, "lam": 1.0}),
+        ("dare", {"drop_rate": 0.9, "lam": 1.0, "combine": "linear", "density": 1.0}),
+    ],
+)
+def test_task_vector_merges_of_experts_equal_to_the_base_return_the_base(tmp_path, method, hparams):
+    merged = _merge(tmp_path, method, [LLAMA, LLAMA], LLAMA, **hparams)
+    for key, x in _flat(LLAMA).items():
+        np.testing.assert_array_equal(merged[key], x, err_msg=key)
+
+
+def test_hand_computable_merges(tmp_path):
+    # Expert A = base + 1, expert B = base - 3, entry by entry (fp32, so exact in these sums).
+    a = _shifted(tmp_path, "a", LLAMA, lambda x: x + np.float32(1))
+    b = _shifted(tmp_path, "b", LLAMA, lambda x: x - np.float32(3))
+    base = _flat(LLAMA)
+    cases = {
+        # mean(A, B) = base - 1
+        ("weight_average", (("weights", None),)): -1.0,
+        # weights 3:1 -> (3(base+1) + (base-3)) / 4 = base
+        ("weight_average", (("weights", (3.0, 1.0)),)): 0.0,
+        # base + 0.5 * (1 - 3)
+        ("task_arithmetic", (("lam", 0.5),)): -1.0,
+        # signs: total mass 1 - 3 < 0 elects "-"; only B agrees -> base - 3
+        ("ties", (("density", 1.0), ("lam", 1.0))): -3.0,
+        # no drops: DARE is task arithmetic
+        ("dare", (("drop_rate", 0.0), ("lam", 1.0), ("combine", "linear"), ("density", 1.0))): -2.0,
+    }
+    for (method, hp), shift in cases.items():
+        merged = _merge(tmp_path, method, [a, b], LLAMA, **dict(hp))
+        for key, x in base.items():
+            np.testing.assert_allclose(merged[key], x + shift, rtol=0, atol=1e-5, err_msg=method)
+    # SLERP between A and B at t = 0 and t = 1 returns the end points.
+    for t, end in ((0.0, _flat(a)), (1.0, _flat(b))):
+        merged = _merge(tmp_path, "slerp", [a, b], t=t)
+        for key, x in end.items():
+            np.testing.assert_allclose(merged[key], x, rtol=0, atol=1e-5)
+
+
+def test_bf16_checkpoints_are_merged_in_float32_and_rounded_once(tmp_path):
+    doubled = _shifted(tmp_path, "doubled", TIED, lambda x: x * 2)  # exact in bf16
+    merged = _merge(tmp_path, "weight_average", [TIED, doubled], weights=None)
+    for key, x in _flat(TIED).items():
+        expected = (1.5 * x.astype(np.float32)).astype(x.dtype)
+        assert merged[key].dtype == x.dtype
+        np.testing.assert_array_equal(merged[key], expected, err_msg=key)
+
+
+def test_dam_with_one_hot_coefficients_returns_that_expert(tmp_path):
+    a = _shifted(tmp_path, "a", LLAMA, lambda x: x * np.float32(2))
+    experts = [hc.load(d)[1] for d in (LLAMA, a)]
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *experts)
+    one_hot = jax.tree.map(lambda c: c.at[:].set(0).at[1].set(1), dam.init_coefficients(stacked))
+    merged = dam.merge(one_hot, stacked, nonlinearity="none")
+    hc.save(merged, hc.read_config(LLAMA), str(tmp_path / "out"))
+    for key, x in _flat(a).items():
+        np.testing.assert_array_equal(_flat(str(tmp_path / "out"))[key], x)
+
+
+def _config(**fields):
+    config = lm_merge_config.get_config()
+    for key, value in fields.items():
+        section = config
+        *parents, last = key.split(".")
+        for p in parents:
+            section = section[p]
+        section[last] = value
+    return config
+
+
+def test_run_writes_checkpoint_and_merge_info(tmp_path):
+    config = _config(
+        base=LLAMA,
+        models=f"{LLAMA},{LLAMA}",
+        method="ties",
+        density=0.5,
+        lam=1.0,
+        max_shard_size="100KB",
+    )
+    info = lm_merge.run(config, str(tmp_path))
+    merged = tmp_path / "merged"
+    with open(tmp_path / "merge_info.json") as f:
+        assert json.load(f) == info
+    assert info["method"] == "ties" and info["hparams"] == {"density": 0.5, "lam": 1.0}
+    with open(os.path.join(LLAMA, "model.safetensors"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert info["base"]["sha256"]["model.safetensors"] == digest
+    assert [m["sha256"]["model.safetensors"] for m in info["models"]] == [digest, digest]
+    assert (merged / hc.INDEX_FILE).exists() and not (tmp_path / "merged.partial").exists()
+    assert (merged / "generation_config.json").exists()
+    for key, x in _flat(LLAMA).items():
+        np.testing.assert_array_equal(_flat(str(merged))[key], x)
+
+
+def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--config=configs/lm_merge.py",
+        f"--workdir={tmp_path}",
+        f"--config.models={TIED},{TIED}",
+        "--config.method=weight_average",
+        "--config.dtype=float32",
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    merged = str(tmp_path / "merged")
+    assert sorted(os.listdir(merged)) == [
+        "config.json",
+        "generation_config.json",
+        "golden.npz",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
+    assert hc.read_config(merged)["dtype"] == "float32"
+    for key, x in _flat(TIED).items():
+        y = _flat(merged)[key]
+        assert y.dtype == np.float32
+        np.testing.assert_array_equal(y, x.astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": "fisher", "models": LLAMA}, "unknown config.method 'fisher'; known: "
+         "weight_average, task_arithmetic, ties, dare, slerp, dam"),
+        ({"method": "ties", "models": ""}, "config.models is empty: give the expert checkpoints "
+         "as DIR_A,DIR_B,..."),
+        ({"method": "ties", "models": LLAMA}, "config.method='ties' needs a base model: set "
+         "config.base=DIR"),
+        ({"method": "slerp", "models": f"{LLAMA},{LLAMA},{LLAMA}"}, "config.method='slerp' "
+         "merges exactly 2 models, got 3"),
+        ({"method": "weight_average", "models": LLAMA, "dtype": "int8"}, "config.dtype must be "
+         "one of float32, bfloat16, float16 or '', got 'int8'"),
+        ({"method": "dam", "models": f"{LLAMA},{LLAMA}", "dam.data": "x"}, "config.dam.data needs "
+         "one text source per model separated by ';': got 1 for 2 models"),
+        ({"method": "dam", "models": LLAMA, "dam.data": "x", "dam.train": "linear,heads"},
+         "unknown config.dam.train group 'heads'; known: linear, embedding, norm"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line_and_name_the_field(tmp_path, fields, message):
+    with pytest.raises(ValueError) as e:
+        lm_merge.run(_config(**fields), str(tmp_path))
+    assert str(e.value) == message
+    assert not (tmp_path / "merged").exists()
+
+
+def _text_sources(tmp_path):
+    """Two small 'domains' of text: English prose and Python-like code."""
+    a = tmp_path / "a.txt"
+    b = tmp_path / "b.py"
+    a.write_text("the quick brown fox jumps over the lazy dog. " * 12)
+    b.write_text("def f(x):\n    return x * 2 + 1\n" * 12)
+    return f"{a};{b}"
+
+
+def _dam_config(tmp_path, experts, num_steps):
+    return _config(
+        method="dam",
+        models=",".join(experts),
+        **{
+            "dam.data": _text_sources(tmp_path),
+            "dam.tokenizer": "bytes",
+            "dam.seq_len": 32,
+            "dam.batch_size": 32,  # >= windows per source: every step sees the same batch
+            "dam.num_steps": num_steps,
+            "dam.learning_rate": 3e-2,
+            "dam.log_every": 1,
+            "dam.checkpoint_every": 5,
+        },
+    )
+
+
+def _two_experts(tmp_path):
+    rng = np.random.default_rng(0)
+    noise = {}
+
+    def perturb(x):
+        key = x.shape
+        noise.setdefault(key, rng.standard_normal(key).astype(np.float32))
+        return x + np.float32(0.3) * noise[key] * rng.choice([-1, 1])
+
+    return [_shifted(tmp_path, f"e{i}", LLAMA, perturb) for i in range(2)]
+
+
+def test_dam_training_lowers_kl_and_resumes_exactly(tmp_path):
+    experts = _two_experts(tmp_path)
+    straight = tmp_path / "straight"
+    lm_merge.run(_dam_config(tmp_path, experts, 10), str(straight))
+    records = [json.loads(x) for x in open(straight / "dam" / "metrics.jsonl")]
+    assert [r["step"] for r in records] == list(range(1, 11))
+    # Observed: KL 15.2 -> 8.9 in 10 steps (the batch is nearly the same every step).
+    assert records[-1]["kl"] < 0.75 * records[0]["kl"], (records[0]["kl"], records[-1]["kl"])
+    # Interrupted after 5 steps (the checkpoint), then rerun: the same coefficients and output.
+    resumed = tmp_path / "resumed"
+    lm_merge.run(_dam_config(tmp_path, experts, 5), str(resumed))
+    lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
+    a, b = _flat(str(straight / "merged")), _flat(str(resumed / "merged"))
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_dam_trains_only_linear_coefficients_by_default(tmp_path):
+    experts = _two_experts(tmp_path)
+    lm_merge.run(_dam_config(tmp_path, experts, 3), str(tmp_path / "w"))
+    merged = _flat(str(tmp_path / "w" / "merged"))
+    e0, e1 = _flat(experts[0]), _flat(experts[1])
+    for key, x in merged.items():
+        frozen_mean = np.tanh(0.5) * (e0[key] + e1[key])  # f(1/K) * sum_k W_k
+        if "embed" in key or "norm" in key or "lm_head" in key:
+            np.testing.assert_allclose(x, frozen_mean, rtol=1e-6, atol=1e-6)
+        else:
+            assert not np.allclose(x, frozen_mean, rtol=1e-6, atol=1e-6), key
+
+
+def test_dam_needs_config_data_for_each_model(tmp_path):
+    with pytest.raises(ValueError, match="got 0 for 2 models"):
+        lm_merge.run(_config(method="dam", models=f"{LLAMA},{LLAMA}"), str(tmp_path))
+
+
+def test_method_hparams_cover_every_merge():
+    config = ml_collections.ConfigDict(lm_merge_config.get_config())
+    assert set(lm_merge.HPARAMS) == set(lm_merge.METHODS) - {"dam"}
+    config.method, config.weights = "weight_average", "1,2,3"
+    assert lm_merge.method_hparams(config) == {"weights": (1.0, 2.0, 3.0)}
