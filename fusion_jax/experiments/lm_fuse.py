@@ -259,7 +259,6 @@ def generate(config, workdir: str) -> str:
     if g.max_new_tokens < 1 or g.temperature < 0:
         raise ValueError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
     setup = Setup(config, workdir, load_data=False)
-    params = restore_params(setup, workdir)
     prompt = setup.tokenizer.encode(g.prompt)
     if not prompt:
         raise ValueError("config.generate.prompt is empty")
@@ -269,6 +268,7 @@ def generate(config, workdir: str) -> str:
             f"prompt ({len(prompt)} tokens) + config.generate.max_new_tokens "
             f"({g.max_new_tokens}) exceeds the experts' {max_len} positions"
         )
+    params = restore_params(setup, workdir)
     model = setup.model
     step_fn = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
     cache = lm_fusion.init_fusion_cache(setup.fusion_config, 1, len(prompt) + g.max_new_tokens)

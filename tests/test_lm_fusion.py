@@ -1,0 +1,172 @@
+"""Dynamic fusion of language models: init, cache, training, resume, generation, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lm_fuse as lm_fuse_config
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax.experiments import lm_fuse
+from fusion_jax.models import lm, lm_fusion
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
+REPO = os.path.dirname(os.path.dirname(__file__))
+
+
+@pytest.mark.parametrize("name", ("llama", "gpt2"))
+def test_fusion_of_identical_experts_at_init_is_that_expert(name):
+    # Equal states: any gate weights give the same fused state, the identity context projection
+    # gives it too, and the mean head is the expert's head.
+    config, params = hc.load(os.path.join(FIXTURES, name), "float32")
+    model = lm_fusion.LMFusion(lm_fusion.fusion_config(config, 3))
+    fused = lm_fusion.init_from_experts(model, jax.random.key(0), [params] * 3)
+    tokens = np.load(os.path.join(FIXTURES, name, "golden.npz"))["input_ids"]
+    expert = lm.LanguageModel(config).apply({"params": params}, tokens)
+    np.testing.assert_allclose(model.apply({"params": fused}, tokens), expert, atol=2e-5)
+
+
+def test_fusion_cache_equals_full_forward():
+    configs_params = [hc.load(os.path.join(FIXTURES, "llama"), "float32")]
+    config, params = configs_params[0]
+    other = jax.tree.map(lambda x: x * 1.1, params)
+    fc = lm_fusion.fusion_config(config, 2)
+    model = lm_fusion.LMFusion(fc)
+    fused = lm_fusion.init_from_experts(model, jax.random.key(0), [params, other])
+    tokens = np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"]
+    full = model.apply({"params": fused}, tokens)
+    cache = lm_fusion.init_fusion_cache(fc, 2, 12)
+    first, cache = model.apply({"params": fused}, tokens[:, :7], cache, 0)
+    rest, _ = model.apply({"params": fused}, tokens[:, 7:], cache, 7)
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), full, atol=2e-5)
+
+
+def _experts(tmp_path):
+    """Two tiny Llama experts that differ (scaled copies of the fixture)."""
+    source = os.path.join(FIXTURES, "llama")
+    _, params = hc.load(source)
+    out = []
+    for i, scale in enumerate((1.0, 0.8)):
+        d = str(tmp_path / f"expert{i}")
+        hc.save(
+            jax.tree.map(lambda x, s=scale: x * np.float32(s), params), hc.read_config(source), d
+        )
+        out.append(d)
+    return out
+
+
+def _texts(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir(exist_ok=True)
+    for i in range(10):
+        (docs / f"{i}.txt").write_text(f"document {i}: the cat sat on the mat. " * 6)
+    return str(docs)
+
+
+def _config(tmp_path, experts, num_steps, **train):
+    config = lm_fuse_config.get_config()
+    config.models = ",".join(experts)
+    config.data.sources = _texts(tmp_path)
+    config.data.tokenizer = "bytes"
+    config.data.seq_len = 32
+    config.data.val_fraction = 0.2
+    config.fusion.gate_dim = 16
+    config.train.num_steps = num_steps
+    config.train.batch_size = 4
+    config.train.learning_rate = 1e-2
+    config.train.log_every = 2
+    config.train.checkpoint_every = 4
+    for key, value in train.items():
+        config.train[key] = value
+    return config
+
+
+def test_fusion_trains_resumes_exactly_and_generates(tmp_path):
+    experts = _experts(tmp_path)
+    straight = tmp_path / "straight"
+    info = lm_fuse.train(_config(tmp_path, experts, 8), str(straight))
+    losses = [json.loads(x)["train_loss"] for x in open(straight / "metrics.jsonl")]
+    assert len(losses) == 4 and losses[-1] < losses[0], losses
+    assert info["val_loss"] < min(info["expert_val_loss"])  # trained on this text; they were not
+    # Stopped at the step-4 checkpoint, rerun to 8: the same parameters as straight through.
+    resumed = tmp_path / "resumed"
+    lm_fuse.train(_config(tmp_path, experts, 4), str(resumed))
+    lm_fuse.train(_config(tmp_path, experts, 8), str(resumed))
+    setup = lm_fuse.Setup(_config(tmp_path, experts, 8), str(straight), load_data=False)
+    a = lm_fuse.restore_params(setup, str(straight))
+    b = lm_fuse.restore_params(setup, str(resumed))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    # Frozen experts: the restored experts are the checkpoints' own weights.
+    stacked = [hc.load(e, "float32")[1] for e in experts]
+    np.testing.assert_array_equal(
+        a["experts"]["layers_0"]["mlp"]["up_proj"]["kernel"],
+        np.stack([p["layers_0"]["mlp"]["up_proj"]["kernel"] for p in stacked]),
+    )
+    # Generation through the CLI: the prompt followed by 6 new bytes.
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--config=configs/lm_fuse.py",
+        f"--workdir={straight}",
+        "--mode=generate",
+        f"--config.models={','.join(experts)}",
+        "--config.data.tokenizer=bytes",
+        "--config.fusion.gate_dim=16",
+        "--config.generate.prompt=the cat",
+        "--config.generate.max_new_tokens=6",
+    ]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    assert out.startswith("the cat") and len(out.rstrip("\n").encode()) >= len("the cat")
+
+
+def test_end_to_end_training_changes_the_experts(tmp_path):
+    experts = _experts(tmp_path)
+    lm_fuse.train(_config(tmp_path, experts, 2, end_to_end=True), str(tmp_path / "w"))
+    config = _config(tmp_path, experts, 2, end_to_end=True)
+    setup = lm_fuse.Setup(config, str(tmp_path / "w"), load_data=False)
+    params = lm_fuse.restore_params(setup, str(tmp_path / "w"))
+    before = hc.load(experts[0], "float32")[1]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert not np.allclose(params["experts"]["layers_0"]["mlp"]["up_proj"]["kernel"][0], before)
+
+
+def test_fusion_errors(tmp_path):
+    experts = _experts(tmp_path)
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(_config(tmp_path, experts[:1], 2), str(tmp_path / "a"))
+    assert str(e.value) == f"config.models needs at least 2 expert directories, got {experts[:1]}"
+    lm_fuse.train(_config(tmp_path, experts, 2), str(tmp_path / "w"))
+    # The experts changed on disk: the workdir is refused rather than mixed.
+    _, params = hc.load(experts[1])
+    hc.save(jax.tree.map(lambda x: x + 1, params), hc.read_config(experts[1]), experts[1])
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(_config(tmp_path, experts, 4), str(tmp_path / "w"))
+    assert str(e.value) == (
+        "the expert checkpoints differ from those this workdir was trained with "
+        f"(first difference: {os.path.abspath(experts[1])}); use a new --workdir"
+    )
+    config = _config(tmp_path, experts, 2)
+    config.generate.prompt = "x" * 60
+    config.generate.max_new_tokens = 10
+    with pytest.raises(ValueError) as e:
+        lm_fuse.generate(config, str(tmp_path / "fresh"))
+    assert str(e.value) == (
+        "prompt (60 tokens) + config.generate.max_new_tokens (10) exceeds the experts' 64 positions"
+    )
+
+
+def test_gate_weights_are_per_token_distributions():
+    config, params = hc.load(os.path.join(FIXTURES, "llama"), "float32")
+    model = lm_fusion.LMFusion(lm_fusion.fusion_config(config, 2))
+    fused = lm_fusion.init_from_experts(
+        model, jax.random.key(0), [params, jax.tree.map(lambda x: x * 0.9, params)]
+    )
+    tokens = jnp.asarray(np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"])
+    weights, _, _ = model.apply({"params": fused}, tokens, method="fused")
+    assert weights.shape == (2, 12, 2)
+    np.testing.assert_allclose(jnp.sum(weights, -1), 1.0, atol=1e-6)
