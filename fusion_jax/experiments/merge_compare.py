@@ -8,21 +8,19 @@ Then every method is evaluated on each task's validation split and `comparison.{
 """
 
 import functools
-import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 
 from fusion_jax import merging, models
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, results
+from fusion_jax.experiments.stages import Stages, flops_of
 from fusion_jax.models import fusion
 from fusion_jax.models.transformer import Transformer
 from fusion_jax.train import steps
@@ -52,41 +50,6 @@ def pad_tables(parts: list[pipeline.Split]):
         np.stack([pad(p.inputs) for p in parts]), np.stack([pad(p.labels) for p in parts])
     )
     return jax.tree.map(jnp.asarray, tables), jnp.array([len(p) for p in parts], jnp.float32)
-
-
-class Stages:
-    """Orbax-saved results of finished stages, plus their training cost in FLOPs."""
-
-    def __init__(self, workdir: str):
-        self.dir = os.path.abspath(os.path.join(workdir, "stages"))
-        self.ckpt = ocp.StandardCheckpointer()
-        self.cost_path = os.path.join(self.dir, "costs.json")
-        os.makedirs(self.dir, exist_ok=True)
-        self.costs = json.load(open(self.cost_path)) if os.path.exists(self.cost_path) else {}
-
-    def run(self, name: str, fn, abstract):
-        """Restores stage `name` if saved, else runs `fn() -> (tree, train_flops)` and saves."""
-        path = os.path.join(self.dir, name)
-        if os.path.exists(path) and name in self.costs:
-            logging.info("[compare] stage %s: restored", name)
-            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-            return self.ckpt.restore(path, target)
-        tic = time.perf_counter()
-        tree, flops = fn()
-        self.ckpt.save(path, tree, force=True)
-        self.ckpt.wait_until_finished()
-        self.costs[name] = flops
-        with open(self.cost_path, "w") as f:
-            json.dump(self.costs, f, indent=2)
-        logging.info("[compare] stage %s: done in %.0fs", name, time.perf_counter() - tic)
-        return tree
-
-
-def flops_of(fn, *args) -> float:
-    """XLA's FLOP count of one call of `fn` (jit-compiled)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost.get("flops", 0.0))
 
 
 def train_params(apply_fn, params, data: pipeline.Split, num_steps, batch_size, key, tx, tag):
