@@ -5,7 +5,7 @@ import os
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
-from fusion_jax.experiments import lm_fuse, lm_merge
+from fusion_jax.experiments import lm_fuse, lm_merge, lm_study
 from fusion_jax.experiments import merge_compare as merge_compare_lib
 from fusion_jax.train import loop
 
@@ -13,6 +13,7 @@ from fusion_jax.train import loop
 EXPERIMENTS = {
     "lm_merge": lm_merge.run,
     "lm_fuse": lm_fuse.train,
+    "lm_study": lm_study.run,
 }
 
 

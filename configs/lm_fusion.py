@@ -1,0 +1,125 @@
+"""Language-model study: domain experts fused per token against every merge, DAM and ensembles.
+
+    python main.py --config=configs/lm_fusion.py --workdir=runs/lm          # GPU/TPU size
+    python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick   # 2-core CPU
+    python main.py --config=configs/lm_fusion.py --workdir=runs/lm --mode=merge_compare  # same
+
+Domains (offline, any Debian/Ubuntu or Colab machine):
+`apt-get install fortunes fortunes-de fortunes-es fortunes-it` for English, German, Spanish and
+Italian; Python is the interpreter's standard library. Own domains: `--config.data.domains=
+'en,law=/data/law/*.txt|/data/contracts'`. A rerun restores finished stages.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment = "lm_study"
+    config.seed = 0
+    # Independent runs (init and batch order); all train as one vmapped program.
+    config.num_seeds = 3
+
+    config.data = ml_collections.ConfigDict()
+    # Comma-separated: en, de, es, it, python, or name=glob|glob for your own text.
+    config.data.domains = "en,de,es,it,python"
+    # Seed of the document-level train/holdout/validation split (the same for every run seed).
+    config.data.split_seed = 0
+    # Fraction of each domain's documents held out for validation.
+    config.data.val_fraction = 0.1
+    # Fraction of the training documents held out for choosing merge hyper-parameters.
+    config.data.holdout_fraction = 0.1
+    # Cap on windows per domain (0 = all): training, and holdout/validation scoring.
+    config.data.max_train_windows = 0
+    config.data.max_eval_windows = 512
+    # Where the packed TFDS datasets go ("" = <workdir>/tfds).
+    config.data.tfds_dir = ""
+
+    config.model = ml_collections.ConfigDict()
+    # A byte-level Llama-style LM (RMSNorm, RoPE, SwiGLU), vocabulary 256 bytes + 3 specials.
+    config.model.num_layers = 4
+    config.model.dim = 256
+    config.model.num_heads = 4
+    config.model.num_kv_heads = 4
+    config.model.mlp_dim = 688
+    # Context length (tokens per window).
+    config.model.seq_len = 256
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 32
+    config.train.learning_rate = 1e-3
+    # Steps of the base on the domain mixture (equal shares per domain).
+    config.train.base_steps = 4000
+    # Fine-tuning steps of each domain expert, from the base.
+    config.train.expert_steps = 1000
+    config.train.expert_learning_rate = 5e-4
+    # Gate (and head; everything end to end) steps on the mixture.
+    config.train.fusion_steps = 1000
+    config.train.fusion_learning_rate = 1e-3
+    # Steps per compiled chunk (one progress line each).
+    config.train.log_every = 100
+
+    config.fusion = ml_collections.ConfigDict()
+    config.fusion.gate_dim = 64
+    config.fusion.balance_weight = 0.0
+
+    config.dam = ml_collections.ConfigDict()
+    config.dam.num_steps = 300
+    config.dam.batch_size = 8
+    config.dam.learning_rate = 1e-3
+
+    config.grid = ml_collections.ConfigDict()
+    # Merge hyper-parameter grids (chosen per seed on the holdout slice).
+    config.grid.lams = (0.3, 0.5, 0.7, 1.0)
+    config.grid.densities = (0.2, 0.5)
+    config.grid.drop_rates = (0.5, 0.9)
+    config.grid.slerp_ts = (0.3, 0.5, 0.7)
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 64
+
+    if arg == "quick":  # about 20 minutes on 2 CPU cores
+        config.data.domains = "en,de,python"
+        config.data.max_train_windows = 0
+        config.data.max_eval_windows = 64
+        config.model.num_layers = 2
+        config.model.dim = 64
+        config.model.mlp_dim = 172
+        config.model.seq_len = 64
+        config.train.batch_size = 16
+        config.train.base_steps = 600
+        config.train.expert_steps = 300
+        config.train.fusion_steps = 300
+        config.train.log_every = 100
+        config.fusion.gate_dim = 32
+        config.dam.num_steps = 100
+        config.grid.lams = (0.5, 1.0)
+        config.grid.densities = (0.2, 0.5)
+        config.grid.drop_rates = (0.5,)
+        config.grid.slerp_ts = (0.5,)
+    elif arg == "tiny":  # seconds; tests pass their own domains
+        config.num_seeds = 2
+        config.data.max_train_windows = 32
+        config.data.max_eval_windows = 8
+        config.model.num_layers = 1
+        config.model.dim = 32
+        config.model.num_heads = 2
+        config.model.num_kv_heads = 1
+        config.model.mlp_dim = 64
+        config.model.seq_len = 32
+        config.train.batch_size = 4
+        config.train.base_steps = 4
+        config.train.expert_steps = 4
+        config.train.fusion_steps = 4
+        config.train.log_every = 2
+        config.fusion.gate_dim = 8
+        config.dam.num_steps = 2
+        config.dam.batch_size = 2
+        config.grid.lams = (0.5, 1.0)
+        config.grid.densities = (0.5,)
+        config.grid.drop_rates = (0.5,)
+        config.grid.slerp_ts = (0.5,)
+        config.eval.batch_size = 8
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} of configs/lm_fusion.py; known: quick, tiny")
+    return config
