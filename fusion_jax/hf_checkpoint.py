@@ -171,33 +171,31 @@ def tensor_files(directory: str) -> dict[str, str]:
 
 
 class TensorReader:
-    """Lazy reads of one checkpoint's tensors; keeps each shard's file handle open."""
+    """Lazy reads of one checkpoint's tensors.
+
+    Each read opens the tensor's file and closes it again: safetensors memory-maps the file, and
+    a handle kept open for a whole merge leaves every page read so far in the process's resident
+    memory (about one checkpoint per input by the end), while reopening costs one small header.
+    """
 
     def __init__(self, directory: str):
         self.directory = directory
         self.files = tensor_files(directory)
-        self._handles = {}
 
-    def _handle(self, name: str):
-        path = self.files[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, framework="numpy")
-        return self._handles[path]
+    def _slice(self, name: str):
+        with safe_open(self.files[name], framework="numpy") as f:
+            s = f.get_slice(name)
+            return tuple(s.get_shape()), s.get_dtype()
 
     def shape_dtype(self, name: str) -> tuple[tuple[int, ...], str]:
-        s = self._handle(name).get_slice(name)
-        return tuple(s.get_shape()), s.get_dtype()
+        return self._slice(name)
 
     def get_dtype(self, name: str) -> np.dtype:
-        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        return _SAFETENSORS_DTYPES[self._slice(name)[1]]
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name)
-
-    def close(self):
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles = {}
+        with safe_open(self.files[name], framework="numpy") as f:
+            return f.get_tensor(name)
 
 
 def sha256_files(directory: str) -> dict[str, str]:
@@ -247,32 +245,29 @@ def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[s
     """
     config = LMConfig.from_hf(read_config(directory))
     reader = TensorReader(directory)
-    try:
-        layout = layout_for(config, reader.files)
-        expected = abstract_params(config)
-        found, errors = {}, []
-        for name in reader.files:
-            if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings):
-                continue  # buffers, or a redundant copy of the tied embedding
-            mapped = layout.to_flax(name)
-            if mapped is None:
-                errors.append(f"unexpected tensor {name!r}")
-                continue
-            path, kind = mapped
-            if path not in expected:
-                errors.append(f"unexpected tensor {name!r}")
-                continue
-            shape, _ = reader.shape_dtype(name)
-            want = expected[path].shape
-            want = want[::-1] if kind == "linear" else want
-            if shape != tuple(want):
-                errors.append(f"tensor {name!r} has shape {list(shape)}, expected {list(want)}")
-            found[path] = (name, kind)
-        for path in expected:
-            if path not in found:
-                errors.append(f"missing tensor {layout.to_hf(path)[0]!r}")
-    finally:
-        reader.close()
+    layout = layout_for(config, reader.files)
+    expected = abstract_params(config)
+    found, errors = {}, []
+    for name in reader.files:
+        if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_embeddings):
+            continue  # buffers, or a redundant copy of the tied embedding
+        mapped = layout.to_flax(name)
+        if mapped is None:
+            errors.append(f"unexpected tensor {name!r}")
+            continue
+        path, kind = mapped
+        if path not in expected:
+            errors.append(f"unexpected tensor {name!r}")
+            continue
+        shape, _ = reader.shape_dtype(name)
+        want = expected[path].shape
+        want = want[::-1] if kind == "linear" else want
+        if shape != tuple(want):
+            errors.append(f"tensor {name!r} has shape {list(shape)}, expected {list(want)}")
+        found[path] = (name, kind)
+    for path in expected:
+        if path not in found:
+            errors.append(f"missing tensor {layout.to_hf(path)[0]!r}")
     if errors:
         raise ValueError(
             f"checkpoint {directory} does not match its config.json: " + "; ".join(errors)
@@ -285,14 +280,11 @@ def load(directory: str, dtype: str | None = None) -> tuple[LMConfig, dict]:
     or cast to `dtype` ("float32", "bfloat16", "float16")."""
     config, _, names = parameter_names(directory)
     reader = TensorReader(directory)
-    try:
-        flat = {}
-        for path, (name, kind) in names.items():
-            x = reader.get(name)
-            x = np.ascontiguousarray(x.T) if kind == "linear" else x
-            flat[path] = x.astype(DTYPES[dtype]) if dtype else x
-    finally:
-        reader.close()
+    flat = {}
+    for path, (name, kind) in names.items():
+        x = reader.get(name)
+        x = np.ascontiguousarray(x.T) if kind == "linear" else x
+        flat[path] = x.astype(DTYPES[dtype]) if dtype else x
     return config, _unflatten(flat)
 
 
@@ -424,11 +416,8 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
     config, _, _ = parameter_names(first)
     hf_config = read_config(first)
     reader = TensorReader(first)
-    try:
-        names = list(reader.files)
-        shapes = {n: reader.shape_dtype(n)[0] for n in names}
-    finally:
-        reader.close()
+    names = list(reader.files)
+    shapes = {n: reader.shape_dtype(n)[0] for n in names}
     for other in rest:
         other_config, _, _ = parameter_names(other)
         for field in dataclasses.fields(LMConfig):
@@ -441,23 +430,16 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
                     f"but {b!r} in {other}"
                 )
         r = TensorReader(other)
-        try:
-            for name in names:
-                if name not in r.files:
-                    raise ValueError(
-                        f"models differ: tensor {name!r} is in {first} but not in {other}"
-                    )
-                shape = r.shape_dtype(name)[0]
-                if shape != shapes[name]:
-                    raise ValueError(
-                        f"models differ at tensor {name!r}: shape {list(shapes[name])} in {first} "
-                        f"but {list(shape)} in {other}"
-                    )
-            extra = sorted(set(r.files) - set(names))
-            if extra:
+        for name in names:
+            if name not in r.files:
+                raise ValueError(f"models differ: tensor {name!r} is in {first} but not in {other}")
+            shape = r.shape_dtype(name)[0]
+            if shape != shapes[name]:
                 raise ValueError(
-                    f"models differ: tensor {extra[0]!r} is in {other} but not in {first}"
+                    f"models differ at tensor {name!r}: shape {list(shapes[name])} in {first} "
+                    f"but {list(shape)} in {other}"
                 )
-        finally:
-            r.close()
+        extra = sorted(set(r.files) - set(names))
+        if extra:
+            raise ValueError(f"models differ: tensor {extra[0]!r} is in {other} but not in {first}")
     return config, hf_config, names

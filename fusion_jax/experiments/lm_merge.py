@@ -119,28 +119,31 @@ def streaming_merge(
     readers = [hc.TensorReader(d) for d in models]
     base_reader = hc.TensorReader(base) if base else None
     ref = base_reader or readers[0]
-    try:
-        out_dtypes = {}
-        for name in names:
-            stored = ref.get_dtype(name)
-            out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(stored) else stored
-        plan = [(n, int(np.prod(ref.shape_dtype(n)[0])) * out_dtypes[n].itemsize) for n in names]
-        writer = hc.ShardWriter(out_dir, plan, max_shard_size)
-        key = jax.random.key(seed)
-        for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
-            if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
-                writer.add(name, ref.get(name))
-                continue
-            stacked = {name: jnp.asarray(np.stack([r.get(name) for r in readers]))}
-            args = {"base": {name: jnp.asarray(base_reader.get(name))}} if base_reader else {}
-            merged = merging.merge(
-                method, stacked, rng=jax.random.fold_in(key, i), **args, **hparams
-            )[name]
-            writer.add(name, np.asarray(merged).astype(out_dtypes[name]))
-        writer.close()
-    finally:
-        for r in readers + ([base_reader] if base_reader else []):
-            r.close()
+    # Only the merges that use a base read it (a base given to weight_average is just checked).
+    merge_base = base_reader if method in merging.NEEDS_BASE else None
+    out_dtypes = {}
+    for name in names:
+        stored = ref.get_dtype(name)
+        out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(stored) else stored
+    plan = [(n, int(np.prod(ref.shape_dtype(n)[0])) * out_dtypes[n].itemsize) for n in names]
+    writer = hc.ShardWriter(out_dir, plan, max_shard_size)
+    key = jax.random.key(seed)
+    for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
+        if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
+            writer.add(name, ref.get(name))
+            continue
+        # Read straight into the stacked array: one copy of each input tensor at a time.
+        shape, _ = ref.shape_dtype(name)
+        stacked = np.empty((len(readers), *shape), readers[0].get_dtype(name))
+        for k, r in enumerate(readers):
+            stacked[k] = r.get(name)
+        args = {"base": {name: jnp.asarray(merge_base.get(name))}} if merge_base else {}
+        merged = merging.merge(
+            method, {name: jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
+        )[name]
+        del stacked
+        writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
+    writer.close()
     stored = str(out_dtypes[names[0]]) if names else "float32"
     hc.write_config(hf_config, out_dir, dtype or stored)
     hc.copy_side_files(base or models[0], out_dir)

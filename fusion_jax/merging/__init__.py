@@ -5,6 +5,7 @@ from fusion_jax.merging.dam import NONLINEARITIES, SIMILARITIES, dam_loss, init_
 from fusion_jax.merging.dam import merge as dam_merge
 from fusion_jax.merging.static import (
     MERGES,
+    NEEDS_BASE,
     dare,
     merge,
     num_experts,
@@ -16,6 +17,7 @@ from fusion_jax.merging.static import (
 
 __all__ = [
     "MERGES",
+    "NEEDS_BASE",
     "NONLINEARITIES",
     "SIMILARITIES",
     "dam",

@@ -107,8 +107,32 @@ def _trim(tau, density):
     keep = max(1, math.ceil(round(density * n, 6)))
     if keep >= n:
         return tau
-    threshold = jax.lax.top_k(jnp.abs(flat), keep)[0][:, -1:]
-    return jnp.where(jnp.abs(flat) >= threshold, flat, 0).reshape(tau.shape)
+    magnitude = jnp.abs(flat)
+    threshold = _kth_largest(magnitude, keep)[:, None]
+    return jnp.where(magnitude >= threshold, flat, 0).reshape(tau.shape)
+
+
+def _kth_largest(x, k: int):
+    """Per row of non-negative `x [K, n]`, its k-th largest value, found exactly by bisection.
+
+    Non-negative IEEE floats order like their bit patterns read as integers, so the answer is
+    the largest bit pattern t with count(x >= t) >= k: one counting pass per bit. On CPU
+    `lax.top_k` with k ~ n/2 costs a full sort (about 19 s for a [3, 24.6M] tensor, against
+    about 1.4 s here; bench/lm_merge.py).
+    """
+    int_type = {2: jnp.int16, 4: jnp.int32, 8: jnp.int64}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, int_type)
+
+    def body(_, bounds):
+        lo, hi = bounds  # invariant: count(bits >= lo) >= k > count(bits >= hi)
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(bits >= mid[:, None], axis=1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo = jnp.zeros(x.shape[:1], int_type)
+    hi = jnp.max(bits, axis=1) + 1
+    lo, _ = jax.lax.fori_loop(0, 8 * x.dtype.itemsize, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, x.dtype)
 
 
 def _disjoint_mean(trimmed):
@@ -206,7 +230,7 @@ MERGES: dict[str, Callable] = {
     "dare": dare,
     "slerp": slerp,
 }
-_NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare"})
+NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare"})
 _NEEDS_RNG = frozenset({"dare"})
 
 
@@ -215,7 +239,7 @@ def merge(name, stacked, base=None, rng=None, **hparams):
     if name not in MERGES:
         raise ValueError(f"unknown merge method {name!r}; known methods: {sorted(MERGES)}")
     args = {}
-    if name in _NEEDS_BASE:
+    if name in NEEDS_BASE:
         if base is None:
             raise ValueError(f"merge method {name!r} needs a base model (base=...)")
         args["base"] = base
