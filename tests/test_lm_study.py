@@ -1,0 +1,199 @@
+"""The language-model study end to end on two synthetic "languages", plus its data pieces."""
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import lm_fusion as lm_fusion_config
+from fusion_jax.data import domains, text, text_tfds
+from fusion_jax.experiments import lm_study
+
+METHODS = [
+    "base model (mixture)",
+    "own expert per domain (oracle routing)",
+    "output ensemble (mean logits)",
+    "output ensemble (mean probs)",
+    "weight average",
+    "task arithmetic",
+    "TIES",
+    "DARE (linear)",
+    "SLERP (lower, upper)",
+    "DAM",
+    "dynamic fusion, frozen experts",
+    "dynamic fusion, end to end",
+]
+
+
+def _languages(root):
+    """Two languages with disjoint alphabets: lower-case a-m words and upper-case N-Z words."""
+    rng = np.random.default_rng(0)
+    for name, letters in (("lower", "abcdefghijklm"), ("upper", "NOPQRSTUVWXYZ")):
+        os.makedirs(root / name, exist_ok=True)
+        for i in range(12):
+            words = ["".join(rng.choice(list(letters), rng.integers(2, 7))) for _ in range(120)]
+            (root / name / f"{i}.txt").write_text(" ".join(words))
+    return f"lower={root / 'lower'},upper={root / 'upper'}"
+
+
+def _config(tmp_path):
+    config = lm_fusion_config.get_config("tiny")
+    config.data.domains = _languages(tmp_path / "text")
+    config.data.tfds_dir = str(tmp_path / "tfds")
+    config.train.base_steps = 10
+    config.train.expert_steps = 30
+    config.train.fusion_steps = 60
+    config.train.log_every = 10
+    config.train.learning_rate = 3e-3
+    config.train.expert_learning_rate = 3e-3
+    config.train.fusion_learning_rate = 1e-2
+    return config
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("study")
+    config = _config(tmp_path)
+    workdir = str(tmp_path / "w")
+    return config, workdir, lm_study.run(config, workdir)
+
+
+def test_table_has_every_method_with_seed_spread(study):
+    config, workdir, out = study
+    methods = [r["method"] for r in out["rows"]]
+    control = [m for m in methods if m.startswith("control: base + ")]
+    assert len(control) == 1
+    assert [m for m in methods if not m.startswith("control")] == METHODS
+    for row in out["rows"]:
+        for domain in ("lower", "upper"):
+            values = row["bits_per_byte"][domain]
+            assert len(values) == config.num_seeds and all(0 < v < 9 for v in values)
+    rows = {r["method"]: r for r in out["rows"]}
+    # The experts saw their own language: the oracle beats the mixture base on both.
+    oracle, base = rows[METHODS[1]], rows[METHODS[0]]
+    for d in ("lower", "upper"):
+        assert np.mean(oracle["bits_per_byte"][d]) < np.mean(base["bits_per_byte"][d])
+    # Costs: fusion runs both experts, merges cost one model; the control matches the FLOPs
+    # of the experts plus the frozen fusion (to within one base step).
+    assert rows["dynamic fusion, frozen experts"]["flops_per_token"] > 1.5 * base["flops_per_token"]
+    assert rows["TIES"]["params"] == base["params"]
+    fused = rows["dynamic fusion, frozen experts"]["training_flops"]
+    matched = rows[control[0]]["training_flops"]
+    assert abs(matched - fused) < 0.05 * fused
+    with open(os.path.join(workdir, "comparison.md")) as f:
+        table = f.read()
+    assert all(f"| {m} |" in table for m in METHODS)
+    for name in ("frontier.png", "routing.png", "gate_tokens.png", "comparison.json"):
+        assert os.path.exists(os.path.join(workdir, name)), name
+
+
+def test_gate_routes_the_languages_to_their_experts(study):
+    _, _, out = study
+    routing = out["routing"]["frozen"]
+    # Observed about 0.9 of tokens; chance is 0.5.
+    assert np.mean(routing["top_is_own_expert"]) > 0.7, routing
+    weights = np.mean(np.asarray(routing["mean_gate_weight"]), 0)  # [text domain, expert]
+    assert weights[0, 0] > weights[0, 1] and weights[1, 1] > weights[1, 0], weights
+
+
+def test_rerun_restores_every_stage_and_reproduces_the_table(study, caplog):
+    config, workdir, out = study
+    caplog.set_level("INFO")
+    again = lm_study.run(config, workdir)
+    restored = [r.getMessage() for r in caplog.records if r.getMessage().endswith(": restored")]
+    stages = ["base", "experts", "fusion_frozen", "control", "dam", "fusion_e2e"]
+    assert restored == [f"[stages] {s}: restored" for s in stages]
+    for a, b in zip(out["rows"], again["rows"], strict=True):
+        assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
+
+
+def test_bits_per_byte_on_a_hand_example():
+    v = text.ByteTokenizer.vocab_size
+    tokens = jnp.asarray([[65, 66, text.ByteTokenizer.eos_id, 67, 0]])
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])  # the last target is padding
+    logits = jnp.zeros((1, 4, v))  # uniform: every target costs ln(v) nats
+    nll, count = lm_study.bpb_sums(logits, tokens, mask)
+    # Three counted targets (66, EOS, 67); EOS covers no byte, so two bytes.
+    assert float(count) == 2.0
+    assert math.isclose(float(nll), 3 * math.log(v), rel_tol=1e-6)
+    assert math.isclose(text.bits_per_byte(float(nll), 2), 1.5 * math.log2(v), rel_tol=1e-6)
+
+
+def test_tfds_windows_equal_packing_the_split_documents(tmp_path):
+    for i in range(7):
+        (tmp_path / f"{i}.txt").write_text(f"doc {i} " * (i + 3))
+    files = text.expand_sources(str(tmp_path))
+    cfg = text_tfds.windows_config("t", files, None, "bytes", 8, 3, 0.3, 0.25)
+    windows = text_tfds.load_windows(cfg, str(tmp_path / "tfds"))
+    parts = text_tfds.split_docs(text.read_documents(files), 3, 0.3, 0.25)
+    names = [sorted(parts[s]) for s in text_tfds.SPLITS]
+    docs = sorted(text.read_documents(files))
+    assert sorted(sum(names, [])) == docs  # complete and disjoint
+    assert all(len(n) > 0 for n in names)
+    tok = text.ByteTokenizer()
+    for split in text_tfds.SPLITS:
+        expected = text.pack([tok.encode(d) for d in parts[split]], 8, tok.eos_id, tok.pad_id)
+        np.testing.assert_array_equal(windows[split][0], expected[0])
+        np.testing.assert_array_equal(windows[split][1], expected[1])
+    # Same recipe and files -> same config name; a changed file -> a new one.
+    assert text_tfds.windows_config("t", files, None, "bytes", 8, 3, 0.3, 0.25).name == cfg.name
+    (tmp_path / "0.txt").write_text("changed text")
+    assert text_tfds.windows_config("t", files, None, "bytes", 8, 3, 0.3, 0.25).name != cfg.name
+
+
+def test_missing_domain_names_the_package(monkeypatch, tmp_path):
+    monkeypatch.setattr(domains, "FORTUNES", str(tmp_path))
+    monkeypatch.setitem(
+        domains.DOMAINS,
+        "de",
+        domains.Domain("German fortunes", lambda: domains._plain_files(f"{tmp_path}/de"), "%",
+                       "fortunes-de"),
+    )  # fmt: skip
+    with pytest.raises(FileNotFoundError) as e:
+        domains.parse_domains("de")
+    assert str(e.value) == (
+        "domain 'de' (German fortunes) has no files: install the Debian package with "
+        "`apt-get install fortunes-de`"
+    )
+    with pytest.raises(ValueError) as e:
+        domains.parse_domains("klingon")
+    assert str(e.value) == (
+        "unknown domain 'klingon'; known: en, de, es, it, python (or name=glob for your own)"
+    )
+
+
+def test_english_fortunes_skip_links_and_indexes(tmp_path):
+    (tmp_path / "it").mkdir()
+    (tmp_path / "it" / "adams").write_text("italiano\n%\n")
+    (tmp_path / "wisdom").write_text("a\n%\nb\n")
+    (tmp_path / "wisdom.dat").write_bytes(b"\0\1")
+    os.symlink(tmp_path / "wisdom", tmp_path / "wisdom.u8")
+    os.symlink(tmp_path / "it" / "adams", tmp_path / "adams")
+    assert domains._plain_files(str(tmp_path)) == [str(tmp_path / "wisdom")]
+
+
+def test_python_domain_is_the_standard_library():
+    ((name, files, sep),) = domains.parse_domains("python")
+    assert name == "python" and sep is None and len(files) > 50
+    assert any(f.endswith(os.sep + "json" + os.sep + "__init__.py") for f in files) is False
+    assert any(f.endswith(os.sep + "argparse.py") for f in files)
+
+
+def test_config_variants_build_and_unknown_variant_is_refused():
+    for variant in (None, "quick", "tiny"):
+        cfg = lm_fusion_config.get_config(variant)
+        assert lm_study.model_config(cfg.model).vocab_size == 259
+    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+        lm_fusion_config.get_config("huge")
+
+
+def test_loaded_data_matches_the_domains(study):
+    config, workdir, _ = study
+    data = lm_study.load_data(config, workdir)
+    assert data.names == ["lower", "upper"]
+    lower = data.splits["train"][0][0]
+    # Disjoint alphabets: lower-case text has no upper-case byte, and the reverse.
+    assert not np.any((lower >= ord("A")) & (lower <= ord("Z")))
+    assert len(lower) <= config.data.max_train_windows
