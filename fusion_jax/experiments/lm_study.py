@@ -193,6 +193,7 @@ class Study:
         self.tokens_per_step = config.train.batch_size * config.model.seq_len
         self.loss = functools.partial(lm_loss, self.model)
         self.tx = optax.adam(config.train.learning_rate)
+        self._scorers = {}
 
     # -- stages ------------------------------------------------------------------------------
 
@@ -367,7 +368,9 @@ class Study:
 
         With `per_domain_params`, params carry a domain axis after the seed axis (oracle).
         """
-        fn = jax.jit(lambda p, t, m: bpb_sums(logits_fn(p, t), t, m))
+        if logits_fn not in self._scorers:  # one compiled scorer per model kind, not per call
+            self._scorers[logits_fn] = jax.jit(lambda p, t, m: bpb_sums(logits_fn(p, t), t, m))
+        fn = self._scorers[logits_fn]
         size = self.config.eval.batch_size
         out = np.zeros((len(self.seeds), len(self.names)))
         for r in range(len(self.seeds)):
