@@ -258,14 +258,10 @@ def mergekit(exe: str, method: str, base: str, experts: list[str], work: str) ->
 def extra_kept(tensor_dirs: list[str], base_dir: str, name: str, density: float) -> int:
     """Entries tied with the k-th largest |task vector| beyond k, summed over experts: TIES
     with a threshold (ours) keeps them, an argsort cut at k (mergekit) drops them."""
-    base = hc.TensorReader(base_dir)
-    b = base.get(name)
-    base.close()
+    b = hc.TensorReader(base_dir).get(name)
     extra = 0
     for d in tensor_dirs:
-        r = hc.TensorReader(d)
-        tau = np.abs(r.get(name) - b).reshape(-1)
-        r.close()
+        tau = np.abs(hc.TensorReader(d).get(name) - b).reshape(-1)
         k = max(1, int(density * tau.size))
         if k < tau.size:
             extra += int(np.count_nonzero(tau >= np.partition(tau, tau.size - k)[tau.size - k])) - k
@@ -281,18 +277,15 @@ def compare(ours_dir, theirs_dir, base_dir, experts=None, show: int = 4) -> None
     if missing:
         print(f"  tensor names differ: {missing[:5]}")
     worst, total, differ, rows = 0.0, 0, 0, []
-    try:
-        for name in names:
-            if name not in b.files:
-                continue
-            x, y = a.get(name).astype(np.float64), b.get(name).astype(np.float64)
-            tau = np.abs(x - c.get(name)).max()
-            diff = np.abs(x - y)
-            rows.append((name, diff.max(), tau, int(np.count_nonzero(diff > 1e-6)), x.size))
-            worst, total = max(worst, diff.max()), total + x.size
-            differ += rows[-1][3]
-    finally:
-        a.close(), b.close(), c.close()
+    for name in names:
+        if name not in b.files:
+            continue
+        x, y = a.get(name).astype(np.float64), b.get(name).astype(np.float64)
+        tau = np.abs(x - c.get(name)).max()
+        diff = np.abs(x - y)
+        rows.append((name, diff.max(), tau, int(np.count_nonzero(diff > 1e-6)), x.size))
+        worst, total = max(worst, diff.max()), total + x.size
+        differ += rows[-1][3]
     picks = [rows[0], rows[len(rows) // 3], rows[2 * len(rows) // 3], rows[-1]][:show]
     picks = sorted({r[0]: r for r in picks + [max(rows, key=lambda r: r[1])]}.values())
     tied = f"{'ties@k':>8}" if experts else ""
