@@ -2,16 +2,21 @@
 
 python main.py --config=configs/dyn_fusion.py --workdir=runs/dyn_fusion
 python main.py --config=configs/baseline.py:quick --workdir=runs/quick --config.num_steps=300
-python main.py --config=configs/baseline.py --workdir=runs/baseline --mode=eval --step=7500
+python main.py --workdir=runs/baseline --mode=eval --step=7500
 python main.py --mode=compare --workdir=runs/compare --workdirs=runs/baseline,runs/dyn_fusion
+
+Plain user errors (a bad flag or config value, a missing workdir, ...) print one line starting
+with `error:` and exit with status 1; other exceptions are bugs and keep their traceback.
 """
 
 import signal
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fusion_jax import modes
+from fusion_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -22,6 +27,28 @@ flags.DEFINE_string("workdirs", "", "--mode=compare: comma-separated finished wo
 flags.mark_flags_as_required(["workdir"])
 
 
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag, config file or config field reported in one line."""
+    try:
+        args = FLAGS(argv)
+        if FLAGS.config is not None:
+            # A config file that failed to load raises only when the config is first read.
+            FLAGS.config.get("experiment")
+    except flags.Error as e:
+        # A config file's own error arrives as a traceback inside the message: keep its last line.
+        lines = _lines(e)
+        sys.exit(f"error: {lines[0]} {lines[-1]}" if len(lines) > 1 else f"error: {lines[0]}")
+    except (KeyError, AttributeError) as e:  # --config.<field> that the config does not have
+        sys.exit(f"error: unknown config field {' '.join(_lines(e.args[0]))}")
+    except OSError as e:  # --config=<file> that cannot be read
+        sys.exit(f"error: --config: {_lines(e)[-1]}")
+    return args
+
+
 def _raise_interrupt(signum, frame):
     del signum, frame
     raise KeyboardInterrupt  # The loop saves its last completed chunk before exiting.
@@ -30,13 +57,17 @@ def _raise_interrupt(signum, frame):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None and FLAGS.mode != "compare":
-        raise app.UsageError(f"--config is required for --mode={FLAGS.mode}.")
     # Orbax logs every save step at INFO; keep the console to our progress lines.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    modes.MODES[FLAGS.mode](FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs)
+    try:
+        modes.MODES[FLAGS.mode](
+            FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs
+        )
+    except (UserError, FileNotFoundError) as e:
+        # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

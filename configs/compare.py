@@ -14,6 +14,8 @@ from configs import baseline
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = baseline.get_config()
+    # What `--mode=train` (the default) runs for this config: fusion_jax.modes.EXPERIMENTS.
+    config.experiment = "merge_compare"
     config.name = "Merging comparison"
     config.reference_run = None
     config.tasks = "x_plus_y,x_minus_y,x_div_y,permutation"

@@ -1,8 +1,14 @@
-"""One entry function per `--mode` of main.py, each `(config, workdir, **flags)`."""
+"""One entry function per `--mode` of main.py, each `(config, workdir, **flags)`.
 
-import os
+Every mode that writes into a workdir holds its lock, and checks the config against the
+workdir's config.json first (fusion_jax/workdir.py). Modes that read a trained workdir (eval,
+analyze, report) use its config.json; `--config` is optional there and must agree with it.
+"""
 
+from fusion_jax import config_rules
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import eval_loop, results
 from fusion_jax.experiments import lm_fuse, lm_merge, lm_study
@@ -11,10 +17,43 @@ from fusion_jax.train import loop
 
 # Configs with `config.experiment` set run that experiment's entry point as their main job.
 EXPERIMENTS = {
+    "merge_compare": merge_compare_lib.run,
     "lm_merge": lm_merge.run,
     "lm_fuse": lm_fuse.train,
     "lm_study": lm_study.run,
 }
+
+# The modes that can run each kind of config (config_rules.kind_of); `compare` needs none.
+KIND_MODES = {
+    None: ("train", "eval", "analyze", "report"),
+    "merge_compare": ("train", "merge_compare"),
+    "lm_merge": ("train",),
+    "lm_fuse": ("train", "generate"),
+    "lm_study": ("train", "merge_compare"),
+}
+
+
+def check_mode(config, mode: str) -> None:
+    """Refuses a config that `mode` cannot run, naming the modes and configs to use instead."""
+    if config is None:
+        raise UserError(f"--config is required for --mode={mode}")
+    kind = config_rules.kind_of(config)
+    if mode in KIND_MODES[kind]:
+        return
+    runs = [config_rules.CONFIG_FILES[k] for k, modes in KIND_MODES.items() if mode in modes]
+    raise UserError(
+        f"--mode={mode} does not run {config_rules.CONFIG_FILES[kind]} configs: their modes are "
+        f"{', '.join(KIND_MODES[kind])}; --mode={mode} is for {', '.join(runs)}"
+    )
+
+
+def _trained_config(config, workdir: str, mode: str):
+    """The workdir's own config for a mode that reads it; a `--config` given must agree."""
+    if config is not None:
+        check_mode(config, mode)
+    config = workdir_lib.read_config(config, workdir)
+    check_mode(config, mode)
+    return config
 
 
 def train(config, workdir: str, **_):
@@ -22,49 +61,61 @@ def train(config, workdir: str, **_):
 
     A config naming an `experiment` (configs/lm_merge.py, ...) runs that experiment instead.
     """
-    if "experiment" in config:
-        loop.write_config(config, workdir)
-        return EXPERIMENTS[config.experiment](config, workdir)
-    task_records = loop.train(config, workdir)
-    info = results.write_report(config, workdir, task_records)
-    eval_loop.analyze(config, workdir)
-    return info
+    check_mode(config, "train")
+    with workdir_lib.claim(config, workdir):
+        if "experiment" in config:
+            return EXPERIMENTS[config.experiment](config, workdir)
+        task_records = loop.train(config, workdir)
+        info = results.write_report(config, workdir, task_records)
+        eval_loop.analyze(config, workdir)
+        return info
 
 
 def evaluate(config, workdir: str, step: int | None = None, **_):
     """Restores checkpoints and recomputes train/validation metrics on the full splits."""
-    return eval_loop.evaluate(config, workdir, step)
+    config = _trained_config(config, workdir, "eval")
+    with workdir_lib.lock(workdir):
+        return eval_loop.evaluate(config, workdir, step)
 
 
 def analyze(config, workdir: str, step: int | None = None, **_):
     """Compute accounting (params, FLOPs/example, examples/s) and, for fusion, gate analysis."""
-    return eval_loop.analyze(config, workdir, step)
+    config = _trained_config(config, workdir, "analyze")
+    with workdir_lib.lock(workdir):
+        return eval_loop.analyze(config, workdir, step)
 
 
 def report(config, workdir: str, **_):
     """Rewrites final_info.json and the plots from the logs in the workdir (no computation)."""
-    if not os.path.isdir(workdir):
-        raise FileNotFoundError(f"No workdir {workdir}.")
-    task_records = results.read_task_records(workdir, tasks_lib.parse_task_names(config.tasks))
-    return results.write_report(config, workdir, task_records)
+    config = _trained_config(config, workdir, "report")
+    names = tasks_lib.parse_task_names(config.tasks)
+    task_records = results.read_task_records(workdir, names)
+    if not any(task_records.values()):
+        raise UserError(f"{workdir} has no training logs (<task>/metrics.jsonl) for tasks {names}")
+    with workdir_lib.lock(workdir):
+        return results.write_report(config, workdir, task_records)
 
 
 def compare(config, workdir: str, workdirs: str = "", **_):
     """Overlays the curves of finished workdirs and tabulates them beside the seed's numbers."""
     del config  # Each workdir carries its own config.json.
+    workdir_lib.check_not_file(workdir)
     return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
 
 
 def merge_compare(config, workdir: str, **_):
-    """The merging experiment: base -> experts -> every method -> comparison.md/json."""
-    loop.write_config(config, workdir)
-    return merge_compare_lib.run(config, workdir)
+    """The merging experiment (configs/compare.py; the LM study of configs/lm_fusion.py too):
+    what `--mode=train` runs for these configs."""
+    check_mode(config, "merge_compare")
+    return train(config, workdir)
 
 
 def generate(config, workdir: str, **_):
     """Continues `config.generate.prompt` with a trained LM fusion workdir (configs/lm_fuse.py)."""
-    if config.get("experiment") != "lm_fuse":
-        raise ValueError("--mode=generate needs an LM fusion config (configs/lm_fuse.py)")
+    check_mode(config, "generate")
+    config_rules.validate(config)
+    workdir_lib.check_exists(workdir)
+    workdir_lib.check_binding(config, workdir, extending=False)
     return lm_fuse.generate(config, workdir)
 
 

@@ -111,8 +111,12 @@ def test_frozen_experts_stay_fixed_while_the_gate_trains():
 
 def test_freeze_experts_needs_experts(tiny_config, tmp_path):
     tiny_config.model.freeze_experts = True
-    with pytest.raises(ValueError, match="freeze_experts=True needs a model with experts"):
+    with pytest.raises(ValueError) as e:
         loop.train(tiny_config, str(tmp_path))
+    assert str(e.value) == (
+        "config.model.freeze_experts=True: must be False unless config.model.name='fusion' "
+        "(a model with experts to freeze)"
+    )
 
 
 @pytest.mark.parametrize("variant,layers,heads", [("", 2, 4), ("layers4", 4, 4),

@@ -24,8 +24,9 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
+    """The docstring's command: the default --mode=train runs the config's experiment."""
     workdir = str(tmp_path_factory.mktemp("compare"))
-    return workdir, modes.merge_compare(compare_config.get_config("tiny"), workdir)
+    return workdir, modes.train(compare_config.get_config("tiny"), workdir)
 
 
 def test_writes_every_methods_row(compared):
@@ -61,7 +62,7 @@ def test_rerun_restores_finished_stages(compared, monkeypatch):
         raise AssertionError("a finished stage was trained again")
 
     monkeypatch.setattr(merge_compare, "train_params", fail)
-    again = merge_compare.run(compare_config.get_config("tiny"), workdir)
+    again = modes.merge_compare(compare_config.get_config("tiny"), workdir)  # the --mode spelling
     assert [r["mean_acc"] for r in again["rows"]] == [r["mean_acc"] for r in out["rows"]]
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from configs import baseline
 from fusion_jax import modes
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare
 from fusion_jax.train import checkpoint, logs, loop, steps
 
@@ -82,8 +83,10 @@ def test_eval_mode_recomputes_logged_validation(trained):
     earlier = modes.evaluate(config, trained, step=10)["x_plus_y"]
     at_10 = [r for r in records if r["step"] == 10]
     np.testing.assert_allclose(earlier["val_loss"], [r["val_loss"] for r in at_10], rtol=1e-5)
-    with pytest.raises(FileNotFoundError, match="No checkpoint for step 7"):
+    with pytest.raises(UserError) as e:
         modes.evaluate(config, trained, step=7)
+    checkpoints = os.path.join(trained, "x_plus_y", "checkpoints")
+    assert str(e.value) == f"No checkpoint for step 7 in {checkpoints}; saved steps: [10, 20]."
 
 
 def test_rerun_of_finished_workdir_skips_training(trained):
@@ -158,22 +161,29 @@ def test_training_lowers_the_loss_and_first_update_has_lr_zero():
 @pytest.mark.parametrize(
     "field,value,message",
     [
-        ("train.num_devices", 4, "config.train.batch_size=30 is not divisible by the 4 devices"),
-        ("train.num_devices", 64, "config.train.num_devices=64 but only 4 local devices exist"),
-        ("train.log_every", 7, "log_every must be a multiple of train.eval_every"),
-        ("num_steps", 12, "config.num_steps=12 must be a multiple of config.train.eval_every=5"),
-        ("eval.mode", "all", "config.eval.mode must be 'exact' or 'sampled'"),
-        ("tasks", "x_plus_y,mod_pow", "Unknown task 'mod_pow'"),
-        ("model.num_heads", 3, "model.num_heads=3 does not divide model.dim=32"),
+        ("train.num_devices", 4, "config.train.batch_size=30: must be divisible by the 4 devices "
+         "used for data parallelism (or set config.train.num_devices)"),
+        ("train.num_devices", 64, "config.train.num_devices=64: must be an integer in [0, 4] "
+         "(the local devices; 0 = all)"),
+        ("train.log_every", 7, "config.train.log_every=7: must be a multiple of "
+         "config.train.eval_every=5"),
+        ("num_steps", 12, "config.num_steps=12: must be a multiple of config.train.eval_every=5"),
+        ("eval.mode", "all", "config.eval.mode='all': must be one of 'exact', 'sampled'"),
+        ("tasks", "x_plus_y,mod_pow", "config.tasks='x_plus_y,mod_pow': must be distinct "
+         "comma-separated task names from permutation, x_div_y, x_minus_y, x_plus_y"),
+        ("model.num_heads", 3, "config.model.num_heads=3: must be a divisor of "
+         "config.model.dim=32"),
     ],
-)
+)  # fmt: skip
 def test_bad_configs_fail_with_clear_errors(tmp_path, field, value, message):
     config = tiny()
     config.train.batch_size = 30
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
-    with pytest.raises(ValueError, match=message):
-        loop.train(config, str(tmp_path))
+    with pytest.raises(UserError) as e:
+        loop.train(config, str(tmp_path / "w"))
+    assert str(e.value) == message
+    assert not (tmp_path / "w").exists()  # refused before anything was written
 
 
 def test_compare_mode_puts_seed_numbers_beside_ours(trained, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 from flax import struct
 
 from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.errors import UserError
 
 # Name of the pmap (device) axis used by every data-parallel program.
 AXIS = "data"
@@ -44,13 +45,13 @@ def load_table(task_name: str, source: str, data_dir: str, size: int | None = No
         return tfds_builder.load_table(task_name, os.path.expanduser(data_dir), size)
     if source == "algebra":
         return tasks_lib.get_task(task_name, size).table()
-    raise ValueError(f"config.data.source must be 'tfds' or 'algebra', got {source!r}.")
+    raise UserError(f"config.data.source must be 'tfds' or 'algebra', got {source!r}.")
 
 
 def split_indices(num_pairs: int, frac_train: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Shuffles all pair indices with `seed`; the first `int(frac_train * N)` are train."""
     if not 0.0 < frac_train < 1.0:
-        raise ValueError(f"config.data.frac_train must be in (0, 1), got {frac_train}.")
+        raise UserError(f"config.data.frac_train must be in (0, 1), got {frac_train}.")
     perm = np.random.default_rng(seed).permutation(num_pairs)
     num_train = int(num_pairs * frac_train)
     return perm[:num_train], perm[num_train:]

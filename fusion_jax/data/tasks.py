@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from fusion_jax.errors import UserError
+
 OP_TOKEN = 0
 EQ_TOKEN = 1
 NUM_SPECIAL_TOKENS = 2
@@ -104,10 +106,15 @@ TASKS: dict[str, Callable[[int], Task]] = {
 DEFAULT_SIZE = {"x_plus_y": 97, "x_minus_y": 97, "x_div_y": 97, "permutation": 5}
 
 
+def size_for(name: str, p: int) -> int | None:
+    """The size parameter of task `name` under the config's modulus p (permutation: S5)."""
+    return None if name == "permutation" else p
+
+
 def get_task(name: str, size: int | None = None) -> Task:
     """Looks a task up by name; `size` overrides p (or k for permutation)."""
     if name not in TASKS:
-        raise ValueError(f"Unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}.")
+        raise UserError(f"Unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}.")
     return TASKS[name](DEFAULT_SIZE[name] if size is None else size)
 
 
@@ -116,7 +123,7 @@ def parse_task_names(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     names = [n for n in names if n]
     if not names:
-        raise ValueError("config.tasks is empty; give a comma-separated list of task names.")
+        raise UserError("config.tasks is empty; give a comma-separated list of task names.")
     for name in names:
         get_task(name)
     return names

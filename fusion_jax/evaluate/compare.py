@@ -3,6 +3,7 @@
 import json
 import os
 
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import plots, results
 
 REFERENCE = os.path.join(
@@ -84,7 +85,7 @@ def to_markdown(table: dict) -> str:
 def compare(workdirs: list[str], out_dir: str, reference_path: str = REFERENCE) -> dict:
     """Writes overlaid plots, comparison.md and comparison.json for `workdirs` into `out_dir`."""
     if not workdirs:
-        raise ValueError("--workdirs needs at least one finished workdir (comma-separated).")
+        raise UserError("--workdirs needs at least one finished workdir (comma-separated).")
     runs = [load_run(w) for w in workdirs]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):

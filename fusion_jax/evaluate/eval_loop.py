@@ -8,6 +8,7 @@ import numpy as np
 from absl import logging
 
 from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import analysis, results
 from fusion_jax.train import checkpoint, loop, steps
 
@@ -21,19 +22,23 @@ def split_metrics(apply_fn, params, split) -> dict:
 
 
 def restore_task(config, workdir: str, task_name: str, step: int | None = None):
-    """`(setup, run-stacked state, step)` from a task's checkpoint (latest when step is None)."""
+    """`(setup, run-stacked state, step)` from a task's checkpoint `step`, or the newest one that
+    restores (damaged newer ones are named in a warning and skipped)."""
     setup = loop.setup_task(config, task_name)
     directory = os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
+    no_checkpoint = UserError(
+        f"No checkpoints for task {task_name!r} under {directory}; train first."
+    )
     if not os.path.isdir(directory):
-        raise FileNotFoundError(
-            f"No checkpoints for task {task_name!r} under {directory}; train first."
-        )
+        raise no_checkpoint
     mngr = checkpoint.manager(directory, config.train.max_to_keep)
     try:
-        step = mngr.latest_step() if step is None else step
-        state = checkpoint.restore(mngr, setup.abstract_runs(), step)
+        found = loop.restore_runs(config, setup, mngr, step)
     finally:
         mngr.close()
+    if found is None:
+        raise no_checkpoint
+    step, state = found
     return setup, state, step
 
 

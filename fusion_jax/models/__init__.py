@@ -9,6 +9,7 @@ import flax.linen as nn
 import ml_collections
 
 from fusion_jax.data.tasks import SEQ_LEN, Task
+from fusion_jax.errors import UserError
 from fusion_jax.models import fusion, transformer
 
 
@@ -58,7 +59,7 @@ MODELS: dict[str, Callable[[ml_collections.ConfigDict, Task], nn.Module]] = {
 
 def build_model(model_config, task: Task) -> nn.Module:
     if model_config.name not in MODELS:
-        raise ValueError(
+        raise UserError(
             f"Unknown config.model.name {model_config.name!r}; "
             f"known models: {', '.join(sorted(MODELS))}."
         )

@@ -1,12 +1,12 @@
 """Training loop: every seed of a task in one vmapped program, pmap over devices, Orbax resume.
 
-Resume order (on every start): for each task, restore the latest checkpoint of
-`<workdir>/<task>/checkpoints` if there is one, drop log records written after it, and continue
-from its step; a task whose latest checkpoint is at `num_steps` is done and skipped.
+Resume order (on every start): for each task, restore the newest checkpoint of
+`<workdir>/<task>/checkpoints` that restores (damaged newer ones are named in a warning and
+skipped), drop log records written after it, and continue from its step; a task whose checkpoint
+is at `num_steps` is done and skipped.
 """
 
 import dataclasses
-import json
 import os
 import time
 
@@ -19,8 +19,10 @@ import optax
 from absl import logging
 
 from fusion_jax import models
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.errors import UserError
 from fusion_jax.train import checkpoint, logs, steps
 from fusion_jax.train.optimizer import make_optimizer
 
@@ -56,7 +58,7 @@ def task_dir(workdir: str, task_name: str) -> str:
 
 
 def task_size(config, task_name: str) -> int | None:
-    return None if task_name == "permutation" else config.data.p
+    return tasks_lib.size_for(task_name, config.data.p)
 
 
 def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
@@ -70,72 +72,20 @@ def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
         task=task,
         model=model,
         apply_fn=steps.model_apply_fn(model),
-        tx=make_optimizer(config.opt, frozen_collections(config, model)),
+        tx=make_optimizer(config.opt, frozen_collections(config)),
         seeds=seeds,
         run_keys=jax.vmap(jax.random.key)(jnp.array(seeds)),
         data=pipeline.make_task_data(inputs, labels, config.data.frac_train, seeds),
     )
 
 
-def frozen_collections(config, model) -> tuple[str, ...]:
-    if not config.model.get("freeze_experts", False):
-        return ()
-    if not hasattr(model, "fused_features"):
-        raise ValueError(
-            "config.model.freeze_experts=True needs a model with experts, "
-            f"not {config.model.name!r}."
-        )
-    return ("ensemble",)
+def frozen_collections(config) -> tuple[str, ...]:
+    # config_rules allows freeze_experts only for models with experts.
+    return ("ensemble",) if config.model.get("freeze_experts", False) else ()
 
 
 def resolve_num_devices(config) -> int:
-    available = jax.local_device_count()
-    n = config.train.num_devices or available
-    if n > available:
-        raise ValueError(f"config.train.num_devices={n} but only {available} local devices exist.")
-    for field in ("train.batch_size", "eval.batch_size"):
-        section, name = field.split(".")
-        size = config[section][name]
-        if size % n:
-            raise ValueError(
-                f"config.{field}={size} is not divisible by the {n} devices used for data "
-                "parallelism; pick a multiple or set config.train.num_devices."
-            )
-    return n
-
-
-def validate(config) -> None:
-    """Checks the fields the loop relies on, naming the field in every message."""
-    tasks_lib.parse_task_names(config.tasks)
-    t = config.train
-    positive = {
-        "num_steps": config.num_steps,
-        "num_seeds": config.num_seeds,
-        "train.batch_size": t.batch_size,
-        "train.eval_every": t.eval_every,
-        "train.log_every": t.log_every,
-        "train.checkpoint_every": t.checkpoint_every,
-        "eval.num_batches": config.eval.num_batches,
-        "eval.batch_size": config.eval.batch_size,
-    }
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"config.{name} must be >= 1, got {value}.")
-    if t.log_every % t.eval_every or t.checkpoint_every % t.log_every:
-        raise ValueError(
-            "config.train.log_every must be a multiple of train.eval_every, and "
-            f"train.checkpoint_every a multiple of train.log_every (got {t.eval_every}, "
-            f"{t.log_every}, {t.checkpoint_every})."
-        )
-    if config.num_steps % t.eval_every:
-        raise ValueError(
-            f"config.num_steps={config.num_steps} must be a multiple of "
-            f"config.train.eval_every={t.eval_every}."
-        )
-    if config.eval.mode not in ("exact", "sampled"):
-        raise ValueError(
-            f"config.eval.mode must be 'exact' or 'sampled', got {config.eval.mode!r}."
-        )
+    return config.train.num_devices or jax.local_device_count()
 
 
 def step_config(config, num_devices: int) -> steps.StepConfig:
@@ -191,12 +141,11 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
     log_path = os.path.join(directory, "metrics.jsonl")
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"), config.train.max_to_keep)
     try:
-        start = mngr.latest_step()
-        if start is None:
+        found = restore_runs(config, setup, mngr)
+        if found is None:
             state, start = setup.init_runs(), 0
-            logs.truncate(log_path, 0)
         else:
-            state = checkpoint.restore(mngr, setup.abstract_runs(), start)
+            start, state = found
             logging.info("[%s] resuming from the checkpoint at step %d", task_name, start)
         records = logs.truncate(log_path, start)
         if start >= config.num_steps:
@@ -258,25 +207,28 @@ def _check_finite(task_name, step, metrics):
             )
 
 
-def write_config(config, workdir: str) -> None:
-    """Saves the config beside the results; warns when a resume runs with a different one."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    text = config.to_json(indent=2)
-    if os.path.exists(path):
-        with open(path) as f:
-            if json.load(f) != json.loads(text):
-                logging.warning(
-                    "The config differs from the one saved in %s; it is overwritten.", path
-                )
-    with open(path, "w") as f:
-        f.write(text)
+def restore_runs(config, setup: TaskSetup, mngr, step: int | None = None):
+    """`(step, run-stacked state)` of `step`, or of the newest checkpoint that restores (None if
+    there is none); a checkpoint that does not fit the config names the fields that set shapes."""
+    try:
+        if step is None:
+            return checkpoint.restore_newest(mngr, setup.abstract_runs())
+        return step, checkpoint.restore(mngr, setup.abstract_runs(), step)
+    except checkpoint.ShapeMismatch as e:
+        raise UserError(
+            f"{e}. Its shapes follow config.num_seeds, config.data.p, config.tasks and "
+            f"config.model ({', '.join(sorted(config.model))}): restore it with the config it "
+            "was trained with"
+        ) from e
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dict]]:
-    """Trains every task of the config in turn; returns log records per task."""
-    validate(config)
-    write_config(config, workdir)
-    return {
-        name: train_task(config, workdir, name) for name in tasks_lib.parse_task_names(config.tasks)
-    }
+    """Trains every task of the config in turn; returns log records per task.
+
+    The config is validated and bound to the workdir first (fusion_jax/workdir.py).
+    """
+    with workdir_lib.claim(config, workdir):
+        return {
+            name: train_task(config, workdir, name)
+            for name in tasks_lib.parse_task_names(config.tasks)
+        }

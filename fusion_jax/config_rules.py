@@ -1,0 +1,562 @@
+"""What every config field may hold, and which fields a bound workdir lets change.
+
+A config's kind is its `config.experiment` (None: grokking training, configs/baseline.py and
+configs/dyn_fusion.py). Each kind has one table `RULES[kind]`, dotted field -> `Rule`, and a list
+of cross-field rules `CROSS_RULES[kind]`. `validate` checks every leaf of a config against its
+table, so a field without a rule is refused rather than left unchecked, then the cross-field
+rules. Every message is one line: `config.<field>=<value>: must be <allowed values>`.
+
+`SAFE_CHANGES[kind]` lists the fields a workdir's config may change between runs because they do
+not change results (fusion_jax/workdir.py refuses every other difference).
+"""
+
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from fusion_jax import hf_checkpoint, merging, models
+from fusion_jax.data import tasks as tasks_lib
+from fusion_jax.errors import UserError
+from fusion_jax.experiments import lm_merge
+from fusion_jax.models import fusion
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One field's allowed values: `ok(value)`, and words that complete "must be ..."."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+    # Optional fields exist in some configs of a kind only (the fusion model's fields).
+    required: bool = True
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def integer(low: int, required: bool = True) -> Rule:
+    return Rule(lambda v: _is_int(v) and v >= low, f"an integer >= {low}", required)
+
+
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    required: bool = True,
+) -> Rule:
+    """A finite int or float, at least `low` (if given) and at most `high` (only with a `low`),
+    each bound open or closed."""
+
+    def ok(v):
+        if not _is_number(v):
+            return False
+        above = low is None or (v > low if low_open else v >= low)
+        below = high is None or (v < high if high_open else v <= high)
+        return above and below
+
+    if low is None:
+        text = "a finite number"
+    elif high is None:
+        text = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        text = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    return Rule(ok, text, required)
+
+
+def choice(*options, required: bool = True) -> Rule:
+    return Rule(lambda v: v in options, "one of " + ", ".join(map(repr, options)), required)
+
+
+def numbers(each: Rule) -> Rule:
+    """A non-empty tuple (a list once read back from config.json) of values passing `each`."""
+    return Rule(
+        lambda v: isinstance(v, list | tuple) and len(v) > 0 and all(each.ok(x) for x in v),
+        f"a non-empty tuple, each {each.allowed}",
+    )
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _task_list(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    names = _split(v)
+    return bool(names) and len(set(names)) == len(names) and set(names) <= set(tasks_lib.TASKS)
+
+
+def _directories(minimum: int) -> Rule:
+    def ok(v):
+        return (
+            isinstance(v, str)
+            and len(_split(v)) >= minimum
+            and all(os.path.isdir(d) for d in _split(v))
+        )
+
+    return Rule(ok, f"{minimum} or more existing checkpoint directories, comma-separated")
+
+
+def _tokenizer(v) -> bool:
+    return isinstance(v, str) and (v in ("model", "bytes") or os.path.isfile(v))
+
+
+def _shard_size(v) -> bool:
+    if _is_int(v):
+        return v >= 1
+    try:
+        return isinstance(v, str) and hf_checkpoint.parse_size(v) >= 1
+    except ValueError:
+        return False
+
+
+def _weights(v) -> bool:
+    try:
+        return isinstance(v, str) and all(math.isfinite(float(w)) for w in _split(v))
+    except ValueError:
+        return False
+
+
+TEXT = Rule(lambda v: isinstance(v, str), "a string")
+NAME = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string")
+FLAG = Rule(lambda v: isinstance(v, bool), "True or False")
+POSITIVE = number(0, low_open=True)
+NON_NEGATIVE = number(0)
+FRACTION = number(0, 1, low_open=True, high_open=True)
+SEED = integer(0)
+TASKS = Rule(
+    _task_list, "distinct comma-separated task names from " + ", ".join(sorted(tasks_lib.TASKS))
+)
+
+# The grokking training configs (configs/baseline.py, configs/dyn_fusion.py).
+GROKKING = {
+    "name": NAME,
+    # A run key of reference/seed_runs.json for comparison tables, or None.
+    "reference_run": Rule(lambda v: v is None or isinstance(v, str), "None or a string"),
+    "tasks": TASKS,
+    "num_steps": integer(1),
+    "num_seeds": integer(1),
+    "seed": SEED,
+    "data.p": integer(2),
+    "data.frac_train": FRACTION,
+    "data.source": choice("tfds", "algebra"),
+    "data.tfds_dir": NAME,
+    "model.name": choice(*models.MODELS),
+    "model.num_layers": integer(1),
+    "model.dim": integer(1),
+    "model.num_heads": integer(1),
+    "model.mlp_ratio": integer(1),
+    "model.last_position_only": FLAG,
+    "model.freeze_experts": FLAG,
+    # The fusion model's fields (configs/dyn_fusion.py).
+    "model.num_experts": integer(1, required=False),
+    "model.fusion_context": choice(*fusion.CONTEXTS, required=False),
+    "model.gate_dim": integer(1, required=False),
+    "model.temperature": number(0, low_open=True, required=False),
+    "model.top_k": integer(0, required=False),
+    "model.balance_weight": number(0, required=False),
+    "model.entropy_weight": number(required=False),
+    "opt.learning_rate": POSITIVE,
+    "opt.b1": number(0, 1, high_open=True),
+    "opt.b2": number(0, 1, high_open=True),
+    "opt.eps": POSITIVE,
+    "opt.weight_decay": NON_NEGATIVE,
+    "opt.warmup_steps": integer(0),
+    "train.batch_size": integer(1),
+    "train.eval_every": integer(1),
+    "train.log_every": integer(1),
+    "train.checkpoint_every": integer(1),
+    "train.max_to_keep": integer(1),
+    "train.num_devices": integer(0),
+    "eval.mode": choice("exact", "sampled"),
+    "eval.num_batches": integer(1),
+    "eval.batch_size": integer(1),
+    "eval.acc_threshold": number(0, 1),
+}
+FUSION_MODEL_FIELDS = tuple(f for f, rule in GROKKING.items() if not rule.required)
+
+MERGE_GRIDS = {
+    "grid.lams": numbers(number()),
+    "grid.densities": numbers(number(0, 1, low_open=True)),
+    "grid.drop_rates": numbers(number(0, 1, high_open=True)),
+    "grid.slerp_ts": numbers(number(0, 1)),
+}
+
+# configs/compare.py: the grokking fields (its fusion models have their own section) plus the
+# merging pipeline's stages and grids.
+MERGE_COMPARE = {
+    **{f: rule for f, rule in GROKKING.items() if f not in FUSION_MODEL_FIELDS},
+    "experiment": choice("merge_compare"),
+    "data.holdout_frac": FRACTION,
+    "base.num_steps": integer(1),
+    "experts.num_steps": integer(1),
+    **MERGE_GRIDS,
+    "dam.num_steps": integer(1),
+    "dam.learning_rate": POSITIVE,
+    "dam.batch_size": integer(1),
+    "dam.temperature": POSITIVE,
+    "dam.similarity_weight": NON_NEGATIVE,
+    "dam.l1_weight": NON_NEGATIVE,
+    "dam.l2_weight": NON_NEGATIVE,
+    "dam.nonlinearity": choice(*merging.NONLINEARITIES),
+    "fusion.num_steps": integer(1),
+    "fusion.gate_dim": integer(1),
+    "fusion.balance_weight": NON_NEGATIVE,
+}
+
+DAM_GROUPS = lm_merge.DAM_GROUPS
+TOKENIZER = Rule(_tokenizer, "'model', 'bytes' or an existing tokenizer.json file")
+COMPUTE_DTYPE = choice("float32", "bfloat16")
+
+# configs/lm_merge.py.
+LM_MERGE = {
+    "experiment": choice("lm_merge"),
+    "base": Rule(
+        lambda v: isinstance(v, str) and (v == "" or os.path.isdir(v)),
+        "'' or an existing checkpoint directory",
+    ),
+    "models": _directories(1),
+    "method": choice(*lm_merge.METHODS),
+    "weights": Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
+    "lam": number(),
+    "density": number(0, 1, low_open=True),
+    "drop_rate": number(0, 1, high_open=True),
+    "combine": choice("linear", "ties"),
+    "t": number(0, 1),
+    "seed": SEED,
+    "dtype": choice("", *hf_checkpoint.DTYPES),
+    "max_shard_size": Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
+    "dam.data": TEXT,
+    "dam.tokenizer": TOKENIZER,
+    "dam.seq_len": integer(1),
+    "dam.batch_size": integer(1),
+    "dam.num_steps": integer(0),
+    "dam.learning_rate": POSITIVE,
+    "dam.temperature": POSITIVE,
+    "dam.similarity": choice(*merging.SIMILARITIES),
+    "dam.similarity_weight": NON_NEGATIVE,
+    "dam.l1_weight": NON_NEGATIVE,
+    "dam.l2_weight": NON_NEGATIVE,
+    "dam.nonlinearity": choice(*merging.NONLINEARITIES),
+    "dam.train": Rule(
+        lambda v: isinstance(v, str) and bool(_split(v)) and set(_split(v)) <= set(DAM_GROUPS),
+        "comma-separated groups from " + ", ".join(DAM_GROUPS),
+    ),
+    "dam.compute_dtype": COMPUTE_DTYPE,
+    "dam.log_every": integer(1),
+    "dam.checkpoint_every": integer(1),
+}
+
+# configs/lm_fuse.py.
+LM_FUSE = {
+    "experiment": choice("lm_fuse"),
+    "models": _directories(2),
+    "seed": SEED,
+    "compute_dtype": COMPUTE_DTYPE,
+    "data.sources": TEXT,
+    "data.record_separator": TEXT,
+    "data.tokenizer": TOKENIZER,
+    "data.seq_len": integer(1),
+    "data.val_fraction": FRACTION,
+    "fusion.gate_dim": integer(1),
+    "fusion.temperature": POSITIVE,
+    "fusion.top_k": integer(0),
+    "fusion.balance_weight": NON_NEGATIVE,
+    "fusion.entropy_weight": number(),
+    "train.end_to_end": FLAG,
+    "train.num_steps": integer(1),
+    "train.batch_size": integer(1),
+    "train.learning_rate": POSITIVE,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.log_every": integer(1),
+    "train.checkpoint_every": integer(1),
+    "generate.prompt": TEXT,
+    "generate.max_new_tokens": integer(1),
+    "generate.temperature": NON_NEGATIVE,
+    "generate.seed": SEED,
+}
+
+# configs/lm_fusion.py (the language-model study).
+LM_STUDY = {
+    "experiment": choice("lm_study"),
+    "seed": SEED,
+    "num_seeds": integer(1),
+    "data.domains": NAME,
+    "data.split_seed": SEED,
+    "data.val_fraction": FRACTION,
+    "data.holdout_fraction": FRACTION,
+    "data.max_train_windows": integer(0),
+    "data.max_eval_windows": integer(0),
+    "data.tfds_dir": TEXT,
+    "model.num_layers": integer(1),
+    "model.dim": integer(1),
+    "model.num_heads": integer(1),
+    "model.num_kv_heads": integer(1),
+    "model.mlp_dim": integer(1),
+    "model.seq_len": integer(2),
+    "train.batch_size": integer(1),
+    "train.learning_rate": POSITIVE,
+    "train.base_steps": integer(1),
+    "train.expert_steps": integer(1),
+    "train.expert_learning_rate": POSITIVE,
+    "train.fusion_steps": integer(1),
+    "train.fusion_learning_rate": POSITIVE,
+    "train.log_every": integer(1),
+    "fusion.gate_dim": integer(1),
+    "fusion.balance_weight": NON_NEGATIVE,
+    "dam.num_steps": integer(1),
+    "dam.batch_size": integer(1),
+    "dam.learning_rate": POSITIVE,
+    **MERGE_GRIDS,
+    "eval.batch_size": integer(1),
+}
+
+RULES: dict[str | None, dict[str, Rule]] = {
+    None: GROKKING,
+    "merge_compare": MERGE_COMPARE,
+    "lm_merge": LM_MERGE,
+    "lm_fuse": LM_FUSE,
+    "lm_study": LM_STUDY,
+}
+# The config files of each kind, for messages that say which config to use.
+CONFIG_FILES = {
+    None: "configs/baseline.py, configs/dyn_fusion.py",
+    "merge_compare": "configs/compare.py",
+    "lm_merge": "configs/lm_merge.py",
+    "lm_fuse": "configs/lm_fuse.py",
+    "lm_study": "configs/lm_fusion.py",
+}
+
+# A cross-field rule returns None, or (field, allowed values) for the first field it refuses.
+# `devices` is the local device count when the config is about to train with pmap, else None.
+Problem = tuple[str, str] | None
+
+
+def _heads_divide_width(config, devices) -> Problem:
+    m = config.model
+    if m.dim % m.num_heads:
+        return "model.num_heads", f"a divisor of config.model.dim={m.dim}"
+    return None
+
+
+def _fusion_fields(config, devices) -> Problem:
+    m = config.model
+    has_fields = all(f.split(".")[1] in m for f in FUSION_MODEL_FIELDS)
+    if m.name == "fusion" and not has_fields:
+        return (
+            "model.name",
+            "'transformer' unless the config has the fusion model's fields (configs/dyn_fusion.py)",
+        )
+    if m.freeze_experts and m.name != "fusion":
+        return (
+            "model.freeze_experts",
+            "False unless config.model.name='fusion' (a model with experts to freeze)",
+        )
+    if has_fields and m.top_k > m.num_experts:
+        return "model.top_k", f"<= config.model.num_experts={m.num_experts} (0 = all experts)"
+    return None
+
+
+def _prime_modulus(config, devices) -> Problem:
+    if "x_div_y" in _split(config.tasks) and not _is_prime(config.data.p):
+        return (
+            "data.p",
+            "a prime for task x_div_y (b^(p-2) is the inverse of b mod p only when p is prime)",
+        )
+    return None
+
+
+def _train_pairs(config, name: str) -> tuple[int, int]:
+    """(all pairs, training pairs) of task `name` under the config's p and frac_train."""
+    n = tasks_lib.get_task(name, tasks_lib.size_for(name, config.data.p)).num_pairs
+    return n, int(n * config.data.frac_train)
+
+
+def _both_splits(config, devices) -> Problem:
+    for name in _split(config.tasks):
+        n, n_train = _train_pairs(config, name)
+        if not 1 <= n_train <= n - 1:
+            return (
+                "data.frac_train",
+                f"a fraction that leaves training and validation pairs among the {n} pairs of "
+                f"{name}",
+            )
+    return None
+
+
+def _holdout(config, devices) -> Problem:
+    for name in _split(config.tasks):
+        _, n_train = _train_pairs(config, name)
+        if not 1 <= int(n_train * config.data.holdout_frac) <= n_train - 1:
+            return (
+                "data.holdout_frac",
+                f"a fraction that leaves fitting and held-out pairs among the {n_train} "
+                f"training pairs of {name}",
+            )
+    return None
+
+
+def _intervals(config, devices) -> Problem:
+    t = config.train
+    if t.log_every % t.eval_every:
+        return "train.log_every", f"a multiple of config.train.eval_every={t.eval_every}"
+    if t.checkpoint_every % t.log_every:
+        return "train.checkpoint_every", f"a multiple of config.train.log_every={t.log_every}"
+    if config.num_steps % t.eval_every:
+        return "num_steps", f"a multiple of config.train.eval_every={t.eval_every}"
+    return None
+
+
+def _devices(config, devices) -> Problem:
+    if devices is None:
+        return None
+    if config.train.num_devices > devices:
+        return "train.num_devices", f"an integer in [0, {devices}] (the local devices; 0 = all)"
+    n = config.train.num_devices or devices
+    for field in ("train.batch_size", "eval.batch_size"):
+        if lookup(config, field) % n:
+            return (
+                field,
+                f"divisible by the {n} devices used for data parallelism (or set "
+                "config.train.num_devices)",
+            )
+    return None
+
+
+def _lm_merge_inputs(config, devices) -> Problem:
+    n = len(_split(config.models))
+    if config.method in ("task_arithmetic", "ties", "dare") and not config.base:
+        return "base", f"a checkpoint directory for config.method={config.method!r}"
+    if config.method == "slerp" and n != 2:
+        return "models", "exactly 2 checkpoint directories for config.method='slerp'"
+    if config.method == "weight_average" and len(_split(config.weights)) not in (0, n):
+        return "weights", f"'' or {n} comma-separated numbers (one per model)"
+    if config.method == "dam" and len([s for s in config.dam.data.split(";") if s.strip()]) != n:
+        return "dam.data", f"{n} text sources separated by ';' (one per model)"
+    return None
+
+
+def _lm_study_heads(config, devices) -> Problem:
+    m = config.model
+    if m.dim % m.num_heads:
+        return "model.num_heads", f"a divisor of config.model.dim={m.dim}"
+    if m.num_heads % m.num_kv_heads:
+        return "model.num_kv_heads", f"a divisor of config.model.num_heads={m.num_heads}"
+    return None
+
+
+def _lm_fuse_top_k(config, devices) -> Problem:
+    n = len(_split(config.models))
+    if config.fusion.top_k > n:
+        return "fusion.top_k", f"<= the {n} experts in config.models (0 = all experts)"
+    return None
+
+
+CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
+    None: (_heads_divide_width, _fusion_fields, _prime_modulus, _both_splits, _intervals,
+           _devices),
+    "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
+    "lm_merge": (_lm_merge_inputs,),
+    "lm_fuse": (_lm_fuse_top_k,),
+    "lm_study": (_lm_study_heads,),
+}  # fmt: skip
+
+# Fields a workdir's config may change, because they do not change results: "any" change,
+# "increase" only (a longer run continues the shorter one exactly; a shorter one would leave
+# results past its end), or "reorder" (the same comma-separated items in another order).
+# Everything else is refused by fusion_jax/workdir.py.
+SAFE_CHANGES: dict[str | None, dict[str, str]] = {
+    None: {
+        "name": "any",  # a title in plots and tables
+        "num_steps": "increase",
+        "tasks": "reorder",  # each task trains on its own: the order is only the schedule
+        # Chunking, progress lines and checkpoint I/O only.
+        "train.log_every": "any",
+        "train.checkpoint_every": "any",
+        "train.max_to_keep": "any",
+        # Data parallelism: equal to rounding (tests/test_multidevice.py).
+        "train.num_devices": "any",
+        # The same tables from TFDS or from the algebra (tests/test_data.py).
+        "data.source": "any",
+        "data.tfds_dir": "any",
+    },
+    "merge_compare": {"name": "any", "data.source": "any", "data.tfds_dir": "any"},
+    "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
+    # Steps per compiled chunk and the place of the packed datasets only.
+    "lm_study": {"train.log_every": "any", "data.tfds_dir": "any"},
+    "lm_fuse": {
+        "train.num_steps": "increase",
+        "train.log_every": "any",
+        "train.checkpoint_every": "any",
+        "generate.prompt": "any",
+        "generate.max_new_tokens": "any",
+        "generate.temperature": "any",
+        "generate.seed": "any",
+    },
+}
+
+
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}}` (a dict or a ConfigDict) -> `{"a.b": 1}`."""
+    out = {}
+    for key, value in tree.items():
+        if hasattr(value, "items"):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def lookup(config, field: str):
+    for part in field.split("."):
+        config = config[part]
+    return config
+
+
+def kind_of(config) -> str | None:
+    """The config's kind (`config.experiment`, None for grokking training); refuses unknown ones."""
+    kind = config.get("experiment")
+    if kind not in RULES:
+        raise UserError(
+            f"config.experiment={kind!r}: must be one of "
+            + ", ".join(repr(k) for k in RULES if k is not None)
+        )
+    return kind
+
+
+def validate(config, devices: int | None = None) -> None:
+    """Raises a one-line UserError for the first field (or field combination) out of range.
+
+    `devices`: the local device count when the config is about to train (checks data
+    parallelism), None when it only reads a workdir.
+    """
+    kind = kind_of(config)
+    rules = RULES[kind]
+    values = flatten(config)
+    for field, value in values.items():
+        if field not in rules:
+            raise UserError(
+                f"config.{field}={value!r}: not a field of {CONFIG_FILES[kind]} configs "
+                "(every field needs a rule in fusion_jax/config_rules.py)"
+            )
+        if not rules[field].ok(value):
+            raise UserError(f"config.{field}={value!r}: must be {rules[field].allowed}")
+    for field, rule in rules.items():
+        if rule.required and field not in values:
+            raise UserError(f"config.{field} is missing: {CONFIG_FILES[kind]} configs need it")
+    for cross_rule in CROSS_RULES[kind]:
+        if problem := cross_rule(config, devices):
+            field, allowed = problem
+            raise UserError(f"config.{field}={lookup(config, field)!r}: must be {allowed}")

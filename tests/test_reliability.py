@@ -1,0 +1,540 @@
+"""Trustworthy runs: config validation, workdir binding, damaged checkpoints, the lock, one-line
+user errors (DESIGN.md §5, issue 9)."""
+
+import glob
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from configs import baseline, compare, dyn_fusion
+from fusion_jax import config_rules, modes
+from fusion_jax import workdir as workdir_lib
+from fusion_jax.errors import UserError
+from fusion_jax.train import checkpoint, logs, loop
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA = os.path.join(ROOT, "tests", "fixtures", "lm", "llama")
+GROKKING_SAFE = (
+    "name, num_steps (increase only), tasks (reorder only), train.log_every, "
+    "train.checkpoint_every, train.max_to_keep, train.num_devices, data.source, data.tfds_dir"
+)
+
+# Every config file and its variants. A new config file must be added here, and its kind needs
+# a table in fusion_jax/config_rules.py.
+CONFIG_VARIANTS = {
+    "baseline": [None, "quick", "tiny"],
+    "dyn_fusion": [None, "layers4", "heads6", "layers5", "quick", "tiny", "layers4,tiny",
+                   "heads6,quick", "layers5,tiny"],
+    "compare": [None, "quick", "tiny"],
+    "lm_merge": [None],
+    "lm_fuse": [None],
+    "lm_fusion": [None, "quick", "tiny"],
+}  # fmt: skip
+
+
+def tiny():
+    config = baseline.get_config("tiny")
+    config.train.num_devices = 1
+    return config
+
+
+def all_configs():
+    for name, variants in CONFIG_VARIANTS.items():
+        module = importlib.import_module(f"configs.{name}")
+        for variant in variants:
+            yield f"{name}:{variant}", module.get_config(variant)
+
+
+def with_inputs(config):
+    """LM configs name checkpoint directories; give them the test fixture."""
+    kind = config.get("experiment")
+    if kind == "lm_merge":
+        config.base, config.models = LLAMA, f"{LLAMA},{LLAMA}"
+    if kind == "lm_fuse":
+        config.models = f"{LLAMA},{LLAMA}"
+    return config
+
+
+def set_field(config, field, value):
+    *parents, name = field.split(".")
+    for part in parents:
+        config = config[part]
+    config[name] = value
+
+
+def snapshot(directory):
+    """Every file under `directory` with its bytes, to show that nothing was written."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = (fh.read(), os.path.getmtime(path))
+    return out
+
+
+# --- every config value is checked before any work ---------------------------------------------
+
+
+def test_config_files_are_all_listed():
+    found = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+    assert found - {"__init__"} == set(CONFIG_VARIANTS), (
+        "list a new config file's variants in CONFIG_VARIANTS and give its kind a rules table"
+    )
+
+
+def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
+    seen = {kind: set() for kind in config_rules.RULES}
+    for label, config in all_configs():
+        kind = config_rules.kind_of(config)
+        fields = set(config_rules.flatten(config))
+        missing = fields - set(config_rules.RULES[kind])
+        assert not missing, f"{label}: fields without a validation rule: {sorted(missing)}"
+        seen[kind] |= fields
+    for kind, rules in config_rules.RULES.items():
+        assert set(rules) == seen[kind], (
+            f"rules of {kind!r} for no field: {set(rules) - seen[kind]}"
+        )
+
+
+def test_shipped_configs_are_valid():
+    for _, config in all_configs():
+        config_rules.validate(with_inputs(config), devices=4)
+
+
+def lm_merge_config(**changes):
+    from configs import lm_merge
+
+    config = with_inputs(lm_merge.get_config())
+    for field, value in changes.items():
+        set_field(config, field, value)
+    return config
+
+
+BAD_VALUES = [
+    ("baseline", {"opt.learning_rate": -1e-3}, "config.opt.learning_rate=-0.001: must be a "
+     "number > 0"),
+    ("baseline", {"opt.weight_decay": -0.5}, "config.opt.weight_decay=-0.5: must be a number "
+     ">= 0"),
+    ("baseline", {"opt.warmup_steps": -5}, "config.opt.warmup_steps=-5: must be an integer >= 0"),
+    ("baseline", {"opt.b2": 1.0}, "config.opt.b2=1.0: must be a number in [0, 1)"),
+    ("baseline", {"tasks": "x_div_y", "data.p": 10}, "config.data.p=10: must be a prime for task "
+     "x_div_y (b^(p-2) is the inverse of b mod p only when p is prime)"),
+    ("baseline", {"data.frac_train": 1.0}, "config.data.frac_train=1.0: must be a number in "
+     "(0, 1)"),
+    ("baseline", {"data.frac_train": 0.005}, "config.data.frac_train=0.005: must be a fraction "
+     "that leaves training and validation pairs among the 121 pairs of x_plus_y"),
+    ("baseline", {"train.checkpoint_every": 15}, "config.train.checkpoint_every=15: must be a "
+     "multiple of config.train.log_every=10"),
+    ("baseline", {"eval.acc_threshold": 1.5}, "config.eval.acc_threshold=1.5: must be a number "
+     "in [0, 1]"),
+    ("baseline", {"model.name": "mystery"}, "config.model.name='mystery': must be one of "
+     "'transformer', 'fusion'"),
+    ("baseline", {"model.name": "fusion"}, "config.model.name='fusion': must be 'transformer' "
+     "unless the config has the fusion model's fields (configs/dyn_fusion.py)"),
+    ("dyn_fusion", {"model.top_k": 4}, "config.model.top_k=4: must be <= "
+     "config.model.num_experts=3 (0 = all experts)"),
+    ("dyn_fusion", {"model.fusion_context": "words"}, "config.model.fusion_context='words': must "
+     "be one of 'experts', 'tokens'"),
+    ("compare", {"data.holdout_frac": 0.001}, "config.data.holdout_frac=0.001: must be a "
+     "fraction that leaves fitting and held-out pairs among the 24 training pairs of x_plus_y"),
+    ("compare", {"grid.densities": (0.5, 0.0)}, "config.grid.densities=(0.5, 0.0): must be a "
+     "non-empty tuple, each a number in (0, 1]"),
+    ("compare", {"dam.nonlinearity": "gelu"}, "config.dam.nonlinearity='gelu': must be one of "
+     "'tanh', 'sigmoid', 'relu', 'none'"),
+    ("lm_merge", {"method": "ties", "base": ""}, "config.base='': must be a checkpoint directory "
+     "for config.method='ties'"),
+    ("lm_merge", {"density": 0.0}, "config.density=0.0: must be a number in (0, 1]"),
+    ("lm_merge", {"max_shard_size": "2 parsecs"}, "config.max_shard_size='2 parsecs': must be a "
+     "size like '2GB', '500MB', '100KB' or bytes >= 1"),
+    ("lm_merge", {"models": "/no/such/model"}, "config.models='/no/such/model': must be 1 or "
+     "more existing checkpoint directories, comma-separated"),
+    ("lm_fuse", {"fusion.top_k": 3}, "config.fusion.top_k=3: must be <= the 2 experts in "
+     "config.models (0 = all experts)"),
+    ("lm_fuse", {"generate.temperature": -1.0}, "config.generate.temperature=-1.0: must be a "
+     "number >= 0"),
+    ("lm_fusion", {"model.num_kv_heads": 3}, "config.model.num_kv_heads=3: must be a divisor of "
+     "config.model.num_heads=2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,changes,message", BAD_VALUES)
+def test_values_out_of_range_are_refused_in_one_line_before_any_work(
+    tmp_path, name, changes, message
+):
+    variant = None if name.startswith("lm_") and name != "lm_fusion" else "tiny"
+    config = with_inputs(importlib.import_module(f"configs.{name}").get_config(variant))
+    config.lock()  # as main.py's flags give it: no new fields
+    for field, value in changes.items():
+        set_field(config, field, value)
+    with pytest.raises(UserError) as e:
+        modes.train(config, str(tmp_path / "w"))
+    assert str(e.value) == message
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_missing_and_unknown_kind_fields_are_refused():
+    config = tiny()
+    config.train.tran = 8
+    with pytest.raises(UserError) as e:
+        config_rules.validate(config)
+    assert str(e.value) == (
+        "config.train.tran=8: not a field of configs/baseline.py, configs/dyn_fusion.py configs "
+        "(every field needs a rule in fusion_jax/config_rules.py)"
+    )
+    config = tiny()
+    del config.train["batch_size"]
+    with pytest.raises(UserError) as e:
+        config_rules.validate(config)
+    assert str(e.value) == (
+        "config.train.batch_size is missing: configs/baseline.py, configs/dyn_fusion.py configs "
+        "need it"
+    )
+    config = lm_merge_config(experiment="lm_mystery")
+    with pytest.raises(UserError) as e:
+        config_rules.validate(config)
+    assert str(e.value) == (
+        "config.experiment='lm_mystery': must be one of 'merge_compare', 'lm_merge', 'lm_fuse', "
+        "'lm_study'"
+    )
+
+
+# --- each config runs its own experiment; a mode says which config or mode to use --------------
+
+
+def test_compare_config_runs_the_merging_experiment_by_default(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(modes.EXPERIMENTS, "merge_compare", lambda c, w: calls.append(w) or "ran")
+    assert modes.train(compare.get_config("tiny"), str(tmp_path)) == "ran"
+    assert calls == [str(tmp_path)]
+    assert json.load(open(tmp_path / "config.json"))["experiment"] == "merge_compare"
+
+
+@pytest.mark.parametrize(
+    "mode,config,message",
+    [
+        ("eval", compare.get_config("tiny"), "--mode=eval does not run configs/compare.py "
+         "configs: their modes are train, merge_compare; --mode=eval is for configs/baseline.py, "
+         "configs/dyn_fusion.py"),
+        ("merge_compare", baseline.get_config("tiny"), "--mode=merge_compare does not run "
+         "configs/baseline.py, configs/dyn_fusion.py configs: their modes are train, eval, "
+         "analyze, report; --mode=merge_compare is for configs/compare.py, configs/lm_fusion.py"),
+        ("generate", dyn_fusion.get_config("tiny"), "--mode=generate does not run "
+         "configs/baseline.py, configs/dyn_fusion.py configs: their modes are train, eval, "
+         "analyze, report; --mode=generate is for configs/lm_fuse.py"),
+        ("train", None, "--config is required for --mode=train"),
+    ],
+)  # fmt: skip
+def test_a_mode_that_cannot_run_a_config_names_what_to_use(tmp_path, mode, config, message):
+    with pytest.raises(UserError) as e:
+        modes.MODES[mode](config, str(tmp_path / "w"))
+    assert str(e.value) == message
+    assert not (tmp_path / "w").exists()
+
+
+# --- a workdir is bound to its config ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny baseline trained through the train mode: checkpoints at steps 10 and 20."""
+    workdir = str(tmp_path_factory.mktemp("bound"))
+    modes.train(tiny(), workdir)
+    return workdir
+
+
+def drift_message(workdir, changes):
+    return (
+        f"--config differs from the config of {workdir} (config.json) in fields that change "
+        f"results: {changes}. Use a new --workdir, or the workdir's values; fields that may "
+        f"change: {GROKKING_SAFE}"
+    )
+
+
+def test_resume_with_a_different_config_is_refused_before_writing(trained):
+    config = tiny()
+    config.num_steps, config.seed = 30, 5  # the issue's mix of seeds [0, 1, 5, 6]
+    config.model.num_heads, config.data.frac_train = 2, 0.6
+    before = snapshot(trained)
+    with pytest.raises(UserError) as e:
+        modes.train(config, trained)
+    assert str(e.value) == drift_message(
+        trained, "seed: 0 → 5, data.frac_train: 0.5 → 0.6, model.num_heads: 4 → 2"
+    )
+    assert snapshot(trained) == before
+
+
+def test_extending_num_steps_continues_the_run_exactly(trained, tmp_path):
+    extended, straight = str(tmp_path / "extended"), str(tmp_path / "straight")
+    shutil.copytree(trained, extended)
+    config = tiny()
+    config.num_steps = 30
+    config.train.log_every = config.train.checkpoint_every = 5  # safe: chunking and saving only
+    loop.train(config, extended)
+    loop.train(config, straight)
+    assert json.load(open(os.path.join(extended, "config.json")))["num_steps"] == 30
+    read = lambda w: logs.read(os.path.join(w, "x_plus_y", "metrics.jsonl"))  # noqa: E731
+    assert [r["step"] for r in read(extended)][-2:] == [30, 30]
+    np.testing.assert_allclose(
+        [[r[k] for k in logs.METRICS] for r in read(extended)],
+        [[r[k] for k in logs.METRICS] for r in read(straight)],
+        rtol=1e-5,
+    )
+    config.num_steps = 20  # shrinking would leave results past the end
+    with pytest.raises(UserError) as e:
+        loop.train(config, extended)
+    assert str(e.value) == drift_message(extended, "num_steps: 30 → 20 (only an increase is safe)")
+
+
+def test_safe_changes_are_allowed_and_others_listed(tmp_path):
+    config = tiny()
+    config.tasks = "x_plus_y,x_minus_y"
+    (tmp_path / "config.json").write_text(config.to_json())
+    config.tasks, config.name, config.num_steps = "x_minus_y, x_plus_y", "Renamed", 40
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == [
+        "name: 'Baseline' → 'Renamed'",
+        "tasks: 'x_plus_y,x_minus_y' → 'x_minus_y, x_plus_y'",
+        "num_steps: 20 → 40",
+    ]
+    config.tasks, config.num_steps, config.opt.b1 = "x_minus_y", 10, 0.8
+    with pytest.raises(UserError) as e:
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+    assert str(e.value) == drift_message(
+        str(tmp_path),
+        "tasks: 'x_plus_y,x_minus_y' → 'x_minus_y' (only a reordering is safe), num_steps: 20 → "
+        "10 (only an increase is safe), opt.b1: 0.9 → 0.8",
+    )
+    # A mode that only reads the workdir uses its values: a shorter num_steps does not matter.
+    config = tiny()
+    config.tasks, config.num_steps = "x_plus_y,x_minus_y", 10
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=False) == [
+        "num_steps: 20 → 10"
+    ]
+
+
+def test_eval_reads_the_workdir_config_and_refuses_a_different_one(trained):
+    config = tiny()
+    config.model.num_heads = 2
+    with pytest.raises(UserError) as e:
+        modes.evaluate(config, trained)
+    assert str(e.value) == drift_message(trained, "model.num_heads: 4 → 2")
+    assert not os.path.exists(os.path.join(trained, "eval_latest.json"))
+    # Without --config, and with a safe difference, eval uses config.json.
+    config = tiny()
+    config.num_steps = 10
+    for given in (None, config):
+        out = modes.evaluate(given, trained)["x_plus_y"]
+        assert out["step"] == 20 and out["seeds"] == [0, 1]
+
+
+def test_report_refuses_a_different_config_and_keeps_final_info(trained):
+    config = tiny()
+    config.tasks = "x_minus_y"
+    before = snapshot(trained)
+    with pytest.raises(UserError) as e:
+        modes.report(config, trained)
+    assert str(e.value) == drift_message(
+        trained, "tasks: 'x_plus_y' → 'x_minus_y' (only a reordering is safe)"
+    )
+    assert snapshot(trained) == before
+    assert modes.report(None, trained) == json.load(open(os.path.join(trained, "final_info.json")))
+
+
+def test_eval_of_a_checkpoint_of_other_shapes_names_the_config_fields(trained, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    stored = json.load(open(os.path.join(workdir, "config.json")))
+    stored["model"]["dim"] = 16  # as if config.json were edited, or copied from another run
+    json.dump(stored, open(os.path.join(workdir, "config.json"), "w"))
+    with pytest.raises(UserError) as e:
+        modes.evaluate(None, workdir)
+    assert str(e.value) == (
+        f"checkpoint {workdir}/x_plus_y/checkpoints/20 does not fit the config: "
+        "params/blocks_0/attn/bias has shape (2, 96) there but (2, 48) from the config. Its "
+        "shapes follow config.num_seeds, config.data.p, config.tasks and config.model (dim, "
+        "freeze_experts, last_position_only, mlp_ratio, name, num_heads, num_layers): restore it "
+        "with the config it was trained with"
+    )
+
+
+def test_read_modes_need_an_existing_workdir_with_a_config(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    cases = {
+        "missing": f"--workdir={tmp_path}/missing does not exist; train into it first",
+        "file": f"--workdir={tmp_path}/file is a file, not a directory",
+        "empty": f"{tmp_path}/empty has no config.json: it is not a fusion_jax workdir, or its "
+        "training never started",
+    }
+    for name, message in cases.items():
+        with pytest.raises(UserError) as e:
+            modes.evaluate(None, str(tmp_path / name))
+        assert str(e.value) == message
+
+
+# --- damaged checkpoints: detected, skipped with a warning, never deleted -----------------------
+
+
+def damage(checkpoints: str, how: str) -> str:
+    """Damages a step of a finished tiny run; returns the damaged step directory."""
+    if how == "truncated_file":
+        latest = os.path.join(checkpoints, "20")
+        files = [os.path.join(r, f) for r, _, fs in os.walk(latest) for f in fs]
+        largest = max(files, key=os.path.getsize)
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
+        return latest
+    if how == "emptied_latest":
+        latest = os.path.join(checkpoints, "20")
+        shutil.rmtree(latest)
+        os.makedirs(latest)
+        return latest
+    newer = os.path.join(checkpoints, "30")  # an empty numbered directory past the run's end
+    os.makedirs(newer)
+    return newer
+
+
+# A failed TensorStore read leaves Orbax callbacks for an asyncio loop that is closed by then;
+# Python reports them as unraisable. The restore itself failed cleanly and was handled.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("how", ["truncated_file", "emptied_latest", "empty_newer_step"])
+def test_damaged_latest_checkpoint_falls_back_and_the_rerun_ends_as_undamaged(
+    trained, tmp_path, caplog, how
+):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    checkpoints = os.path.join(workdir, "x_plus_y", "checkpoints")
+    bad = damage(checkpoints, how)
+    damaged_files = snapshot(bad)
+    good_step = 20 if how == "empty_newer_step" else 10
+
+    out = modes.evaluate(None, workdir)["x_plus_y"]
+    warning = f"checkpoint {bad} cannot be restored, it is damaged or incomplete"
+    assert any(warning in r.getMessage() for r in caplog.records)
+    assert out["step"] == good_step
+    reference = modes.evaluate(None, trained, step=good_step)["x_plus_y"]
+    assert out["val_loss"] == reference["val_loss"]
+    assert snapshot(bad) == damaged_files  # eval only reads
+
+    caplog.clear()
+    modes.train(tiny(), workdir)
+    assert json.load(open(os.path.join(workdir, "final_info.json"))) == json.load(
+        open(os.path.join(trained, "final_info.json"))
+    )
+    read = lambda w: logs.read(os.path.join(w, "x_plus_y", "metrics.jsonl"))  # noqa: E731
+    assert read(workdir) == read(trained)
+    setup = loop.setup_task(tiny(), "x_plus_y")
+    states = []
+    for w in (workdir, trained):
+        mngr = checkpoint.manager(os.path.join(w, "x_plus_y", "checkpoints"), 2)
+        states.append(checkpoint.restore(mngr, setup.abstract_runs(), 20))
+        mngr.close()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                 states[0].params, states[1].params)  # fmt: skip
+    if good_step == 10:  # step 20 was redone: the damaged one had to make room, kept by a rename
+        assert snapshot(bad + ".damaged") == damaged_files
+        moved = f"moved the damaged checkpoint {bad} aside to {bad}.damaged"
+        assert any(moved in r.getMessage() for r in caplog.records)
+    else:  # nothing to save: the empty directory stays where it is
+        assert snapshot(bad) == damaged_files
+
+
+def test_a_requested_damaged_step_is_an_error_naming_it(trained, tmp_path):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(trained, workdir)
+    bad = damage(os.path.join(workdir, "x_plus_y", "checkpoints"), "emptied_latest")
+    with pytest.raises(UserError) as e:
+        modes.evaluate(None, workdir, step=20)
+    assert str(e.value) == (
+        f"checkpoint {bad} is damaged (ValueError: Unable to retrieve default item)"
+    )
+
+
+# --- one writer per workdir ---------------------------------------------------------------------
+
+
+def test_second_writer_fails_at_once_naming_the_holder_and_a_dead_holder_does_not_block(
+    tmp_path,
+):
+    workdir = str(tmp_path / "w")
+    script = (
+        "import sys, time\nfrom fusion_jax import workdir\n"
+        "with workdir.lock(sys.argv[1]):\n    print('locked', flush=True)\n    time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, workdir], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        message = (
+            f"--workdir={workdir} is in use by another process (pid {holder.pid}); wait for it "
+            "to finish or stop it"
+        )
+        tic = time.perf_counter()
+        with pytest.raises(UserError) as e:
+            modes.train(tiny(), workdir)
+        assert time.perf_counter() - tic < 5  # at once, not after a wait
+        assert str(e.value) == message
+        assert sorted(os.listdir(workdir)) == [".lock"]  # the second writer wrote nothing
+    finally:
+        holder.kill()  # kill -9: the holder cannot release anything itself
+        holder.wait()
+    with workdir_lib.lock(workdir):
+        assert open(os.path.join(workdir, ".lock")).read() == f"{os.getpid()}\n"
+
+
+# --- plain user errors are one line through main.py ---------------------------------------------
+
+
+def run_main(*args):
+    return subprocess.run([sys.executable, "main.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--config=configs/baseline.py:tiny", "--config.tran.batch_size=8"],
+         "error: unknown config field 'tran' Did you mean \"train\" instead of \"tran\"?"),
+        (["--config=configs/nope.py"],
+         "error: --config: [Errno 2] No such file or directory: 'configs/nope.py'"),
+        (["--config=configs/baseline.py:tiny", "--config.tasks=x_div_y", "--config.data.p=10"],
+         "error: config.data.p=10: must be a prime for task x_div_y (b^(p-2) is the inverse of "
+         "b mod p only when p is prime)"),
+        (["--config=configs/baseline.py:tiny", "--config.opt.learning_rate=-0.001"],
+         "error: config.opt.learning_rate=-0.001: must be a number > 0"),
+        (["--mode=eval"], "error: --workdir={workdir} does not exist; train into it first"),
+        (["--config=configs/compare.py:tiny", "--mode=eval"], "error: --mode=eval does not run "
+         "configs/compare.py configs: their modes are train, merge_compare; --mode=eval is for "
+         "configs/baseline.py, configs/dyn_fusion.py"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, line):
+    workdir = str(tmp_path / "w")
+    done = run_main(f"--workdir={workdir}", *args)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == line.format(workdir=workdir)
+    assert not os.path.exists(workdir)
+
+
+def test_cli_refuses_a_file_as_workdir_and_a_drifted_resume(trained, tmp_path):
+    (tmp_path / "file").write_text("x")
+    done = run_main("--config=configs/baseline.py:tiny", f"--workdir={tmp_path}/file")
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: --workdir={tmp_path}/file is a file, not a directory"
+    )
+    before = snapshot(trained)
+    flags = ["--config.train.num_devices=1", "--config.num_steps=30", "--config.seed=5"]
+    done = run_main("--config=configs/baseline.py:tiny", f"--workdir={trained}", *flags)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: " + drift_message(trained, "seed: 0 → 5")
+    assert snapshot(trained) == before
