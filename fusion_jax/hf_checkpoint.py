@@ -24,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fusion_jax.errors import UserError
 from fusion_jax.models.lm import LanguageModel, LMConfig
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -269,7 +270,7 @@ def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[s
         if path not in found:
             errors.append(f"missing tensor {layout.to_hf(path)[0]!r}")
     if errors:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {directory} does not match its config.json: " + "; ".join(errors)
         )
     return config, layout, found
@@ -294,7 +295,7 @@ def parse_size(size) -> int:
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB)?\s*", str(size).upper())
     if not m:
-        raise ValueError(f"max_shard_size must be bytes or like '2GB', got {size!r}")
+        raise UserError(f"max_shard_size must be bytes or like '2GB', got {size!r}")
     scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}[m.group(2) or "B"]
     return int(float(m.group(1)) * scale)
 
@@ -389,7 +390,7 @@ def save(
     expected = abstract_params(config)
     if set(flat) != set(expected):
         diff = sorted(set(flat) ^ set(expected))
-        raise ValueError(
+        raise UserError(
             f"params do not match the config's architecture; first difference {diff[0]!r}"
         )
     out_dtype = DTYPES[dtype] if dtype else np.asarray(next(iter(flat.values()))).dtype
@@ -425,21 +426,21 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
                 continue
             a, b = getattr(config, field.name), getattr(other_config, field.name)
             if a != b:
-                raise ValueError(
+                raise UserError(
                     f"models differ in config field {field.name!r}: {a!r} in {first} "
                     f"but {b!r} in {other}"
                 )
         r = TensorReader(other)
         for name in names:
             if name not in r.files:
-                raise ValueError(f"models differ: tensor {name!r} is in {first} but not in {other}")
+                raise UserError(f"models differ: tensor {name!r} is in {first} but not in {other}")
             shape = r.shape_dtype(name)[0]
             if shape != shapes[name]:
-                raise ValueError(
+                raise UserError(
                     f"models differ at tensor {name!r}: shape {list(shapes[name])} in {first} "
                     f"but {list(shape)} in {other}"
                 )
         extra = sorted(set(r.files) - set(names))
         if extra:
-            raise ValueError(f"models differ: tensor {extra[0]!r} is in {other} but not in {first}")
+            raise UserError(f"models differ: tensor {extra[0]!r} is in {other} but not in {first}")
     return config, hf_config, names

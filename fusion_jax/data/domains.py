@@ -12,6 +12,7 @@ import sysconfig
 from collections.abc import Callable
 
 from fusion_jax.data import text
+from fusion_jax.errors import UserError
 
 FORTUNES = "/usr/share/games/fortunes"
 INSTALL_ALL = "apt-get install fortunes fortunes-de fortunes-es fortunes-it"
@@ -60,7 +61,7 @@ def parse_domains(spec: str) -> list[tuple[str, list[str], str | None]]:
             out.append((name, text.expand_sources(sources.split("|")), None))
             continue
         if item not in DOMAINS:
-            raise ValueError(
+            raise UserError(
                 f"unknown domain {item!r}; known: {', '.join(DOMAINS)} (or name=glob for your own)"
             )
         domain = DOMAINS[item]
@@ -72,5 +73,5 @@ def parse_domains(spec: str) -> list[tuple[str, list[str], str | None]]:
             )
         out.append((item, files, domain.record_separator))
     if len({name for name, _, _ in out}) != len(out):
-        raise ValueError(f"domains must be distinct, got {spec!r}")
+        raise UserError(f"domains must be distinct, got {spec!r}")
     return out

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fusion_jax.errors import UserError
+
 # fortune(6) writes a binary `.dat` index beside every text file; it is never text.
 _SKIPPED_SUFFIXES = (".dat",)
 
@@ -78,7 +80,7 @@ def expand_sources(sources: str | Sequence[str]) -> list[str]:
         items = [str(s).strip() for s in sources]
     items = [s for s in items if s]
     if not items:
-        raise ValueError(f"no text sources given: {sources!r}")
+        raise UserError(f"no text sources given: {sources!r}")
     paths, seen = [], set()
     for item in items:
         matched = _expand_item(item)
@@ -145,7 +147,7 @@ def split_documents(docs: list[str], seed: int, val_fraction: float) -> tuple[li
       (train_docs, val_docs).
     """
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
     n = len(docs)
     num_val = int(round(val_fraction * n))
     if val_fraction > 0 and n >= 2:
@@ -212,7 +214,7 @@ class HFTokenizer:
         if eos_token is not None:
             self.eos_id = self._tokenizer.token_to_id(eos_token)
             if self.eos_id is None:
-                raise ValueError(f"eos token {eos_token!r} is not in the vocabulary of {path!r}")
+                raise UserError(f"eos token {eos_token!r} is not in the vocabulary of {path!r}")
         self.pad_id = 0 if self.eos_id is None else self.eos_id
 
     def encode(self, text: str) -> list[int]:
@@ -245,11 +247,11 @@ def pack(
       mask: float32 [N, seq_len]; 1 where the target tokens[:, t + 1] is real, 0 on padding.
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
+        raise UserError(f"seq_len must be >= 1, got {seq_len!r}")
     suffix = [] if eos_id is None else [eos_id]
     length = sum(len(d) + len(suffix) for d in token_docs)
     if length < 2:
-        raise ValueError(
+        raise UserError(
             f"no text to pack: the token stream has {length} token(s), at least 2 are needed"
         )
     stream = np.fromiter(
@@ -286,5 +288,5 @@ def load_text(
 def bits_per_byte(nll_nats_sum: float, num_bytes: int) -> float:
     """Summed negative log-likelihood in nats -> bits per byte of text."""
     if num_bytes <= 0:
-        raise ValueError(f"num_bytes must be positive, got {num_bytes!r}")
+        raise UserError(f"num_bytes must be positive, got {num_bytes!r}")
     return float(nll_nats_sum) / math.log(2) / num_bytes

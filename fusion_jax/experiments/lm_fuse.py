@@ -26,6 +26,7 @@ from absl import logging
 
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax.data import text
+from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm_fusion
 from fusion_jax.models.lm import LanguageModel
 from fusion_jax.train import checkpoint
@@ -42,7 +43,7 @@ class Setup:
         self.config = config
         models = split_list(config.models)
         if len(models) < 2:
-            raise ValueError(f"config.models needs at least 2 expert directories, got {models}")
+            raise UserError(f"config.models needs at least 2 expert directories, got {models}")
         lm_config, _, _ = hc.check_compatible(models)
         _check_experts(workdir, models)
         expert_params = [hc.load(m, "float32")[1] for m in models]
@@ -80,7 +81,7 @@ class Setup:
         vocab = self.fusion_config.expert.vocab_size
         top = max(int(self.train[0].max()), int(self.val[0].max()))
         if top >= vocab:
-            raise ValueError(
+            raise UserError(
                 f"config.data.tokenizer gives token ids up to {top} but the experts' "
                 f"vocab_size is {vocab}"
             )
@@ -101,7 +102,7 @@ def _check_experts(workdir: str, models: list[str]) -> None:
             saved = json.load(f)
         for old, new in zip(saved, record, strict=False):
             if old["sha256"] != new["sha256"] or len(saved) != len(record):
-                raise ValueError(
+                raise UserError(
                     f"the expert checkpoints differ from those this workdir was trained with "
                     f"(first difference: {new['path']}); use a new --workdir"
                 )
@@ -142,7 +143,7 @@ def train(config, workdir: str) -> dict:
     t = config.train
     for name in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
         if t[name] < 1:
-            raise ValueError(f"config.train.{name} must be >= 1, got {t[name]}")
+            raise UserError(f"config.train.{name} must be >= 1, got {t[name]}")
     setup = Setup(config, workdir)
     tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
     trainable, frozen = setup.split(setup.params)
@@ -257,14 +258,14 @@ def generate(config, workdir: str) -> str:
     """Continues `config.generate.prompt` with the trained fusion model; prints and returns it."""
     g = config.generate
     if g.max_new_tokens < 1 or g.temperature < 0:
-        raise ValueError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
+        raise UserError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
     setup = Setup(config, workdir, load_data=False)
     prompt = setup.tokenizer.encode(g.prompt)
     if not prompt:
-        raise ValueError("config.generate.prompt is empty")
+        raise UserError("config.generate.prompt is empty")
     max_len = setup.fusion_config.expert.max_len
     if len(prompt) + g.max_new_tokens > max_len:
-        raise ValueError(
+        raise UserError(
             f"prompt ({len(prompt)} tokens) + config.generate.max_new_tokens "
             f"({g.max_new_tokens}) exceeds the experts' {max_len} positions"
         )

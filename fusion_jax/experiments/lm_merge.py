@@ -32,6 +32,7 @@ from tqdm import tqdm
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import merging
 from fusion_jax.data import text
+from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
 from fusion_jax.models.lm import LanguageModel
 from fusion_jax.train import checkpoint
@@ -45,8 +46,7 @@ HPARAMS = {
     "slerp": ("t",),
 }
 METHODS = (*merging.MERGES, "dam")
-# DAM coefficient groups: which leaves get trained (the DAM repository trains "linear" only).
-DAM_GROUPS = ("linear", "embedding", "norm")
+DAM_GROUPS = dam.GROUPS
 
 
 def split_list(value: str) -> list[str]:
@@ -67,17 +67,17 @@ def method_hparams(config) -> dict:
 def validate(config) -> tuple[list[str], str | None]:
     """(expert dirs, base dir or None) after checking the method and its inputs."""
     if config.method not in METHODS:
-        raise ValueError(f"unknown config.method {config.method!r}; known: {', '.join(METHODS)}")
+        raise UserError(f"unknown config.method {config.method!r}; known: {', '.join(METHODS)}")
     models = split_list(config.models)
     if not models:
-        raise ValueError("config.models is empty: give the expert checkpoints as DIR_A,DIR_B,...")
+        raise UserError("config.models is empty: give the expert checkpoints as DIR_A,DIR_B,...")
     base = config.base or None
     if config.method in ("task_arithmetic", "ties", "dare") and base is None:
-        raise ValueError(f"config.method={config.method!r} needs a base model: set config.base=DIR")
+        raise UserError(f"config.method={config.method!r} needs a base model: set config.base=DIR")
     if config.method == "slerp" and len(models) != 2:
-        raise ValueError(f"config.method='slerp' merges exactly 2 models, got {len(models)}")
+        raise UserError(f"config.method='slerp' merges exactly 2 models, got {len(models)}")
     if config.dtype and config.dtype not in hc.DTYPES:
-        raise ValueError(
+        raise UserError(
             f"config.dtype must be one of {', '.join(hc.DTYPES)} or '', got {config.dtype!r}"
         )
     return models, base
@@ -150,21 +150,6 @@ def streaming_merge(
     return len(names)
 
 
-def _coefficient_groups(coefficients) -> dict:
-    """Per coefficient leaf its DAM group: linear (kernels and biases of the decoder's Dense
-    layers), embedding (token/position embeddings and the LM head), norm (norm scales/biases)."""
-
-    def group(path, _):
-        keys = [getattr(p, "key", None) for p in path]
-        if keys[-1] == "embedding" or "lm_head" in keys:
-            return "embedding"
-        if keys[-1] == "scale" or any(str(k).startswith(("ln_", "norm")) for k in keys):
-            return "norm"
-        return "linear"
-
-    return jax.tree.map_with_path(group, coefficients)
-
-
 def _dam_batches(tokens, mask, batch_size, step, seed):
     """Expert k's batch for `step`: its windows in a seed-fixed order, taken cyclically."""
     out_tokens, out_mask = [], []
@@ -181,12 +166,12 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     d = config.dam
     groups = [g for g in split_list(d.train)]
     if unknown := [g for g in groups if g not in DAM_GROUPS]:
-        raise ValueError(
+        raise UserError(
             f"unknown config.dam.train group {unknown[0]!r}; known: {', '.join(DAM_GROUPS)}"
         )
     sources = [s for s in str(d.data).split(";") if s.strip()]
     if len(sources) != len(models):
-        raise ValueError(
+        raise UserError(
             f"config.dam.data needs one text source per model separated by ';': "
             f"got {len(sources)} for {len(models)} models"
         )
@@ -196,7 +181,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
     tokens, mask = [t for t, _ in data], [m for _, m in data]
     if max(int(t.max()) for t in tokens) >= lm_config.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"config.dam.tokenizer gives token ids up to {max(int(t.max()) for t in tokens)} "
             f"but the models' vocab_size is {lm_config.vocab_size}"
         )
@@ -204,7 +189,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
     model = LanguageModel(lm_config)
     trainable = jax.tree.map(
-        lambda g: g in groups, _coefficient_groups(dam.init_coefficients(stacked))
+        lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
     )
     tx = optax.adam(d.learning_rate)
 

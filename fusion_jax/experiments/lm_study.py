@@ -30,13 +30,14 @@ from fusion_jax import merging
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
-from fusion_jax.experiments.lm_merge import _coefficient_groups
 from fusion_jax.experiments.stages import Stages, flops_of
 from fusion_jax.merging import dam
 from fusion_jax.models import lm, lm_fusion
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from fusion_jax.errors import UserError
 
 BYTES = text.ByteTokenizer()
 
@@ -94,7 +95,7 @@ def load_data(config, workdir: str) -> Data:
         windows = text_tfds.load_windows(cfg, data_dir)
         for split, (tokens, mask) in windows.items():
             if len(tokens) == 0:
-                raise ValueError(f"domain {name!r} has no {split} windows: add text or documents")
+                raise UserError(f"domain {name!r} has no {split} windows: add text or documents")
             cap = caps[split] or len(tokens)
             splits[split].append((tokens[:cap], mask[:cap]))
         names.append(name)
@@ -296,7 +297,7 @@ class Study:
         d = self.config.dam
         k = len(self.names)
         one_coeffs = jax.eval_shape(dam.init_coefficients, _index(experts, 0))
-        trainable = jax.tree.map(lambda g: g == "linear", _coefficient_groups(one_coeffs))
+        trainable = jax.tree.map(lambda g: g == "linear", dam.coefficient_groups(one_coeffs))
 
         def apply_fn(params, tokens):
             return self.model.apply({"params": params}, tokens[:, :-1])

@@ -52,6 +52,25 @@ def _coefficient_shape(path, leaf) -> tuple[int, ...]:
     )
 
 
+# Coefficient groups of language models; the DAM repository trains "linear" only.
+GROUPS = ("linear", "embedding", "norm")
+
+
+def coefficient_groups(coefficients) -> dict:
+    """Per coefficient leaf its DAM group: linear (kernels and biases of the decoder's Dense
+    layers), embedding (token/position embeddings and the LM head), norm (norm scales/biases)."""
+
+    def group(path, _):
+        keys = [getattr(p, "key", None) for p in path]
+        if keys[-1] == "embedding" or "lm_head" in keys:
+            return "embedding"
+        if keys[-1] == "scale" or any(str(k).startswith(("ln_", "norm")) for k in keys):
+            return "norm"
+        return "linear"
+
+    return jax.tree.map_with_path(group, coefficients)
+
+
 def init_coefficients(stacked, init=None):
     """A coefficient tree for `stacked` (shapes in the module docstring), every entry `init`.
 

@@ -26,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusion_jax.errors import UserError
+
 # Large negative instead of -inf: a fully masked row (padding) stays finite.
 _MASK_VALUE = -1e30
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """config.json names an architecture or option this code does not implement."""
 
 
