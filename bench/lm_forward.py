@@ -21,7 +21,6 @@ the same run, and next to XLA's own count (`compiled.cost_analysis()["flops"]`) 
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -30,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from train_step import matmul_flops_per_s, median_time  # noqa: E402  (bench/ is on sys.path)
 
 from fusion_jax.models.lm import LanguageModel, LMConfig  # noqa: E402
 
@@ -60,24 +60,6 @@ PRESETS = {
         "torch_dtype": "float32",
     },
 }
-
-
-def median_time(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # warm up (compiled already)
-    times = []
-    for _ in range(repeats):
-        tic = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times)
-
-
-def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 rate of a square matmul, the yardstick for this device."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
-    return 2 * n**3 / median_time(f, a, b, repeats=repeats)
 
 
 def analytic_flops(config: LMConfig, params, batch: int, seq: int) -> tuple[float, int, int]:

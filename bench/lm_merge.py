@@ -95,17 +95,6 @@ def llama_config(params_m: float, hidden: int, vocab: int, heads: int) -> dict:
     }
 
 
-def _nest(flat: dict) -> dict:
-    tree = {}
-    for path, leaf in flat.items():
-        *parents, last = path.split("/")
-        node = tree
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[last] = leaf
-    return tree
-
-
 def checkpoint_dirs(root: str) -> tuple[str, list[str]]:
     return os.path.join(root, "base"), [os.path.join(root, f"ft{k}") for k in range(NUM_EXPERTS)]
 
@@ -122,14 +111,14 @@ def write_checkpoints(root: str, hf_config: dict, seed: int, delta: float) -> No
         else:
             base[path] = rng.standard_normal(s.shape, np.float32)
             base[path] *= np.float32(0.02)
-    hc.save(_nest(base), hf_config, base_dir)
+    hc.save(hc.unflatten(base), hf_config, base_dir)
     for d in expert_dirs:
         expert = {}
         for path, x in base.items():
             noise = rng.standard_normal(x.shape, np.float32)
             noise *= np.float32(delta)
             expert[path] = noise + x
-        hc.save(_nest(expert), hf_config, d)
+        hc.save(hc.unflatten(expert), hf_config, d)
         del expert
 
 

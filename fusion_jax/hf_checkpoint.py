@@ -213,14 +213,16 @@ def sha256_files(directory: str) -> dict[str, str]:
     return out
 
 
-def _flatten(params) -> dict[str, object]:
+def flatten(params) -> dict[str, object]:
+    """{"a/b/kernel": leaf} for a nested parameter dict."""
     return {
         jax.tree_util.keystr(p, simple=True, separator="/"): leaf
         for p, leaf in jax.tree.leaves_with_path(params)
     }
 
 
-def _unflatten(flat: dict) -> dict:
+def unflatten(flat: dict) -> dict:
+    """The nested parameter dict of `flatten`'s output."""
     tree = {}
     for path, leaf in flat.items():
         node = tree
@@ -236,7 +238,7 @@ def abstract_params(config: LMConfig) -> dict:
     shapes = jax.eval_shape(
         lambda: LanguageModel(config).init(jax.random.key(0), np.zeros((1, 1), np.int32))
     )
-    return _flatten(shapes["params"])
+    return flatten(shapes["params"])
 
 
 def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[str, str]]]:
@@ -286,7 +288,7 @@ def load(directory: str, dtype: str | None = None) -> tuple[LMConfig, dict]:
         x = reader.get(name)
         x = np.ascontiguousarray(x.T) if kind == "linear" else x
         flat[path] = x.astype(DTYPES[dtype]) if dtype else x
-    return config, _unflatten(flat)
+    return config, unflatten(flat)
 
 
 def parse_size(size) -> int:
@@ -386,7 +388,7 @@ def save(
     """
     config = LMConfig.from_hf(hf_config)
     layout = layout or layout_for(config)
-    flat = _flatten(params)
+    flat = flatten(params)
     expected = abstract_params(config)
     if set(flat) != set(expected):
         diff = sorted(set(flat) ^ set(expected))
