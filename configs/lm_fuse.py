@@ -3,7 +3,7 @@
     python main.py --config=configs/lm_fuse.py --workdir=runs/f \
         --config.models=DIR_A,DIR_B --config.data.sources='texts/**/*.txt'
     python main.py --config=configs/lm_fuse.py --workdir=runs/f --mode=generate \
-        --config.models=DIR_A,DIR_B --config.generate.prompt='Once upon a time'
+        --config.generate.prompt='Once upon a time'   # the model comes from the workdir
 
 The experts (same architecture and tokenizer) run as one vmapped module; a gated fusion
 attention layer weighs their final hidden states per token and a fusion head (initialised as the

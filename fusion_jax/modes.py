@@ -5,6 +5,8 @@ workdir's config.json first (fusion_jax/workdir.py). Modes that read a trained w
 analyze, report) use its config.json; `--config` is optional there and must agree with it.
 """
 
+import ml_collections
+
 from fusion_jax import config_rules
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
@@ -111,11 +113,18 @@ def merge_compare(config, workdir: str, **_):
 
 
 def generate(config, workdir: str, **_):
-    """Continues `config.generate.prompt` with a trained LM fusion workdir (configs/lm_fuse.py)."""
+    """Continues `config.generate.prompt` with a trained LM fusion workdir (configs/lm_fuse.py):
+    the model is the workdir's (its config.json); --config supplies the generate section."""
     check_mode(config, "generate")
-    config_rules.validate(config)
     workdir_lib.check_exists(workdir)
-    workdir_lib.check_binding(config, workdir, extending=False)
+    stored = workdir_lib.stored_config(workdir)
+    if stored is not None:
+        # The workdir's config describes the trained model; only the generate section (prompt,
+        # length, sampling) comes from --config, so training flags need not be repeated.
+        generate_section = config.generate
+        config = ml_collections.ConfigDict(stored)
+        config.generate = generate_section
+    config_rules.validate(config)
     return lm_fuse.generate(config, workdir)
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import modes
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import lm, lm_fusion
 
@@ -170,3 +171,15 @@ def test_gate_weights_are_per_token_distributions():
     weights, _, _ = model.apply({"params": fused}, tokens, method="fused")
     assert weights.shape == (2, 12, 2)
     np.testing.assert_allclose(jnp.sum(weights, -1), 1.0, atol=1e-6)
+
+
+def test_generate_mode_reads_the_model_from_the_workdir(tmp_path, capsys):
+    experts = _experts(tmp_path)
+    workdir = str(tmp_path / "w")
+    modes.train(_config(tmp_path, experts, 2), workdir)
+    # Only the generate section is given: models, data and gate come from config.json.
+    config = lm_fuse_config.get_config()
+    config.generate.prompt = "the"
+    config.generate.max_new_tokens = 3
+    out = modes.generate(config, workdir)
+    assert out.startswith("the") and capsys.readouterr().out == out + "\n"

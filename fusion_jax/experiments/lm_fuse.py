@@ -3,7 +3,7 @@
     python main.py --config=configs/lm_fuse.py --workdir=runs/f \
         --config.models=DIR_A,DIR_B --config.data.sources='texts/**/*.txt'
     python main.py --config=configs/lm_fuse.py --workdir=runs/f --mode=generate \
-        --config.models=DIR_A,DIR_B --config.generate.prompt='Once upon a time'
+        --config.generate.prompt='Once upon a time'   # the model comes from the workdir
 
 The experts stay frozen by default (only the gate and the fusion head train, and only those are
 checkpointed; the experts are re-read from their directories, whose sha256 are recorded in
