@@ -23,7 +23,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", sorted(modes.MODES), "What to do with the config.")
 flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval (default: the latest).")
-flags.DEFINE_string("workdirs", "", "--mode=compare: comma-separated finished workdirs.")
+flags.DEFINE_string("workdirs", "", "--mode=compare|results: finished workdirs, comma-separated.")
 flags.mark_flags_as_required(["workdir"])
 
 

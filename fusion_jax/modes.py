@@ -12,7 +12,7 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
-from fusion_jax.evaluate import eval_loop, results
+from fusion_jax.evaluate import eval_loop, results, results_report
 from fusion_jax.experiments import lm_fuse, lm_merge, lm_study
 from fusion_jax.experiments import merge_compare as merge_compare_lib
 from fusion_jax.train import loop
@@ -25,7 +25,8 @@ EXPERIMENTS = {
     "lm_study": lm_study.run,
 }
 
-# The modes that can run each kind of config (config_rules.kind_of); `compare` needs none.
+# The modes that can run each kind of config (config_rules.kind_of); `compare` and `results`
+# need none.
 KIND_MODES = {
     None: ("train", "eval", "analyze", "report"),
     "merge_compare": ("train", "merge_compare"),
@@ -105,6 +106,14 @@ def compare(config, workdir: str, workdirs: str = "", **_):
     return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
 
 
+def results_folder(config, workdir: str, workdirs: str = "", **_):
+    """Writes the results/ folder (--workdir) from result workdirs: per run its tables beside
+    the source's numbers, final_info.json, plots and gate analysis; reads the workdirs only."""
+    del config  # Each workdir carries its own config.json.
+    workdir_lib.check_not_file(workdir)
+    return results_report.write_results(workdirs, workdir)
+
+
 def merge_compare(config, workdir: str, **_):
     """The merging experiment (configs/compare.py; the LM study of configs/lm_fusion.py too):
     what `--mode=train` runs for these configs."""
@@ -134,6 +143,7 @@ MODES = {
     "analyze": analyze,
     "report": report,
     "compare": compare,
+    "results": results_folder,
     "merge_compare": merge_compare,
     "generate": generate,
 }
