@@ -46,6 +46,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.last_position_only = True
     # Train only non-expert parameters (fusion models); see configs/dyn_fusion.py.
     config.model.freeze_experts = False
+    # Matmul passes on accelerators: "highest" (full float32, as the PyTorch reference computes),
+    # "high" (TPU: 3 bfloat16 passes; GPU: TF32) or "default" (TPU: 1 bfloat16 pass). No effect
+    # on CPU. See BUILD_NOTES.md.
+    config.model.matmul_precision = "highest"
+    # "float32", or "bfloat16": the forward and backward run in bfloat16 while the parameters and
+    # the optimiser state stay float32 (logits and loss are float32).
+    config.model.compute_dtype = "float32"
 
     config.opt = ml_collections.ConfigDict()
     config.opt.learning_rate = 1e-3
@@ -69,6 +76,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.max_to_keep = 2
     # Devices for pmap data parallelism; 0 = all local devices.
     config.train.num_devices = 0
+    # Also save when this many seconds have passed since the last save (0 = off), shortening the
+    # compiled chunks on a slow device so that one takes at most a quarter of it: a lost runtime
+    # then costs minutes. Results do not depend on it.
+    config.train.checkpoint_every_secs = 600.0
+    # Fail at start-up unless JAX finds a GPU or TPU (instead of running on the CPU).
+    config.train.require_accelerator = False
+    # Multi-process runs (a TPU pod slice, several GPU hosts): 1 = one process; 0 = let
+    # jax.distributed detect the cluster (TPU pods, SLURM, Open MPI); N > 1 = N processes that
+    # meet at `coordinator_address` ("host:port"), this one being `process_id`.
+    config.train.num_processes = 1
+    config.train.coordinator_address = ""
+    config.train.process_id = 0
 
     config.eval = ml_collections.ConfigDict()
     # "exact": the whole validation split; "sampled": the reference's batches with replacement.

@@ -7,7 +7,7 @@ analyze, report) use its config.json; `--config` is optional there and must agre
 
 import ml_collections
 
-from fusion_jax import config_rules
+from fusion_jax import config_rules, runtime
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
@@ -65,18 +65,22 @@ def train(config, workdir: str, **_):
     A config naming an `experiment` (configs/lm_merge.py, ...) runs that experiment instead.
     """
     check_mode(config, "train")
+    config_rules.validate(config)  # Before jax.distributed reads config.train.
+    runtime.start(config)
     with workdir_lib.claim(config, workdir):
         if "experiment" in config:
             return EXPERIMENTS[config.experiment](config, workdir)
         task_records = loop.train(config, workdir)
-        info = results.write_report(config, workdir, task_records)
+        info = results.write_report(config, workdir, task_records) if runtime.is_primary() else None
         eval_loop.analyze(config, workdir)
+        runtime.wait_for_all("fusion_jax train done")
         return info
 
 
 def evaluate(config, workdir: str, step: int | None = None, **_):
     """Restores checkpoints and recomputes train/validation metrics on the full splits."""
     config = _trained_config(config, workdir, "eval")
+    runtime.check_devices(config)  # One process reads the workdir.
     with workdir_lib.lock(workdir):
         return eval_loop.evaluate(config, workdir, step)
 
@@ -84,6 +88,7 @@ def evaluate(config, workdir: str, step: int | None = None, **_):
 def analyze(config, workdir: str, step: int | None = None, **_):
     """Compute accounting (params, FLOPs/example, examples/s) and, for fusion, gate analysis."""
     config = _trained_config(config, workdir, "analyze")
+    runtime.check_devices(config)  # One process reads the workdir.
     with workdir_lib.lock(workdir):
         return eval_loop.analyze(config, workdir, step)
 

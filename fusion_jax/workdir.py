@@ -41,15 +41,17 @@ def check_exists(workdir: str) -> None:
 
 
 def stored_config(workdir: str) -> dict | None:
-    """The workdir's config.json as a dict, or None if the workdir has none."""
+    """The workdir's config.json as a dict (fields added since it was written filled in with the
+    values that reproduce it, config_rules.ADDED_FIELDS), or None if the workdir has none."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
     try:
         with open(path) as f:
-            return json.load(f)
+            stored = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir") from e
+    return config_rules.upgrade(stored)
 
 
 def _items(value) -> list[str] | None:
@@ -200,6 +202,10 @@ def claim(config, workdir: str):
     config_rules.validate(config, devices=jax.local_device_count())
     check_not_file(workdir)
     check_binding(config, workdir, extending=True)
+    if jax.process_index() > 0:
+        # A multi-process run: process 0 holds the lock and records the config for all.
+        yield
+        return
     with lock(workdir):
         # Again under the lock: another process may have bound the workdir in the meantime.
         check_binding(config, workdir, extending=True)

@@ -1,4 +1,5 @@
-"""Test session set-up: 4 fake CPU devices and a persistent compilation cache.
+"""Test session set-up: 8 fake CPU devices (a TPU v2-8/v3-8 has 8 cores) and a persistent
+compilation cache.
 
 The device count must be fixed before JAX initialises its backend, so it is set here, before
 any test module imports JAX. Single-device tests pass `config.train.num_devices = 1`.
@@ -9,7 +10,7 @@ import sys
 import tempfile
 
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

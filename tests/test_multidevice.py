@@ -1,4 +1,4 @@
-"""pmap over 4 fake CPU devices (set in conftest.py) against one device, same results."""
+"""pmap over 4 and 8 fake CPU devices (set in conftest.py) against one device, same results."""
 
 import os
 
@@ -10,11 +10,11 @@ from configs import baseline
 from fusion_jax.train import checkpoint, logs, loop
 
 
-@pytest.mark.parametrize("eval_mode", ["exact", "sampled"])
-def test_four_devices_match_one(tmp_path, eval_mode):
-    assert jax.local_device_count() == 4
+@pytest.mark.parametrize("eval_mode, many", [("exact", 4), ("exact", 8), ("sampled", 8)])
+def test_several_devices_match_one(tmp_path, eval_mode, many):
+    assert jax.local_device_count() == 8
     results = {}
-    for devices in (1, 4):
+    for devices in (1, many):
         config = baseline.get_config("tiny")
         config.train.num_devices = devices
         config.eval.mode = eval_mode
@@ -25,11 +25,11 @@ def test_four_devices_match_one(tmp_path, eval_mode):
         state = checkpoint.restore(mngr, setup.abstract_runs())
         mngr.close()
         results[devices] = (logs.to_arrays(records), state.params)
-    (logs1, params1), (logs4, params4) = results[1], results[4]
+    (logs1, params1), (logs_n, params_n) = results[1], results[many]
     for name in logs.METRICS:
-        np.testing.assert_allclose(logs4[name], logs1[name], rtol=2e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(logs_n[name], logs1[name], rtol=2e-5, atol=1e-6, err_msg=name)
     dim = config.model.dim
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params4),
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_n),
                             jax.tree.leaves(params1), strict=True):  # fmt: skip
         name = jax.tree_util.keystr(path)
         if name.endswith("['attn']['bias']"):

@@ -24,7 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = os.path.join(ROOT, "tests", "fixtures", "lm", "llama")
 GROKKING_SAFE = (
     "name, num_steps (increase only), tasks (reorder only), train.log_every, "
-    "train.checkpoint_every, train.max_to_keep, train.num_devices, data.source, data.tfds_dir"
+    "train.checkpoint_every, train.max_to_keep, train.num_devices, train.num_processes, "
+    "train.coordinator_address, train.process_id, train.checkpoint_every_secs, "
+    "train.require_accelerator, data.source, data.tfds_dir"
 )
 
 # Every config file and its variants. A new config file must be added here, and its kind needs

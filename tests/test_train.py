@@ -122,6 +122,73 @@ def test_interrupt_then_resume_equals_uninterrupted(trained, tmp_path, monkeypat
     )
 
 
+def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_results(
+    tmp_path, monkeypatch
+):
+    def config_40():
+        config = tiny()
+        config.num_steps = config.train.checkpoint_every = 40  # step checkpoints at the end only
+        return config
+
+    uninterrupted = str(tmp_path / "uninterrupted")
+    loop.train(config_40(), uninterrupted)
+
+    config = config_40()
+    config.train.checkpoint_every_secs = 1e-9  # a save is due after every chunk
+    # As on a slow device: chunks of one evaluation interval once the speed is measured.
+    monkeypatch.setattr(loop, "piece_steps", lambda *args: config.train.eval_every)
+    real_progress = loop._progress
+
+    def killed_at_30(task, step, *args):
+        real_progress(task, step, *args)
+        if step == 30:
+            raise RuntimeError("killed")  # no handler saves anything, as with kill -9
+
+    monkeypatch.setattr(loop, "_progress", killed_at_30)
+    workdir = str(tmp_path / "killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        loop.train(config, workdir)
+    monkeypatch.undo()
+    # Chunks 0-10 and 10-20 (log_every), then 20-25, 25-30: the time-based save of step 25.
+    assert restore_params(workdir, config).step.tolist() == [25, 25]
+    loop.train(config, workdir)
+
+    resumed, expected = restore_params(workdir, config), restore_params(uninterrupted, config)
+    assert resumed.step.tolist() == [40, 40]
+    jax.tree.map(np.testing.assert_array_equal, resumed.params, expected.params)
+    ours, theirs = (
+        logs.to_arrays(logs.read(os.path.join(w, "x_plus_y", "metrics.jsonl")))
+        for w in (workdir, uninterrupted)
+    )
+    for name in ("step", "seed", "train_loss", "train_acc", "val_acc"):
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+    # A validation pass compiled into a shorter chunk may round its sum in another order.
+    np.testing.assert_allclose(ours["val_loss"], theirs["val_loss"], rtol=1e-6)
+
+
+def test_a_required_accelerator_that_is_missing_stops_the_run_before_any_work(tmp_path):
+    config = tiny()
+    config.train.require_accelerator = True
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError) as e:
+        modes.train(config, str(workdir))
+    assert str(e.value) == (
+        "config.train.require_accelerator=True but JAX found only the CPU: install the "
+        "accelerator build (pip install -e '.[cuda]' or '.[tpu]'), check that the runtime has a "
+        "GPU or TPU attached, or set config.train.require_accelerator=False"
+    )
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize(
+    "steps_per_sec, every_secs, expected",
+    [(100.0, 600, 500), (0.5, 600, 50), (0.2, 600, 20), (0.01, 600, 10), (0.01, 0, 500)],
+)
+def test_chunks_shrink_to_a_quarter_of_the_checkpoint_interval(steps_per_sec, every_secs, expected):
+    # log_every 500, eval_every 10: chunk lengths are multiples of 10 that divide 500.
+    assert loop.piece_steps(steps_per_sec, every_secs, 10, 500) == expected
+
+
 def test_checkpoint_round_trip(tmp_path):
     state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.array([3, 3], jnp.int32)}
     mngr = checkpoint.manager(str(tmp_path), max_to_keep=2)
@@ -163,8 +230,14 @@ def test_training_lowers_the_loss_and_first_update_has_lr_zero():
     [
         ("train.num_devices", 4, "config.train.batch_size=30: must be divisible by the 4 devices "
          "used for data parallelism (or set config.train.num_devices)"),
-        ("train.num_devices", 64, "config.train.num_devices=64: must be an integer in [0, 4] "
+        ("train.num_devices", 64, "config.train.num_devices=64: must be an integer in [0, 8] "
          "(the local devices; 0 = all)"),
+        ("model.matmul_precision", "tf32", "config.model.matmul_precision='tf32': must be one "
+         "of 'highest', 'high', 'default'"),
+        ("model.compute_dtype", "float16", "config.model.compute_dtype='float16': must be one "
+         "of 'float32', 'bfloat16'"),
+        ("train.num_processes", 2, "config.train.coordinator_address='': must be 'host:port' of "
+         "process 0 when config.train.num_processes=2"),
         ("train.log_every", 7, "config.train.log_every=7: must be a multiple of "
          "config.train.eval_every=5"),
         ("num_steps", 12, "config.num_steps=12: must be a multiple of config.train.eval_every=5"),

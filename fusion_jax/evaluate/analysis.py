@@ -12,11 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.models.fusion import gate_entropy
+from fusion_jax.models.numerics import FLOAT32, Numerics
 
 
-def gate_weights(model, params, tokens) -> jax.Array:
+def gate_weights(model, params, tokens, numerics: Numerics = FLOAT32) -> jax.Array:
     """Gate weights `[B, L', K]` of one run's fusion model on `tokens [B, L]`."""
-    _, state = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    _, state = numerics.apply(model, params, tokens, mutable=["intermediates"])
     return state["intermediates"]["fusion"]["gate_weights"][0]
 
 
@@ -34,13 +35,14 @@ def gate_statistics(weights) -> dict:
     }
 
 
-def analyze_gates(setup, params, out_dir: str, max_heatmap_rows: int = 64) -> dict:
-    """Gate statistics of every run on its validation split, and a heatmap for the first run.
+def analyze_gates(setup, params, out_dir: str | None, max_heatmap_rows: int = 64) -> dict:
+    """Gate statistics of every run on its validation split, and a heatmap of the first run in
+    `out_dir` (None: no plot).
 
     `params` are stacked over runs `[R, ...]`. Returns `{"per_seed": [...], "mean": {...}}`.
     """
     per_seed = []
-    fn = jax.jit(lambda p, x: gate_weights(setup.model, p, x))
+    fn = jax.jit(lambda p, x: gate_weights(setup.model, p, x, setup.numerics))
     first = None
     for r in range(len(setup.seeds)):
         run_params = jax.tree.map(lambda x, r=r: x[r], params)
@@ -52,7 +54,8 @@ def analyze_gates(setup, params, out_dir: str, max_heatmap_rows: int = 64) -> di
         for key in ("mean_weight", "top_choice_share", "entropy")
     }
     mean["max_entropy"] = per_seed[0]["max_entropy"]
-    plot_gate_heatmap(np.asarray(first), setup.task.name, out_dir, max_heatmap_rows)
+    if out_dir is not None:
+        plot_gate_heatmap(np.asarray(first), setup.task.name, out_dir, max_heatmap_rows)
     return {"per_seed": per_seed, "mean": mean}
 
 

@@ -7,6 +7,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from fusion_jax import runtime
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import analysis, results
@@ -63,6 +64,8 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     gate, `gate_analysis.json` and `gate_heatmap_<task>.png` into the workdir.
     """
     compute, gates = {}, {}
+    # Every process of a multi-process run restores (collectively); process 0 writes.
+    out_dir = workdir if runtime.is_primary() else None
     for task_name in tasks_lib.parse_task_names(config.tasks):
         setup, state, _ = restore_task(config, workdir, task_name, step)
         first_run = jax.tree.map(lambda x: x[0], state.params)
@@ -70,8 +73,10 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
         compute[task_name] = analysis.compute_stats(setup.apply_fn, first_run, tokens)
         logging.info("[%s] compute: %s", task_name, compute[task_name])
         if hasattr(setup.model, "fused_features"):
-            gates[task_name] = analysis.analyze_gates(setup, state.params, workdir)
+            gates[task_name] = analysis.analyze_gates(setup, state.params, out_dir)
             logging.info("[%s] gate (mean over seeds): %s", task_name, gates[task_name]["mean"])
+    if out_dir is None:
+        return {"compute": compute, "gates": gates}
     results.write_json(os.path.join(workdir, "compute.json"), compute)
     if gates:
         results.write_json(os.path.join(workdir, "gate_analysis.json"), gates)

@@ -18,11 +18,12 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import models
+from fusion_jax import models, runtime
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
+from fusion_jax.models.numerics import NUMERICS_FIELDS, Numerics
 from fusion_jax.train import checkpoint, logs, steps
 from fusion_jax.train.optimizer import make_optimizer
 
@@ -33,6 +34,7 @@ class TaskSetup:
 
     task: tasks_lib.Task
     model: nn.Module
+    numerics: Numerics
     apply_fn: steps.ApplyFn
     tx: optax.GradientTransformation
     seeds: list[int]
@@ -68,10 +70,12 @@ def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
     )
     seeds = [config.seed + r for r in range(config.num_seeds)]
     model = models.build_model(config.model, task)
+    numerics = Numerics.of(config.model)
     return TaskSetup(
         task=task,
         model=model,
-        apply_fn=steps.model_apply_fn(model),
+        numerics=numerics,
+        apply_fn=steps.model_apply_fn(model, numerics),
         tx=make_optimizer(config.opt, frozen_collections(config)),
         seeds=seeds,
         run_keys=jax.vmap(jax.random.key)(jnp.array(seeds)),
@@ -85,6 +89,7 @@ def frozen_collections(config) -> tuple[str, ...]:
 
 
 def resolve_num_devices(config) -> int:
+    """Devices this process feeds (in a multi-process run, each process feeds as many)."""
     return config.train.num_devices or jax.local_device_count()
 
 
@@ -95,18 +100,22 @@ def step_config(config, num_devices: int) -> steps.StepConfig:
         eval_mode=config.eval.mode,
         eval_batches=config.eval.num_batches,
         eval_batch_size=config.eval.batch_size,
-        num_devices=num_devices,
+        # The pmap axis spans the devices of every process.
+        num_devices=num_devices * jax.process_count(),
     )
 
 
 def device_data(setup: TaskSetup, num_devices: int) -> dict:
-    """Train/val splits replicated on every device, plus each device's share of the val split."""
-    val_shard, val_mask = pipeline.shard_for_eval(setup.data.val, num_devices)
+    """Train/val splits replicated on every device, plus each device's share of the val split
+    (this process's devices' shares of the split over all processes' devices)."""
+    first = jax.process_index() * num_devices
+    val_shard, val_mask = pipeline.shard_for_eval(setup.data.val, num_devices * jax.process_count())
+    mine = slice(first, first + num_devices)
     return {
         "train": pipeline.replicate(setup.data.train, num_devices),
         "val": pipeline.replicate(setup.data.val, num_devices),
-        "val_shard": pipeline.to_devices(val_shard),
-        "val_mask": pipeline.to_devices(val_mask),
+        "val_shard": pipeline.to_devices(jax.tree.map(lambda x: x[mine], val_shard)),
+        "val_mask": pipeline.to_devices(val_mask[mine]),
     }
 
 
@@ -138,7 +147,8 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
     num_devices = resolve_num_devices(config)
     directory = task_dir(workdir, task_name)
     os.makedirs(directory, exist_ok=True)
-    log_path = os.path.join(directory, "metrics.jsonl")
+    # Process 0 keeps the log; the others keep their records in memory only.
+    log_path = os.path.join(directory, "metrics.jsonl") if runtime.is_primary() else None
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"), config.train.max_to_keep)
     try:
         found = restore_runs(config, setup, mngr)
@@ -147,7 +157,7 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
         else:
             start, state = found
             logging.info("[%s] resuming from the checkpoint at step %d", task_name, start)
-        records = logs.truncate(log_path, start)
+        records = logs.truncate(log_path, start) if log_path else []
         if start >= config.num_steps:
             logging.info("[%s] already trained to step %d; skipping", task_name, start)
             return records
@@ -165,11 +175,13 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
     run_keys = pipeline.replicate(setup.run_keys, num_devices)
     chunk_fns = {}
     saved_step, done_state = step, state
+    piece, last_save = t.log_every, time.monotonic()
     try:
         state = pipeline.replicate(state, num_devices)
         while step < config.num_steps:
-            # Chunks end on multiples of log_every, so a resumed run compiles the same programs.
-            n = min(t.log_every - step % t.log_every, config.num_steps - step)
+            # Chunks end on multiples of `piece`, a divisor of log_every, so that checkpoint steps
+            # stay chunk ends; how the steps are chunked does not change the results.
+            n = min(piece - step % piece, config.num_steps - step)
             intervals = n // t.eval_every
             compiled = intervals not in chunk_fns
             if compiled:
@@ -180,14 +192,20 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             rate = n / (time.perf_counter() - tic)
             _check_finite(setup.task.name, step + n, metrics)
             new = _records(metrics, step, t.eval_every, setup.seeds)
-            logs.append(log_path, new)
+            if log_path:
+                logs.append(log_path, new)
             records.extend(new)
             step += n
-            done_state = jax.tree.map(lambda x: x[0], state)
+            # On the host: Orbax saves host arrays collectively from several processes, not the
+            # per-process device arrays pmap returns.
+            done_state = jax.device_get(jax.tree.map(lambda x: x[0], state))
             _progress(setup.task.name, step, config.num_steps, metrics, rate, compiled)
-            if step % t.checkpoint_every == 0 or step == config.num_steps:
+            if not compiled:
+                piece = piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every)
+            due = 0 < t.checkpoint_every_secs <= time.monotonic() - last_save
+            if step % t.checkpoint_every == 0 or step == config.num_steps or due:
                 checkpoint.save(mngr, step, done_state)
-                saved_step = step
+                saved_step, last_save = step, time.monotonic()
     except KeyboardInterrupt:
         # Keep what was logged: save the last state whose metrics are in the log, then stop.
         if step > saved_step:
@@ -196,6 +214,21 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             )
             checkpoint.save(mngr, step, done_state)
         raise
+
+
+def piece_steps(steps_per_sec: float, every_secs: float, eval_every: int, log_every: int) -> int:
+    """Updates per compiled chunk: `log_every`, unless a time-based checkpoint interval
+    `every_secs` asks for shorter chunks (at most a quarter of it at the measured speed); then
+    the largest multiple of `eval_every` that divides `log_every` and fits (at least
+    `eval_every`). Few distinct lengths, so few programs to compile."""
+    if every_secs <= 0 or log_every <= steps_per_sec * every_secs / 4:
+        return log_every
+    fitting = [
+        p
+        for p in range(eval_every, log_every, eval_every)
+        if log_every % p == 0 and p <= steps_per_sec * every_secs / 4
+    ]
+    return max(fitting, default=eval_every)
 
 
 def _check_finite(task_name, step, metrics):
@@ -217,8 +250,8 @@ def restore_runs(config, setup: TaskSetup, mngr, step: int | None = None):
     except checkpoint.ShapeMismatch as e:
         raise UserError(
             f"{e}. Its shapes follow config.num_seeds, config.data.p, config.tasks and "
-            f"config.model ({', '.join(sorted(config.model))}): restore it with the config it "
-            "was trained with"
+            f"config.model ({', '.join(sorted(set(config.model) - set(NUMERICS_FIELDS)))}): "
+            "restore it with the config it was trained with"
         ) from e
 
 

@@ -15,6 +15,7 @@ import optax
 from flax import struct
 
 from fusion_jax.data import pipeline
+from fusion_jax.models.numerics import FLOAT32, Numerics
 
 AXIS = pipeline.AXIS
 # Stream ids folded into a run's key: per-step batch sampling, sampled evaluation, init.
@@ -43,15 +44,16 @@ class StepConfig:
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
 
 
-def model_apply_fn(model) -> ApplyFn:
-    """`(params, tokens [B, L]) -> (logits [B, C], aux_loss scalar)`.
+def model_apply_fn(model, numerics: Numerics = FLOAT32) -> ApplyFn:
+    """`(params, tokens [B, L]) -> (logits [B, C], aux_loss scalar)`, computed with `numerics`
+    (matmul precision, compute dtype; float32 out).
 
     Models add regularisers (e.g. the fusion gate's balance loss) with
     `self.sow("aux_loss", name, value)`; plain models sow nothing.
     """
 
     def apply(params, tokens):
-        logits, extra = model.apply({"params": params}, tokens, mutable=["aux_loss"])
+        logits, extra = numerics.apply(model, params, tokens, mutable=["aux_loss"])
         aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros((), jnp.float32))
         return logits, aux
 

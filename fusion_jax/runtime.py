@@ -1,0 +1,61 @@
+"""The process's place in a run: multi-process start-up, the devices it uses, who writes files.
+
+A run of several processes (a TPU pod slice, GPU hosts, or CPU processes in tests) trains one
+program: every process feeds its local devices and the collectives span all of them. Process 0
+alone writes config.json, logs, plots and result files; Orbax saves and restores checkpoints
+collectively (every process calls it, process 0 writes).
+"""
+
+import jax
+from absl import logging
+from jax.experimental import multihost_utils
+
+from fusion_jax.errors import UserError
+
+
+def start(config) -> None:
+    """Call before any JAX computation of a training run: joins the other processes of a
+    multi-process run (config.train.num_processes), then `check_devices`."""
+    train = config.get("train") or {}
+    processes = train.get("num_processes", 1)
+    if processes != 1 and not jax.distributed.is_initialized():
+        # CPU processes reach each other's devices through gloo (no effect on GPU or TPU).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if processes == 0:  # TPU pod slices, SLURM, Open MPI: the cluster describes itself
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(
+                train.coordinator_address, num_processes=processes, process_id=train.process_id
+            )
+    check_devices(config)
+
+
+def check_devices(config) -> None:
+    """Logs the backend and devices in use; fails if config.train.require_accelerator is set
+    and JAX found only the CPU."""
+    train = config.get("train") or {}
+    backend = jax.default_backend()
+    devices = jax.local_devices()
+    logging.info(
+        "JAX %s on %s: %d local devices (%s), %d in all over %d process(es); this is process %d",
+        jax.__version__, backend, len(devices), devices[0].device_kind, jax.device_count(),
+        jax.process_count(), jax.process_index(),
+    )  # fmt: skip
+    if train.get("require_accelerator", False) and backend == "cpu":
+        raise UserError(
+            "config.train.require_accelerator=True but JAX found only the CPU: install the "
+            "accelerator build (pip install -e '.[cuda]' or '.[tpu]'), check that the runtime "
+            "has a GPU or TPU attached, or set config.train.require_accelerator=False"
+        )
+
+
+def is_primary() -> bool:
+    """Whether this process writes the run's files (process 0)."""
+    return jax.process_index() == 0
+
+
+def wait_for_all(name: str) -> None:
+    """Returns when every process of a multi-process run has reached this point, so that they
+    shut jax.distributed down together (one process exiting early times the others out)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
