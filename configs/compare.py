@@ -19,8 +19,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "Merging comparison"
     config.reference_run = None
     config.tasks = "x_plus_y,x_minus_y,x_div_y,permutation"
+    # One process, one device, a checkpoint per finished stage: the training loop's device,
+    # process and checkpoint-schedule fields do not apply.
+    for field in ("checkpoint_every_secs", "num_processes", "coordinator_address", "process_id",
+                  "checkpoint_every", "max_to_keep", "num_devices"):  # fmt: skip
+        del config.train[field]
     # Fraction of each task's training split held out for choosing merge hyper-parameters.
     config.data.holdout_frac = 0.1
+    # Independent runs of the whole pipeline; run r uses seed `seed + r` (its own split, inits and
+    # batches). All seeds train as one vmapped program; stages are saved per seed, so a rerun with
+    # more seeds trains only the new ones. Tables give mean ± standard error over seeds.
+    config.num_seeds = 3
 
     config.base = ml_collections.ConfigDict()
     # Updates of the shared base model on the mixture of all tasks' training data.
@@ -76,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.grid.slerp_ts = (0.5,)
     elif arg == "tiny":
         config.tasks = "x_plus_y,x_minus_y,permutation"
+        config.num_seeds = 2
         config.data.p = 7
         config.base.num_steps = config.experts.num_steps = 20
         config.dam.num_steps = config.fusion.num_steps = 20

@@ -11,10 +11,14 @@ not change results (fusion_jax/workdir.py refuses every other difference).
 """
 
 import dataclasses
+import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import jax
 
 from fusion_jax import hf_checkpoint, merging, models
 from fusion_jax.data import tasks as tasks_lib
@@ -140,6 +144,9 @@ TASKS = Rule(
     _task_list, "distinct comma-separated task names from " + ", ".join(sorted(tasks_lib.TASKS))
 )
 
+# Names accepted by jax.default_matmul_precision, from the most to the least exact.
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
 # The grokking training configs (configs/baseline.py, configs/dyn_fusion.py).
 GROKKING = {
     "name": NAME,
@@ -160,6 +167,8 @@ GROKKING = {
     "model.mlp_ratio": integer(1),
     "model.last_position_only": FLAG,
     "model.freeze_experts": FLAG,
+    "model.matmul_precision": choice(*MATMUL_PRECISIONS),
+    "model.compute_dtype": choice("float32", "bfloat16"),
     # The fusion model's fields (configs/dyn_fusion.py).
     "model.num_experts": integer(1, required=False),
     "model.fusion_context": choice(*fusion.CONTEXTS, required=False),
@@ -180,6 +189,11 @@ GROKKING = {
     "train.checkpoint_every": integer(1),
     "train.max_to_keep": integer(1),
     "train.num_devices": integer(0),
+    "train.checkpoint_every_secs": NON_NEGATIVE,
+    "train.require_accelerator": FLAG,
+    "train.num_processes": integer(0),
+    "train.coordinator_address": TEXT,
+    "train.process_id": integer(0),
     "eval.mode": choice("exact", "sampled"),
     "eval.num_batches": integer(1),
     "eval.batch_size": integer(1),
@@ -196,9 +210,21 @@ MERGE_GRIDS = {
 
 # configs/compare.py: the grokking fields (its fusion models have their own section) plus the
 # merging pipeline's stages and grids.
+# The training loop's fields that the merging pipeline has no use for: it runs in one process
+# on one device and saves each stage when it ends (configs/compare.py deletes them).
+NOT_IN_MERGE_COMPARE = (
+    "train.checkpoint_every_secs", "train.num_processes", "train.coordinator_address",
+    "train.process_id", "train.checkpoint_every", "train.max_to_keep", "train.num_devices",
+)  # fmt: skip
 MERGE_COMPARE = {
-    **{f: rule for f, rule in GROKKING.items() if f not in FUSION_MODEL_FIELDS},
+    **{
+        f: rule
+        for f, rule in GROKKING.items()
+        if f not in FUSION_MODEL_FIELDS and f not in NOT_IN_MERGE_COMPARE
+    },
     "experiment": choice("merge_compare"),
+    # Runs of the whole pipeline (seed + r), trained as one vmapped program.
+    "num_seeds": integer(1),
     "data.holdout_frac": FRACTION,
     "base.num_steps": integer(1),
     "experts.num_steps": integer(1),
@@ -424,7 +450,8 @@ def _devices(config, devices) -> Problem:
         return None
     if config.train.num_devices > devices:
         return "train.num_devices", f"an integer in [0, {devices}] (the local devices; 0 = all)"
-    n = config.train.num_devices or devices
+    # The batch is split over the devices of every process of a multi-process run.
+    n = (config.train.num_devices or devices) * jax.process_count()
     for field in ("train.batch_size", "eval.batch_size"):
         if lookup(config, field) % n:
             return (
@@ -432,6 +459,18 @@ def _devices(config, devices) -> Problem:
                 f"divisible by the {n} devices used for data parallelism (or set "
                 "config.train.num_devices)",
             )
+    return None
+
+
+def _processes(config, devices) -> Problem:
+    t = config.train
+    if t.num_processes > 1 and not re.fullmatch(r"[^:\s]+:\d+", t.coordinator_address):
+        return (
+            "train.coordinator_address",
+            f"'host:port' of process 0 when config.train.num_processes={t.num_processes}",
+        )
+    if t.num_processes > 1 and t.process_id >= t.num_processes:
+        return "train.process_id", f"an integer in [0, {t.num_processes - 1}]"
     return None
 
 
@@ -466,7 +505,7 @@ def _lm_fuse_top_k(config, devices) -> Problem:
 
 CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
     None: (_heads_divide_width, _fusion_fields, _prime_modulus, _both_splits, _intervals,
-           _devices),
+           _devices, _processes),
     "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
     "lm_merge": (_lm_merge_inputs,),
     "lm_fuse": (_lm_fuse_top_k,),
@@ -486,13 +525,26 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "train.log_every": "any",
         "train.checkpoint_every": "any",
         "train.max_to_keep": "any",
-        # Data parallelism: equal to rounding (tests/test_multidevice.py).
+        # Data parallelism: equal to rounding (tests/test_multidevice.py), in one process or
+        # several (tests/test_multihost.py).
         "train.num_devices": "any",
+        "train.num_processes": "any",
+        "train.coordinator_address": "any",
+        "train.process_id": "any",
+        # When to save, and a start-up check, only.
+        "train.checkpoint_every_secs": "any",
+        "train.require_accelerator": "any",
         # The same tables from TFDS or from the algebra (tests/test_data.py).
         "data.source": "any",
         "data.tfds_dir": "any",
     },
-    "merge_compare": {"name": "any", "data.source": "any", "data.tfds_dir": "any"},
+    "merge_compare": {
+        "name": "any",
+        "data.source": "any",
+        "data.tfds_dir": "any",
+        # Stages are saved per seed: more seeds train only the new ones, the rest are restored.
+        "num_seeds": "increase",
+    },
     "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
     # Steps per compiled chunk and the place of the packed datasets only.
     "lm_study": {"train.log_every": "any", "data.tfds_dir": "any"},
@@ -506,6 +558,35 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "generate.seed": "any",
     },
 }
+
+
+# Fields added after workdirs were written, with the value that reproduces what the code did
+# before the field existed: a config.json without them reads as if it had these values.
+_GROKKING_ADDED = {
+    "model.matmul_precision": "default",  # JAX's default, which nothing overrode before
+    "model.compute_dtype": "float32",
+    "train.checkpoint_every_secs": 0.0,
+    "train.require_accelerator": False,
+    "train.num_processes": 1,
+    "train.coordinator_address": "",
+    "train.process_id": 0,
+}
+ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
+    None: _GROKKING_ADDED,
+    "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
+}
+
+
+def upgrade(stored: dict) -> dict:
+    """A config.json dict with the fields added since it was written (ADDED_FIELDS) filled in."""
+    out = json.loads(json.dumps(stored))
+    for field, value in ADDED_FIELDS.get(stored.get("experiment"), {}).items():
+        *parents, leaf = field.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node.setdefault(leaf, value)
+    return out
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:

@@ -1,7 +1,10 @@
-"""The merging comparison pipeline end to end on a tiny config, and its stage resume."""
+"""The merging comparison end to end on the tiny two-seed config: a row per method with standard
+errors, stages restored per seed, and a seed trained alone equal to the same seed trained with
+another in one vmapped program."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,7 @@ import pytest
 from configs import compare as compare_config
 from fusion_jax import merging, modes
 from fusion_jax.data import tasks
-from fusion_jax.experiments import merge_compare
+from fusion_jax.experiments import stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
 
 METHODS = {
@@ -20,6 +23,7 @@ METHODS = {
     "task arithmetic", "TIES", "DARE (linear)", "DARE (TIES)", "SLERP (x_plus_y, x_minus_y)", "DAM",
     "dynamic fusion, frozen experts", "dynamic fusion, end to end",
 }  # fmt: skip
+STAGES = ("base", "experts", "random_experts", "dam", "fusion_frozen", "fusion_e2e")
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +33,25 @@ def compared(tmp_path_factory):
     return workdir, modes.train(compare_config.get_config("tiny"), workdir)
 
 
-def test_writes_every_methods_row(compared):
+def record_training(monkeypatch) -> list:
+    """Records `(stage, seeds)` for every stage that is computed instead of restored."""
+    trained = []
+    original = stages.Stages.run_seeds
+
+    def recording(self, name, seeds, fn, abstract_one):
+        def wrapped(todo):
+            trained.append((name, [seeds[i] for i in todo]))
+            return fn(todo)
+
+        return original(self, name, seeds, wrapped, abstract_one)
+
+    monkeypatch.setattr(stages.Stages, "run_seeds", recording)
+    return trained
+
+
+def test_every_method_has_a_row_with_standard_errors(compared):
     workdir, out = compared
+    assert out["seeds"] == [0, 1]
     assert {r["method"] for r in out["rows"]} == METHODS
     with open(os.path.join(workdir, "comparison.json")) as f:
         assert json.load(f)["rows"] == out["rows"]
@@ -40,6 +61,19 @@ def test_writes_every_methods_row(compared):
     for plot in ("frontier.png", "dam_coefficients.png"):
         assert os.path.getsize(os.path.join(workdir, plot)) > 1000
     rows = {r["method"]: r for r in out["rows"]}
+    # Every cell is the mean over both seeds with its standard error; the JSON keeps each seed's.
+    for row in out["rows"]:
+        for key in ("x_plus_y_acc", "permutation_loss", "mean_acc", "mean_loss", "mean_train_acc"):
+            values = row["per_seed"][key]
+            assert len(values) == 2
+            assert row[key] == pytest.approx(np.mean(values))
+            assert row[f"{key}_stderr"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
+        assert (
+            f"| {row['method']} | {stages.mean_se(row['per_seed']['x_plus_y_acc'])} / " in markdown
+        )
+        assert 0 <= row["mean_acc"] <= 1 and 0 <= row["mean_train_acc"] <= 1
+        assert row["mean_loss"] > 0
+    assert all(row["mean_loss_stderr"] > 0 for row in out["rows"])  # the seeds differ
     # A merged model is one expert's size; fusion and ensembles cost K experts per example.
     assert rows["DAM"]["params"] == rows["base model"]["params"]
     assert rows["output ensemble (mean logits)"]["params"] == 3 * rows["base model"]["params"]
@@ -48,37 +82,75 @@ def test_writes_every_methods_row(compared):
         > 2.5 * (rows["DAM"]["flops_per_example"])
     )
     assert rows["weight average"]["train_flops"] == 0 and rows["DAM"]["train_flops"] > 0
-    for row in out["rows"]:
-        assert 0 <= row["mean_acc"] <= 1 and 0 <= row["mean_train_acc"] <= 1
-        assert row["mean_loss"] > 0
-    # Grid search chose among the configured values on held-out training data.
-    assert out["grid_search"]["task arithmetic"]["chosen"]["lam"] in (0.5, 1.0)
+    # Grid search chose per seed among the configured values, on that seed's held-out data.
+    assert len(out["grid_search"]) == 5
+    for label, search in out["grid_search"].items():
+        assert rows[label]["hparams"] == search["chosen"]
+        for r, chosen in enumerate(search["chosen"]):
+            best = max(search["grid"], key=lambda g: (g["holdout_acc"][r], -g["holdout_loss"][r]))
+            assert chosen == best["hparams"]
+    assert {hp["lam"] for hp in out["grid_search"]["task arithmetic"]["chosen"]} <= {0.5, 1.0}
 
 
-def test_rerun_restores_finished_stages(compared, monkeypatch):
+def test_more_seeds_train_only_the_new_one_to_the_results_of_training_both(
+    compared, tmp_path, monkeypatch
+):
+    """A workdir left by a one-seed run, raised to two seeds: seed 1 trains alone (its own
+    one-seed vmapped program) to exactly what it became beside seed 0, and seed 0 is restored,
+    except a damaged stage checkpoint, which is moved aside and computed again."""
     workdir, out = compared
+    one_seed = str(tmp_path / "one_seed")
+    shutil.copytree(workdir, one_seed)
+    for stage in STAGES:
+        shutil.rmtree(os.path.join(one_seed, "stages", stage, "seed_1"))
+    costs_path = os.path.join(one_seed, "stages", "costs.json")
+    costs = json.load(open(costs_path))
+    json.dump({k: v for k, v in costs.items() if not k.endswith("seed_1")}, open(costs_path, "w"))
+    config_path = os.path.join(one_seed, "config.json")
+    json.dump({**json.load(open(config_path)), "num_seeds": 1}, open(config_path, "w"))
+    damaged = os.path.join(one_seed, "stages", "dam", "seed_0")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(damaged) for f in fs]
+    largest = max(files, key=os.path.getsize)
+    with open(largest, "r+b") as f:
+        f.truncate(os.path.getsize(largest) // 2)
 
-    def fail(*args, **kwargs):
-        raise AssertionError("a finished stage was trained again")
+    trained = record_training(monkeypatch)
+    again = modes.train(compare_config.get_config("tiny"), one_seed)  # num_seeds: 1 -> 2
 
-    monkeypatch.setattr(merge_compare, "train_params", fail)
+    assert trained == [
+        ("base", [1]), ("experts", [1]), ("random_experts", [1]), ("dam", [0, 1]),
+        ("fusion_frozen", [1]), ("fusion_e2e", [1]),
+    ]  # fmt: skip
+    assert os.path.isdir(damaged + ".damaged") and os.path.isdir(damaged)
+    # One seed's program and two seeds' agree to float rounding (XLA may order sums otherwise).
+    for row, row_again in zip(out["rows"], again["rows"], strict=True):
+        assert row_again["method"] == row["method"]
+        for key, values in row["per_seed"].items():
+            assert row_again["per_seed"][key] == pytest.approx(values, rel=1e-5), key
+        assert row_again["hparams"] == row["hparams"]
+
+
+def test_a_rerun_restores_every_stage_of_every_seed(compared, monkeypatch):
+    workdir, out = compared
+    trained = record_training(monkeypatch)
     again = modes.merge_compare(compare_config.get_config("tiny"), workdir)  # the --mode spelling
-    assert [r["mean_acc"] for r in again["rows"]] == [r["mean_acc"] for r in out["rows"]]
+    assert trained == []
+    assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in out["rows"]]
 
 
 def test_dam_export_is_a_plain_transformer():
     cfg = TransformerConfig(vocab_size=13, num_classes=11, dim=16, num_heads=2)
     model = Transformer(cfg)
     tokens = jnp.asarray(tasks.get_task("x_plus_y", 11).table()[0][:20])
-    stacked = jax.vmap(lambda k: model.init(k, tokens)["params"])(
+    # Compiled as wholes: op by op, a model's every primitive would compile on its own.
+    stacked = jax.jit(jax.vmap(lambda k: model.init(k, tokens)["params"]))(
         jax.random.split(jax.random.key(0), 3)
     )
     one_hot = jax.tree.map(
         lambda c: c.at[:].set(0).at[1].set(1), merging.init_coefficients(stacked)
     )
-    exported = merging.dam_merge(one_hot, stacked, "none")
+    exported = jax.jit(merging.dam_merge, static_argnums=2)(one_hot, stacked, "none")
     expert1 = jax.tree.map(lambda x: x[1], stacked)
     assert jax.tree.structure(exported) == jax.tree.structure(expert1)
-    np.testing.assert_array_equal(
-        model.apply({"params": exported}, tokens), model.apply({"params": expert1}, tokens)
-    )
+    apply = jax.jit(lambda p: model.apply({"params": p}, tokens))
+    np.testing.assert_array_equal(apply(exported), apply(expert1))

@@ -46,3 +46,21 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], out_dir: str) -> list[st
                 plt.close(fig)
                 paths.append(path)
     return paths
+
+
+def plot_frontier(points, path: str, xlabel: str, ylabel: str, title: str) -> None:
+    """One marker per method at (cost, mean over seeds) with a standard-error bar.
+
+    `points`: `(label, x, per-seed values)`; one seed gives no bar.
+    """
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for label, x, values in points:
+        v = np.asarray(values, float)
+        err = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
+        ax.errorbar(x, v.mean(), yerr=err, fmt="o", capsize=3)
+        ax.annotate(label, (x, v.mean()), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -30,7 +30,7 @@ from fusion_jax import merging
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
-from fusion_jax.experiments.stages import Stages, flops_of
+from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take
 from fusion_jax.merging import dam
 from fusion_jax.models import lm, lm_fusion
 
@@ -171,14 +171,6 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, chunk, tok
     return state[0], step_flops * num_steps
 
 
-def _stack(trees):
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
-
-
-def _index(tree, i):
-    return jax.tree.map(lambda x: x[i], tree)
-
-
 class Study:
     """The stages and evaluation of one study workdir."""
 
@@ -252,11 +244,11 @@ class Study:
         name = "fusion_e2e" if end_to_end else "fusion_frozen"
 
         def init(r):
-            experts_r = [_index(_index(experts, r), d) for d in range(len(self.names))]
+            experts_r = [take(take(experts, r), d) for d in range(len(self.names))]
             return lm_fusion.init_from_experts(model, jax.random.key(self.seeds[r]), experts_r)
 
         def run():
-            params = _stack([init(r) for r in range(len(self.seeds))])
+            params = stack([init(r) for r in range(len(self.seeds))])
             t = self.config.train
 
             def loss_fn(trainable, frozen, tokens, mask):
@@ -279,7 +271,7 @@ class Study:
             )  # fmt: skip
             return {**trained["t"], **frozen}, flops
 
-        abstract = jax.eval_shape(lambda: _stack([init(r) for r in range(len(self.seeds))]))
+        abstract = jax.eval_shape(lambda: stack([init(r) for r in range(len(self.seeds))]))
         return self.stages.run(name, run, abstract), model
 
     def _train_fusion(self, tag, params, loss_fn, num_steps, frozen_key=None):
@@ -296,7 +288,7 @@ class Study:
     def dam(self, experts):
         d = self.config.dam
         k = len(self.names)
-        one_coeffs = jax.eval_shape(dam.init_coefficients, _index(experts, 0))
+        one_coeffs = jax.eval_shape(dam.init_coefficients, take(experts, 0))
         trainable = jax.tree.map(lambda g: g == "linear", dam.coefficient_groups(one_coeffs))
 
         def apply_fn(params, tokens):
@@ -331,10 +323,8 @@ class Study:
             (coeffs_out, _), kl = jax.jit(jax.vmap(one))(coeffs, experts, keys)
             logging.info("[lm_study] DAM KL %.4f -> %.4f (mean over seeds)",
                          float(kl[:, 0].mean()), float(kl[:, -1].mean()))  # fmt: skip
-            c0 = _index(coeffs, 0)
-            step_flops = flops_of(
-                lambda c: step((c, tx.init(c)), 0, _index(experts, 0), keys[0]), c0
-            )
+            c0 = take(coeffs, 0)
+            step_flops = flops_of(lambda c: step((c, tx.init(c)), 0, take(experts, 0), keys[0]), c0)
             return coeffs_out, step_flops * d.num_steps
 
         abstract = jax.eval_shape(lambda: jax.vmap(dam.init_coefficients)(experts))
@@ -375,9 +365,9 @@ class Study:
         size = self.config.eval.batch_size
         out = np.zeros((len(self.seeds), len(self.names)))
         for r in range(len(self.seeds)):
-            p_r = _index(params, r)
+            p_r = take(params, r)
             for d, (tokens, mask) in enumerate(self.data.splits[split]):
-                p = _index(p_r, d) if per_domain_params else p_r
+                p = take(p_r, d) if per_domain_params else p_r
                 nll = count = 0.0
                 for i in range(0, len(tokens), size):
                     a, b = fn(p, tokens[i : i + size], mask[i : i + size])
@@ -394,20 +384,20 @@ class Study:
         Returns (merged params `[R, ...]`, chosen point per seed)."""
         merged, chosen = [], []
         for r in range(len(self.seeds)):
-            e_r, b_r = _index(experts, r), _index(base, r)
+            e_r, b_r = take(experts, r), take(base, r)
             best = None
             for hp in points:
                 m = make(e_r, b_r, hp)
-                s = self.score(self.plain_logits, _stack([m]), "holdout")[0].mean()
+                s = self.score(self.plain_logits, stack([m]), "holdout")[0].mean()
                 if best is None or s < best[0]:
                     best = (s, m, hp)
             merged.append(best[1])
             chosen.append(best[2])
-        return _stack(merged), chosen
+        return stack(merged), chosen
 
     def cost(self, params, logits_fn):
         """(parameters, forward FLOPs per token, measured tokens/s) of one seed's model."""
-        p = _index(params, 0)
+        p = take(params, 0)
         length = self.config.model.seq_len
         tokens = jnp.zeros((self.config.eval.batch_size, length + 1), jnp.int32)
         fn = jax.jit(logits_fn)
@@ -422,7 +412,7 @@ class Study:
     def gate(self, model, params, tokens):
         """Gate weights `[B, L, K]` of seed 0 on `tokens [B, L+1]`."""
         fn = jax.jit(lambda p, t: model.apply({"params": p}, t[:, :-1], method="fused")[0])
-        return np.asarray(fn(_index(params, 0), tokens))
+        return np.asarray(fn(take(params, 0), tokens))
 
     def routing(self, model, params):
         """Mean gate weight per expert on each domain's validation text `[R, D, K]`, and the
@@ -437,7 +427,7 @@ class Study:
             total = 0.0
             for d, (tokens, mask) in enumerate(self.data.splits["validation"]):
                 for i in range(0, len(tokens), size):
-                    w = np.asarray(fn(_index(params, r), tokens[i : i + size]))
+                    w = np.asarray(fn(take(params, r), tokens[i : i + size]))
                     m = mask[i : i + size][..., None]
                     weights[r, d] += (w * m).sum((0, 1))
                     hits[r] += float(((w.argmax(-1) == d) * m[..., 0]).sum())
@@ -501,7 +491,7 @@ def run(config, workdir: str) -> dict:
         "TIES": ("ties", lambda e, b, hp: merging.ties(e, b, **hp)),
         "DARE (linear)": ("dare", lambda e, b, hp: merging.dare(e, b, rng, **hp)),
         f"SLERP ({study.names[0]}, {study.names[1]})": (
-            "slerp", lambda e, b, hp: merging.slerp(_index(e, slice(0, 2)), **hp)),
+            "slerp", lambda e, b, hp: merging.slerp(take(e, slice(0, 2)), **hp)),
     }  # fmt: skip
     base_flops, expert_flops = costs["base"], costs["base"] + k * costs["experts"]
     rows = []
@@ -520,7 +510,7 @@ def run(config, workdir: str) -> dict:
 
     add("base model (mixture)", base, plain, base_flops)
     oracle = study.score(plain, experts, per_domain_params=True)
-    add("own expert per domain (oracle routing)", _index(experts, (slice(None), 0)), plain,
+    add("own expert per domain (oracle routing)", take(experts, (slice(None), 0)), plain,
         expert_flops, scores=oracle)  # fmt: skip
     add(f"control: base + {control_steps} steps (experts' + fusion's FLOPs)", control, plain,
         base_flops + costs["control"])  # fmt: skip
@@ -558,13 +548,6 @@ def run(config, workdir: str) -> dict:
     return out
 
 
-def _mean_se(values) -> str:
-    v = np.asarray(values, float)
-    if len(v) < 2:
-        return f"{v.mean():.4f}"
-    return f"{v.mean():.4f} ± {results.stderr(v):.4f}"
-
-
 def comparison_markdown(out: dict) -> str:
     names = out["domains"]
     lines = [
@@ -578,10 +561,10 @@ def comparison_markdown(out: dict) -> str:
         "|---|" + "---|" * (len(names) + 5),
     ]
     for row in out["rows"]:
-        cells = [_mean_se(row["bits_per_byte"][d]) for d in names]
+        cells = [mean_se(row["bits_per_byte"][d]) for d in names]
         lines.append(
             f"| {row['method']} | " + " | ".join(cells)
-            + f" | {_mean_se(row['mean_bits_per_byte'])} | {row['params']} "
+            + f" | {mean_se(row['mean_bits_per_byte'])} | {row['params']} "
             f"| {row['flops_per_token']:.3g} | {row['tokens_per_s']:.3g} "
             f"| {row['training_flops']:.3g} |"
         )  # fmt: skip
@@ -590,7 +573,7 @@ def comparison_markdown(out: dict) -> str:
     for name, r in out["routing"].items():
         w = np.mean(np.asarray(r["mean_gate_weight"]), 0)
         lines += [f"**{name}** — top expert is the text's own: "
-                  f"{_mean_se(r['top_is_own_expert'])} of tokens", "",
+                  f"{mean_se(r['top_is_own_expert'])} of tokens", "",
                   "| text \\ expert | " + " | ".join(names) + " |",
                   "|---|" + "---|" * len(names)]  # fmt: skip
         lines += [f"| {d} | " + " | ".join(f"{x:.3f}" for x in w[i]) + " |"

@@ -1,14 +1,30 @@
 """Static merging and DAM against dynamic fusion on multi-task experts from a shared base.
 
-Stages (each saved under `<workdir>/stages/<name>`; a rerun restores finished stages):
-  base -> experts (one per task, fine-tuned from base) -> random_experts (same tasks, own random
-  inits: the control row) -> dam (coefficients) -> fusion_frozen, fusion_e2e.
-Then every method is evaluated on each task's validation split and `comparison.{md,json}`,
-`frontier.png` and `dam_coefficients.png` are written. Runs on one device (jit, no pmap).
+    python main.py --config=configs/compare.py:quick --workdir=runs/compare_quick
+
+Seeds: run r uses seed `config.seed + r`, which sets its split, held-out slice, inits and batches
+(as in the training loop). Every training stage trains all seeds as one vmapped program of the
+training loop's pure step (`steps.train_steps`); DAM's coefficients are vmapped over seeds too.
+
+Stages, each saved per seed at `<workdir>/stages/<name>/seed_<s>` (experiments/stages.py): a
+rerun restores the seeds that finished and trains only the others, so raising `num_seeds` trains
+only the new seeds:
+  base (the mixture of tasks) -> experts (one per task, fine-tuned from base) -> random_experts
+  (same tasks, own random inits: the control row) -> dam (coefficients) -> fusion_frozen,
+  fusion_e2e.
+Then the output ensembles and static merges are built per seed (merge hyper-parameters chosen
+per seed on the held-out slice), every method is evaluated on each task's validation split, and
+`comparison.{md,json}` (mean ± standard error over seeds; per-seed values and choices in the
+JSON), `frontier.png` (with error bars) and `dam_coefficients.png` are written. One device.
 """
 
+import dataclasses
 import functools
+import json
 import os
+import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,452 +35,598 @@ from absl import logging
 from fusion_jax import merging, models
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
-from fusion_jax.evaluate import analysis, results
-from fusion_jax.experiments.stages import Stages, flops_of
+from fusion_jax.evaluate import analysis, plots, results
+from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take
 from fusion_jax.models import fusion
+from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
 from fusion_jax.train import steps
 from fusion_jax.train.optimizer import make_optimizer
 
-
-def apply_plain(model):
-    """`(params, tokens) -> logits` of a plain Transformer."""
-    return lambda params, tokens: model.apply({"params": params}, tokens)
-
-
-def sample_per_task(tables: pipeline.Split, sizes, key, batch_size: int) -> pipeline.Split:
-    """One batch per task from padded tables `[K, N_max, ...]` with true sizes `[K]`."""
-    u = jax.random.uniform(key, (sizes.shape[0], batch_size))
-    idx = jnp.floor(u * sizes[:, None]).astype(jnp.int32)
-    take = jax.vmap(lambda x, i: x[i])
-    return pipeline.Split(take(tables.inputs, idx), take(tables.labels, idx))
+# Streams folded into a seed's key `jax.random.key(seed)`: each stage's batches (expert i: EXPERTS
+# + i), the fusion model's init and DARE's drops. Inits use the training loop's INIT_STREAM.
+BASE, EXPERTS, DAM, FUSION_INIT, FUSION, DARE = 100, 200, 300, 400, 500, 600
+METRICS = ("acc", "loss")
 
 
-def pad_tables(parts: list[pipeline.Split]):
-    n = max(len(p) for p in parts)
+@dataclasses.dataclass
+class Method:
+    """One row: `logits_fn(params, tokens)` of every seed's `params` (leaves `[R, ...]`)."""
 
-    def pad(x):
-        return np.concatenate([x, np.zeros((n - len(x),) + x.shape[1:], x.dtype)])
-
-    tables = pipeline.Split(
-        np.stack([pad(p.inputs) for p in parts]), np.stack([pad(p.labels) for p in parts])
-    )
-    return jax.tree.map(jnp.asarray, tables), jnp.array([len(p) for p in parts], jnp.float32)
-
-
-def train_params(apply_fn, params, data: pipeline.Split, num_steps, batch_size, key, tx, tag):
-    """Trains `params` on `data` (host split) with `tx`; returns (params, training FLOPs)."""
-    cfg = steps.StepConfig(batch_size, 1, "exact", 1, batch_size, 1)
-    data = jax.tree.map(jnp.asarray, data)
-    apply_aux = lambda p, x: (apply_fn(p, x), jnp.zeros(()))  # noqa: E731
-    state = steps.TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
-    one = functools.partial(steps.train_step, apply_fn=apply_aux, tx=tx, cfg=cfg, axis_name=None)
-    step_flops = flops_of(lambda s: one(s, data, key), state)
-    chunk = min(num_steps, 250)
-    run = jax.jit(
-        lambda s, n: steps.train_steps(
-            s, data, key, n, apply_fn=apply_aux, tx=tx, cfg=cfg, axis_name=None
-        ),
-        static_argnums=1,
-    )
-    done = 0
-    while done < num_steps:
-        n = min(chunk, num_steps - done)
-        state, metrics = run(state, n)
-        done += n
-        logging.info(
-            "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f",
-            tag,
-            done,
-            num_steps,
-            float(metrics["loss"][-1]),
-            float(metrics["acc"].mean()),
-        )
-    return state.params, step_flops * num_steps
-
-
-def evaluate_on(logits_fn, params, parts: list[pipeline.Split]) -> dict:
-    """Exact loss/accuracy per task of `logits_fn(params, tokens)` on host splits."""
-    fn = jax.jit(logits_fn)
-    out = {"loss": [], "acc": []}
-    for part in parts:
-        logits = fn(params, jnp.asarray(part.inputs))
-        labels = jnp.asarray(part.labels)
-        out["loss"].append(float(jnp.mean(steps.cross_entropy(logits, labels))))
-        out["acc"].append(float(jnp.mean(jnp.argmax(logits, -1) == labels)))
-    return out
-
-
-def grid_search(make, grid: list[dict], holdout, logits_fn):
-    """Best hyper-parameters by mean held-out accuracy (then loss); validation is not used."""
-    scored = []
-    for hp in grid:
-        m = evaluate_on(logits_fn, make(**hp), holdout)
-        scored.append((-np.mean(m["acc"]), np.mean(m["loss"]), hp))
-    best = min(scored, key=lambda s: (s[0], s[1]))
-    return best[2], [{"hparams": s[2], "holdout_acc": -s[0], "holdout_loss": s[1]} for s in scored]
+    label: str
+    logits_fn: Callable
+    params: Any
+    train_flops: float
+    # Params carry a task axis `[R, K, ...]`: task k is read by its own expert (oracle routing).
+    per_task: bool = False
+    # Per seed, the hyper-parameters chosen on the held-out slice (searched methods only).
+    hparams: list | None = None
 
 
 def strip_head(params):
     return {k: v for k, v in params.items() if k != "head"}
 
 
-def run(config, workdir: str) -> dict:
-    names = tuple(tasks_lib.parse_task_names(config.tasks))
-    mt = multitask.MultiTask(names, config.data.p)
-    parts = multitask.splits(mt, config.seed, config.data.frac_train, config.data.holdout_frac)
-    train_parts = [p.train for p in parts]
-    holdout = [p.holdout for p in parts]
-    val = [p.val for p in parts]
-    k = len(names)
-    expert_cfg = models.transformer_config(config.model, mt)  # MultiTask has a Task's sizes
+def sample_per_task(tables: pipeline.Split, sizes, key, batch_size: int) -> pipeline.Split:
+    """One batch per task from padded tables `[K, N_max, ...]` with true sizes `[K]`."""
+    u = jax.random.uniform(key, (sizes.shape[0], batch_size))
+    idx = jnp.floor(u * sizes[:, None]).astype(jnp.int32)
+    take_rows = jax.vmap(lambda x, i: x[i])
+    return pipeline.Split(take_rows(tables.inputs, idx), take_rows(tables.labels, idx))
+
+
+def _stack_splits(splits: list[pipeline.Split]) -> pipeline.Split:
+    """Host splits of equal size, one per seed -> leaves `[R, N, ...]`."""
+    inputs, labels = (np.stack([getattr(s, f) for s in splits]) for f in ("inputs", "labels"))
+    return pipeline.Split(inputs, labels)
+
+
+def _pad_rows(x, n: int):
+    """`x [R, N, ...]` padded with zeros to `[R, n, ...]`."""
+    return np.concatenate([x, np.zeros((x.shape[0], n - x.shape[1]) + x.shape[2:], x.dtype)], 1)
+
+
+def _where_seeds(pick, new, old):
+    """Per seed (`pick [R]` bools), `new`'s tree where true, else `old`'s."""
+    return jax.tree.map(
+        lambda a, b: jnp.where(pick.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
+    )
+
+
+def _one_seed(abstract):
+    """Shapes `[1, ...]` -> `[...]`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), abstract)
+
+
+def _streams(keys, stream: int):
+    return jax.vmap(lambda k: jax.random.fold_in(k, stream))(keys)
+
+
+@dataclasses.dataclass
+class Kit:
+    """The models, apply functions, optimisers and compiled programs of one config, its seeds
+    aside. `kit_for` keeps them per process, so a rerun in the same process (a test, a notebook,
+    more seeds) reuses every compiled program instead of compiling it again."""
+
+    model: Any
+    apply: Callable  # (params, tokens) -> logits
+    apply_aux: steps.ApplyFn  # the training loop's (params, tokens) -> (logits, aux loss)
+    fusion_model: Any
+    fusion_apply: Callable
+    fusion_apply_aux: steps.ApplyFn
+    mean_logits: Callable  # output ensembles: (stacked experts, tokens) -> logits
+    mean_probs: Callable
+    tx: optax.GradientTransformation
+    tx_frozen: optax.GradientTransformation  # no updates for the fusion model's experts
+    programs: dict = dataclasses.field(default_factory=dict)
+    step_flops: dict = dataclasses.field(default_factory=dict)
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+_KITS: dict[str, Kit] = {}
+
+
+def kit_for(config, mt: multitask.MultiTask) -> Kit:
+    key = {k: v for k, v in config.to_dict().items() if k not in ("seed", "num_seeds", "name")}
+    key = json.dumps(key, sort_keys=True, default=str)
+    if key in _KITS:
+        return _KITS[key]
+    numerics = Numerics.of(config.model)
+    expert_cfg = models.transformer_config(config.model, mt)  # MultiTask has the sizes
     model = Transformer(expert_cfg)
-    apply = apply_plain(model)
-    example = jnp.asarray(val[0].inputs[:2])
-    key = jax.random.key(config.seed)
-    init = lambda r: model.init(jax.random.fold_in(key, r), example)["params"]  # noqa: E731
-    abstract_one = jax.eval_shape(lambda: init(0))
-    abstract_k = jax.tree.map(lambda x: jax.ShapeDtypeStruct((k,) + x.shape, x.dtype), abstract_one)
-    stages = Stages(workdir)
-    tx = make_optimizer(config.opt)
-    bs = config.train.batch_size
+    apply = functools.partial(numerics.apply, model)
+    f = config.fusion
+    fusion_model = fusion.FusionTransformer(
+        fusion.FusionConfig(expert=expert_cfg, num_experts=len(mt.names), gate_dim=f.gate_dim,
+                            balance_weight=f.balance_weight)
+    )  # fmt: skip
 
-    base = stages.run(
-        "base",
-        lambda: train_params(
-            apply,
-            init(0),
-            multitask.mixture(train_parts),
-            config.base.num_steps,
-            bs,
-            jax.random.fold_in(key, 100),
-            tx,
-            "base",
-        ),
-        abstract_one,
-    )
+    def mean_logits(stacked, x):
+        return jnp.mean(jax.vmap(apply, in_axes=(0, None))(stacked, x), 0)
 
-    def train_experts(from_base: bool):
-        trained, flops = [], 0.0
-        for i, name in enumerate(names):
-            start = base if from_base else init(1 + i)
-            p, f = train_params(
-                apply,
-                start,
-                train_parts[i],
-                config.experts.num_steps,
-                bs,
-                jax.random.fold_in(key, 200 + i),
-                tx,
-                f"expert {name}",
+    def mean_probs(stacked, x):
+        logits = jax.vmap(apply, in_axes=(0, None))(stacked, x)
+        return jnp.log(jnp.mean(jax.nn.softmax(logits, -1), 0))
+
+    _KITS[key] = Kit(
+        model=model, apply=apply, apply_aux=steps.model_apply_fn(model, numerics),
+        fusion_model=fusion_model, fusion_apply=functools.partial(numerics.apply, fusion_model),
+        fusion_apply_aux=steps.model_apply_fn(fusion_model, numerics), mean_logits=mean_logits,
+        mean_probs=mean_probs, tx=make_optimizer(config.opt),
+        tx_frozen=make_optimizer(config.opt, ("ensemble",)),
+    )  # fmt: skip
+    return _KITS[key]
+
+
+class Pipeline:
+    """Data, stages and (through its `kit`) models and compiled programs of one workdir.
+
+    Host data carry a leading seed axis: per task, `train` (minus the held-out slice), `holdout`
+    and `val` splits with leaves `[R, N, ...]` (split sizes do not depend on the seed).
+    """
+
+    def __init__(self, config, workdir: str):
+        self.config = config
+        self.names = tuple(tasks_lib.parse_task_names(config.tasks))
+        self.k = len(self.names)
+        mt = multitask.MultiTask(self.names, config.data.p)
+        self.seeds = [config.seed + r for r in range(config.num_seeds)]
+        self.keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds))
+        d = config.data
+        per_seed = [multitask.splits(mt, s, d.frac_train, d.holdout_frac) for s in self.seeds]
+        self.splits = {
+            name: [_stack_splits([getattr(p[i], name) for p in per_seed]) for i in range(self.k)]
+            for name in ("train", "holdout", "val")
+        }
+        self.mixture = _stack_splits([multitask.mixture([p.train for p in ps]) for ps in per_seed])
+        self.example = jnp.asarray(self.splits["val"][0].inputs[0, :2])
+        self.stages = Stages(workdir)
+        self.kit = kit_for(config, mt)
+
+    # -- building blocks -----------------------------------------------------------------------
+
+    def init_params(self, keys, index: int = 0):
+        """Fresh models `[M, ...]` of seeds with `keys [M]`: index 0 the base (initialised as the
+        training loop does), 1 + i task i's random expert."""
+        keys = _streams(keys, steps.INIT_STREAM)
+        keys = keys if index == 0 else _streams(keys, index)
+        if "init" not in self.kit.programs:
+            model = self.kit.model
+            init = lambda key, x: model.init(key, x)["params"]  # noqa: E731
+            self.kit.programs["init"] = jax.jit(jax.vmap(init, in_axes=(0, None)))
+        return self.kit.programs["init"](keys, self.example)
+
+    def train(self, tag, apply_aux, tx, params, data: pipeline.Split, keys, num_steps: int):
+        """Trains runs stacked over M seeds (params, host data `[M, N, ...]`, keys `[M]`) with
+        the training loop's pure step, all M as one vmapped program, one compiled chunk of
+        `config.train.log_every` steps at a time. Returns (params `[M, ...]`, FLOPs of one run).
+        """
+        bs = self.config.train.batch_size
+        cfg = steps.StepConfig(bs, 1, "exact", 1, bs, 1)
+        if (apply_aux, tx) not in self.kit.programs:
+
+            def chunk(state, data, keys, n):
+                one = functools.partial(steps.train_steps, num_steps=n, apply_fn=apply_aux, tx=tx,
+                                        cfg=cfg, axis_name=None)  # fmt: skip
+                return jax.vmap(one)(state, data, keys)
+
+            self.kit.programs[apply_aux, tx] = jax.jit(chunk, static_argnums=3)
+        program = self.kit.programs[apply_aux, tx]
+        data = jax.tree.map(jnp.asarray, data)
+        zero = jnp.zeros((), jnp.int32)
+        state = jax.vmap(lambda p: steps.TrainState(zero, p, tx.init(p)))(params)
+        if (apply_aux, tx) not in self.kit.step_flops:  # the same for every stage of this program
+            one_state, one_data = take(state, 0), take(data, 0)
+            self.kit.step_flops[apply_aux, tx] = flops_of(
+                lambda s: steps.train_step(s, one_data, keys[0], apply_fn=apply_aux, tx=tx, cfg=cfg,
+                                           axis_name=None), one_state, optimized=False,
+            )  # fmt: skip
+        done, tic = 0, time.perf_counter()
+        while done < num_steps:
+            n = min(self.config.train.log_every, num_steps - done)
+            state, metrics = program(state, data, keys, n)
+            done += n
+            loss = np.asarray(metrics["loss"])
+            if not np.all(np.isfinite(loss)):
+                raise FloatingPointError(
+                    f"[compare] {tag}: non-finite training loss by step {done}; lower "
+                    "config.opt.learning_rate or check the model config"
+                )
+            logging.info(
+                "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
+                "%.1f steps/s", tag, done, num_steps, float(loss[:, -1].mean()),
+                float(np.mean(metrics["acc"])), loss.shape[0], done / (time.perf_counter() - tic),
+            )  # fmt: skip
+        return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
+
+    @functools.cached_property
+    def _chunks(self) -> dict:
+        """Per split and task, (inputs `[R, C, B, 4]`, labels `[R, C, B]`, mask `[C, B]`): the
+        split in chunks of `config.eval.batch_size`, padded (mask 1 = a real example)."""
+        b = self.config.eval.batch_size
+        out = {}
+        for split, parts in self.splits.items():
+            out[split] = []
+            for part in parts:
+                n, r = len(part), part.labels.shape[0]
+                c = -(-n // b)
+                out[split].append((
+                    jnp.asarray(_pad_rows(part.inputs, c * b).reshape(r, c, b, -1)),
+                    jnp.asarray(_pad_rows(part.labels, c * b).reshape(r, c, b)),
+                    jnp.asarray((np.arange(c * b) < n).astype(np.float32).reshape(c, b)),
+                ))  # fmt: skip
+        return out
+
+    def evaluate(self, logits_fn, params, split: str, per_task: bool = False) -> dict:
+        """Exact loss and accuracy `[R, K]` of every seed's model on each task's `split`.
+
+        One compiled program per `logits_fn` evaluates a chunk of every seed (vmapped), so
+        splits of any size and the oracle's per-task experts share it.
+        """
+        if ("eval", logits_fn) not in self.kit.programs:
+
+            def chunk_sums(p, x, y, m):
+                logits = logits_fn(p, x)
+                correct = (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+                ce = steps.cross_entropy(logits, y)
+                return jnp.stack([jnp.sum(m * correct), jnp.sum(m * ce)])
+
+            self.kit.programs["eval", logits_fn] = jax.jit(
+                jax.vmap(chunk_sums, in_axes=(0, 0, 0, None))
             )
-            trained.append(p)
+        fn = self.kit.programs["eval", logits_fn]
+        sums = []
+        for i, (inputs, labels, mask) in enumerate(self._chunks[split]):
+            p = take(params, (slice(None), i)) if per_task else params
+            total = sum(fn(p, inputs[:, c], labels[:, c], mask[c]) for c in range(mask.shape[0]))
+            sums.append(np.asarray(total) / float(mask.sum()))  # [R, 2]
+        sums = np.stack(sums, 1)  # [R, K, 2]
+        return {m: sums[..., j] for j, m in enumerate(METRICS)}
+
+    def compute_stats(self, logits_fn, params) -> dict:
+        """Parameters, forward FLOPs per example and examples/s of seed 0's model (measured once
+        per kind of model: methods of one kind have the same shapes)."""
+        if logits_fn not in self.kit.stats:
+            tokens = jnp.asarray(self.mixture.inputs[0, : self.config.train.batch_size])
+            self.kit.stats[logits_fn] = analysis.compute_stats(
+                lambda p, x: (logits_fn(p, x), 0.0), take(params, 0), tokens
+            )
+        return self.kit.stats[logits_fn]
+
+
+# -- stages ------------------------------------------------------------------------------------
+
+
+def train_base(p: Pipeline):
+    """The shared base model on the mixture of every task's training data: `[R, ...]`."""
+
+    def run(todo):
+        keys = p.keys[np.asarray(todo)]
+        params = p.init_params(keys)
+        return p.train("base", p.kit.apply_aux, p.kit.tx, params, take(p.mixture, todo),
+                       _streams(keys, BASE), p.config.base.num_steps)  # fmt: skip
+
+    abstract = _one_seed(jax.eval_shape(p.init_params, p.keys[:1]))
+    return p.stages.run_seeds("base", p.seeds, run, abstract)
+
+
+def train_experts(p: Pipeline, base=None):
+    """One expert per task `[R, K, ...]`: fine-tuned from `base`, or (None) from its own random
+    init (the control). Both see the same batches."""
+    name = "experts" if base is not None else "random_experts"
+
+    def run(todo):
+        keys = p.keys[np.asarray(todo)]
+        trained, flops = [], 0.0
+        for i, task in enumerate(p.names):
+            if base is not None:
+                start = take(base, todo)
+            else:
+                start = p.init_params(keys, 1 + i)
+            params, f = p.train(f"{name} {task}", p.kit.apply_aux, p.kit.tx, start,
+                                take(p.splits["train"][i], todo), _streams(keys, EXPERTS + i),
+                                p.config.experts.num_steps)  # fmt: skip
+            trained.append(params)
             flops += f
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *trained), flops
+        return jax.tree.map(lambda *xs: jnp.stack(xs, 1), *trained), flops
 
-    experts = stages.run("experts", lambda: train_experts(True), abstract_k)
-    random_experts = stages.run("random_experts", lambda: train_experts(False), abstract_k)
+    one = _one_seed(jax.eval_shape(p.init_params, p.keys[:1]))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct((p.k,) + x.shape, x.dtype), one)
+    return p.stages.run_seeds(name, p.seeds, run, abstract)
 
-    # DAM: coefficients trained to match each expert on its own task's data.
-    tables, sizes = pad_tables(train_parts)
-    d = config.dam
+
+def train_dam(p: Pipeline, experts):
+    """DAM coefficients `[R, ...]`: trained per seed to match each expert on its task's data."""
+    d = p.config.dam
+    sizes = [len(s) for s in p.splits["train"]]
+    tables = pipeline.Split(
+        np.stack([_pad_rows(s.inputs, max(sizes)) for s in p.splits["train"]], 1),
+        np.stack([_pad_rows(s.labels, max(sizes)) for s in p.splits["train"]], 1),
+    )  # [R, K, N_max, ...]
+    if "dam" not in p.kit.programs:
+        p.kit.programs["dam"] = _dam_program(p.kit.apply, d, jnp.asarray(sizes, jnp.float32))
+    program, step = p.kit.programs["dam"]
+
+    def run(todo):
+        e, t = take(experts, todo), jax.tree.map(jnp.asarray, take(tables, todo))
+        keys = _streams(p.keys[np.asarray(todo)], DAM)
+        coeffs, kl = program(e, t, keys)
+        logging.info("[compare] DAM KL %.4f -> %.4f (mean of %d seeds)",
+                     float(kl[:, 0].mean()), float(kl[:, -1].mean()), len(todo))  # fmt: skip
+        if "dam" not in p.kit.step_flops:
+            e0, t0 = take(e, 0), take(t, 0)
+            p.kit.step_flops["dam"] = flops_of(
+                lambda c: step(c, 0, e0, t0, keys[0]), merging.init_coefficients(e0),
+                optimized=False,
+            )  # fmt: skip
+        return coeffs, p.kit.step_flops["dam"] * d.num_steps
+
+    abstract = jax.eval_shape(merging.init_coefficients, take(experts, 0))
+    return p.stages.run_seeds("dam", p.seeds, run, abstract)
+
+
+def _dam_program(apply, d, sizes):
+    """(the compiled DAM training of seeds `(experts [M, K, ...], tables [M, K, N, ...], keys
+    [M]) -> (coefficients [M, ...], KL per step [M, S])`, one seed's step from fresh
+    coefficients `(coeffs, i, experts, tables, key)` for its FLOPs)."""
+    tx = optax.adam(d.learning_rate)
     loss_fn = functools.partial(
-        merging.dam_loss,
-        stacked=experts,
-        apply_fn=apply,
-        temperature=d.temperature,
-        similarity_weight=d.similarity_weight,
-        l1_weight=d.l1_weight,
-        l2_weight=d.l2_weight,
+        merging.dam_loss, apply_fn=apply, temperature=d.temperature,
+        similarity_weight=d.similarity_weight, l1_weight=d.l1_weight, l2_weight=d.l2_weight,
         nonlinearity=d.nonlinearity,
-    )
-    dam_tx = optax.adam(d.learning_rate)
+    )  # fmt: skip
 
-    def dam_step(carry, step):
+    def step(carry, i, experts, tables, key):
         coeffs, opt = carry
-        batch = sample_per_task(tables, sizes, jax.random.fold_in(key, 300 + step), d.batch_size)
+        batch = sample_per_task(tables, sizes, jax.random.fold_in(key, i), d.batch_size)
         (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            coeffs, inputs_per_expert=batch.inputs
+            coeffs, experts, inputs_per_expert=batch.inputs
         )
-        updates, opt = dam_tx.update(g, opt, coeffs)
+        updates, opt = tx.update(g, opt, coeffs)
         return (optax.apply_updates(coeffs, updates), opt), aux["kl"]
 
-    def train_dam():
+    def one_seed(experts, tables, key):
         coeffs = merging.init_coefficients(experts)
-        carry = (coeffs, dam_tx.init(coeffs))
-        step_flops = flops_of(lambda c: dam_step(c, 0), carry)
-        (coeffs, _), kl = jax.jit(lambda c: jax.lax.scan(dam_step, c, jnp.arange(d.num_steps)))(
-            carry
+        (coeffs, _), kl = jax.lax.scan(
+            lambda c, i: step(c, i, experts, tables, key),
+            (coeffs, tx.init(coeffs)),
+            jnp.arange(d.num_steps),
         )
-        logging.info("[compare] DAM KL %.4f -> %.4f", float(kl[0]), float(kl[-1]))
-        return coeffs, step_flops * d.num_steps
+        return coeffs, kl
 
-    coeffs = stages.run("dam", train_dam, jax.eval_shape(merging.init_coefficients, experts))
+    def first_step(coeffs, i, experts, tables, key):
+        return step((coeffs, tx.init(coeffs)), i, experts, tables, key)
 
-    # Dynamic fusion over the experts (their heads dropped; the fusion model has its own head).
-    f = config.fusion
-    fcfg = fusion.FusionConfig(
-        expert=expert_cfg, num_experts=k, gate_dim=f.gate_dim, balance_weight=f.balance_weight
-    )
-    fmodel = fusion.FusionTransformer(fcfg)
-    fapply = apply_plain(fmodel)
+    return jax.jit(jax.vmap(one_seed)), first_step
 
-    def fusion_init():
-        p = fmodel.init(jax.random.fold_in(key, 400), example)["params"]
-        p["ensemble"]["experts"] = strip_head(experts)
-        p["head"] = jax.tree.map(lambda x: jnp.mean(x, 0), experts["head"])
-        return p
 
-    abstract_f = jax.eval_shape(fusion_init)
-    fusions = {}
-    for tag, frozen in (("fusion_frozen", ("ensemble",)), ("fusion_e2e", ())):
-        fusions[tag] = stages.run(
-            tag,
-            lambda frozen=frozen, tag=tag: train_params(
-                fapply,
-                fusion_init(),
-                multitask.mixture(train_parts),
-                f.num_steps,
-                bs,
-                jax.random.fold_in(key, 500),
-                make_optimizer(config.opt, frozen),
-                tag,
-            ),
-            abstract_f,
-        )
+def train_fusion(p: Pipeline, experts, frozen: bool):
+    """Gated fusion over each seed's experts (their heads dropped; the fusion model starts from
+    their mean head), trained on the mixture: gate and head only (`frozen`) or end to end."""
+    name = "fusion_frozen" if frozen else "fusion_e2e"
+    if "fusion_init" not in p.kit.programs:
+        fusion_model = p.kit.fusion_model
 
-    # Every method as (label, logits_fn, params, training FLOPs of the method itself).
-    def ensemble_logits(probs: bool):
-        def fn(stacked, x):
-            logits = jax.vmap(apply, in_axes=(0, None))(stacked, x)
-            if probs:
-                return jnp.log(jnp.mean(jax.nn.softmax(logits, -1), 0))
-            return jnp.mean(logits, 0)
+        def init(key, experts_r, example):
+            key = jax.random.fold_in(key, FUSION_INIT)
+            params = fusion_model.init(key, example)["params"]
+            params["ensemble"]["experts"] = strip_head(experts_r)
+            params["head"] = jax.tree.map(lambda x: jnp.mean(x, 0), experts_r["head"])
+            return params
 
-        return fn
+        p.kit.programs["fusion_init"] = jax.jit(jax.vmap(init, in_axes=(0, 0, None)))
+    init = p.kit.programs["fusion_init"]
 
-    g = config.grid
-    searches = {}
+    def run(todo):
+        keys = p.keys[np.asarray(todo)]
+        params = init(keys, take(experts, todo), p.example)
+        tx = p.kit.tx_frozen if frozen else p.kit.tx
+        return p.train(name, p.kit.fusion_apply_aux, tx, params, take(p.mixture, todo),
+                       _streams(keys, FUSION), p.config.fusion.num_steps)  # fmt: skip
 
-    def searched(label, make, grid):
-        hp, scores = grid_search(make, grid, holdout, apply)
-        searches[label] = {"chosen": hp, "grid": scores}
-        return make(**hp)
+    abstract = _one_seed(jax.eval_shape(init, p.keys[:1], take(experts, [0]), p.example))
+    return p.stages.run_seeds(name, p.seeds, run, abstract)
 
-    base_cost = stages.costs["base"]
-    expert_cost = stages.costs["experts"]
-    methods = [
-        ("base model", apply, base, base_cost),
-        ("own expert per task (oracle routing)", None, experts, expert_cost),
-        ("output ensemble (mean logits)", ensemble_logits(False), experts, 0.0),
-        ("output ensemble (mean probs)", ensemble_logits(True), experts, 0.0),
-        ("weight average", apply, merging.weight_average(experts), 0.0),
-        (
-            "weight average, unrelated random inits",
-            apply,
-            merging.weight_average(random_experts),
-            0.0,
-        ),
-        (
-            "task arithmetic",
-            apply,
-            searched(
-                "task arithmetic",
-                lambda lam: merging.task_arithmetic(experts, base, lam),
-                [{"lam": x} for x in g.lams],
-            ),
-            0.0,
-        ),
-        (
-            "TIES",
-            apply,
-            searched(
-                "TIES",
-                lambda density, lam: merging.ties(experts, base, density, lam),
-                [{"density": dn, "lam": x} for dn in g.densities for x in g.lams],
-            ),
-            0.0,
-        ),
-        (
-            "DARE (linear)",
-            apply,
-            searched(
-                "DARE (linear)",
-                lambda drop_rate, lam: merging.dare(
-                    experts, base, jax.random.fold_in(key, 600), drop_rate, lam
-                ),
-                [{"drop_rate": p, "lam": x} for p in g.drop_rates for x in g.lams],
-            ),
-            0.0,
-        ),
-        (
-            "DARE (TIES)",
-            apply,
-            searched(
-                "DARE (TIES)",
-                lambda drop_rate, lam, density: merging.dare(
-                    experts, base, jax.random.fold_in(key, 600), drop_rate, lam, "ties", density
-                ),
-                [
-                    {"drop_rate": p, "lam": x, "density": dn}
-                    for p in g.drop_rates
-                    for x in g.lams
-                    for dn in g.densities
-                ],
-            ),
-            0.0,
-        ),
-        (
-            f"SLERP ({names[0]}, {names[1 % k]})",
-            apply,
-            searched(
-                "SLERP",
-                lambda t: merging.slerp(
-                    jax.tree.map(lambda x: x[jnp.array([0, 1 % k])], experts), t
-                ),
-                [{"t": t} for t in g.slerp_ts],
-            ),
-            0.0,
-        ),
-        ("DAM", apply, merging.dam_merge(coeffs, experts, d.nonlinearity), stages.costs["dam"]),
-        (
-            "dynamic fusion, frozen experts",
-            fapply,
-            fusions["fusion_frozen"],
-            stages.costs["fusion_frozen"],
-        ),
-        (
-            "dynamic fusion, end to end",
-            fapply,
-            fusions["fusion_e2e"],
-            expert_cost + stages.costs["fusion_e2e"],
-        ),
+
+# -- methods -----------------------------------------------------------------------------------
+
+
+def ensembles(p: Pipeline, experts) -> list[Method]:
+    return [
+        Method("output ensemble (mean logits)", p.kit.mean_logits, experts, 0.0),
+        Method("output ensemble (mean probs)", p.kit.mean_probs, experts, 0.0),
     ]
 
-    rows = []
-    tokens = jnp.asarray(multitask.mixture(val).inputs[:bs])
-    for label, logits_fn, params, train_flops in methods:
-        if logits_fn is None:  # each task read by its own expert
-            own = [jax.tree.map(lambda x, i=i: x[i], params) for i in range(k)]
-            per = [evaluate_on(apply, own[i], [val[i]]) for i in range(k)]
-            metrics = {key_: [p[key_][0] for p in per] for key_ in ("loss", "acc")}
-            fit = [evaluate_on(apply, own[i], [train_parts[i]])["acc"][0] for i in range(k)]
-            compute = analysis.compute_stats(
-                lambda p, x: (apply(p, x), 0.0), jax.tree.map(lambda x: x[0], params), tokens
-            )
-        else:
-            metrics = evaluate_on(logits_fn, params, val)
-            fit = evaluate_on(logits_fn, params, train_parts)["acc"]
-            compute = analysis.compute_stats(
-                lambda p, x, fn=logits_fn: (fn(p, x), 0.0), params, tokens
-            )
-        row = {"method": label}
-        for i, name in enumerate(names):
-            row[f"{name}_acc"], row[f"{name}_loss"] = metrics["acc"][i], metrics["loss"][i]
-        row["mean_acc"], row["mean_loss"] = (
-            float(np.mean(metrics["acc"])),
-            float(np.mean(metrics["loss"])),
-        )
-        # Grokking tasks reach high validation accuracy late: the training-split accuracy shows
-        # what a method keeps of what the experts memorised even before that.
-        row["mean_train_acc"] = float(np.mean(fit))
-        row.update(
-            {
-                "params": compute["params"],
-                "flops_per_example": compute["flops_per_example"],
-                "examples_per_s": compute["examples_per_s"],
-                "train_flops": train_flops,
-            }
-        )
-        rows.append(row)
-        logging.info("[compare] %-45s mean val acc %.4f", label, row["mean_acc"])
 
+def grid_search(p: Pipeline, make, grid: list[dict], per_seed):
+    """Per seed, the grid point with the best mean held-out accuracy (then loss; the first in
+    grid order on a tie); validation is not used. `make(experts, base, key, **hp)` merges one
+    seed (jit-compiled merges compile once for all seeds); `per_seed`: (experts, base, key) of
+    each seed. Returns (merged params `[R, ...]`, {"chosen": [hp per seed], "grid": [...]})."""
+    r_all = len(per_seed)
+    best, best_score, chosen, scored = None, [None] * r_all, [None] * r_all, []
+    for hp in grid:
+        merged = stack([make(e, b, key, **hp) for e, b, key in per_seed])
+        m = p.evaluate(p.kit.apply, merged, "holdout")
+        acc, loss = m["acc"].mean(1), m["loss"].mean(1)  # [R]
+        scored.append({"hparams": hp, "holdout_acc": acc.tolist(), "holdout_loss": loss.tolist()})
+        better = np.array([s is None or (-acc[r], loss[r]) < s for r, s in enumerate(best_score)])
+        for r in np.flatnonzero(better):
+            best_score[r], chosen[r] = (-acc[r], loss[r]), hp
+        best = merged if best is None else _where_seeds(better, merged, best)
+    return best, {"chosen": chosen, "grid": scored}
+
+
+_task_arithmetic = jax.jit(merging.task_arithmetic)
+_weight_average = jax.jit(jax.vmap(merging.weight_average))
+
+
+def static_merges(p: Pipeline, base, experts, random_experts):
+    """Weight averages and the searched merges; returns (methods, grid searches by label)."""
+    g = p.config.grid
+    pair = jnp.array([0, 1 % p.k])
+    searched = {
+        "task arithmetic": (
+            lambda e, b, key, lam: _task_arithmetic(e, b, lam),
+            [{"lam": x} for x in g.lams],
+        ),
+        "TIES": (
+            lambda e, b, key, density, lam: merging.ties(e, b, density, lam),
+            [{"density": dn, "lam": x} for dn in g.densities for x in g.lams],
+        ),
+        "DARE (linear)": (
+            lambda e, b, key, drop_rate, lam: merging.dare(e, b, key, drop_rate, lam),
+            [{"drop_rate": dr, "lam": x} for dr in g.drop_rates for x in g.lams],
+        ),
+        "DARE (TIES)": (
+            lambda e, b, key, drop_rate, lam, density: merging.dare(
+                e, b, key, drop_rate, lam, "ties", density
+            ),
+            [
+                {"drop_rate": dr, "lam": x, "density": dn}
+                for dr in g.drop_rates
+                for x in g.lams
+                for dn in g.densities
+            ],
+        ),  # fmt: skip
+        f"SLERP ({p.names[0]}, {p.names[1 % p.k]})": (
+            lambda e, b, key, t: merging.slerp(jax.tree.map(lambda x: x[pair], e), t),
+            [{"t": t} for t in g.slerp_ts],
+        ),
+    }
+    methods = [
+        Method("weight average", p.kit.apply, _weight_average(experts), 0.0),
+        Method("weight average, unrelated random inits", p.kit.apply,
+               _weight_average(random_experts), 0.0),
+    ]  # fmt: skip
+    keys = _streams(p.keys, DARE)
+    per_seed = [(take(experts, r), take(base, r), keys[r]) for r in range(len(p.seeds))]
+    searches = {}
+    for label, (make, grid) in searched.items():
+        merged, searches[label] = grid_search(p, make, grid, per_seed)
+        methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=searches[label]["chosen"]))
+    return methods, searches
+
+
+def score(p: Pipeline, method: Method) -> dict:
+    """The method's row: every metric as a mean over seeds with its standard error, the
+    per-seed values (`per_seed`), and the model's size and cost."""
+    val = p.evaluate(method.logits_fn, method.params, "val", method.per_task)
+    fit = p.evaluate(method.logits_fn, method.params, "train", method.per_task)
+    per_seed = {}
+    for i, name in enumerate(p.names):
+        for m in METRICS:
+            per_seed[f"{name}_{m}"] = val[m][:, i]
+    per_seed["mean_acc"], per_seed["mean_loss"] = val["acc"].mean(1), val["loss"].mean(1)
+    # Grokking tasks reach high validation accuracy late: the training-split accuracy shows what
+    # a method keeps of what the experts memorised even before that.
+    per_seed["mean_train_acc"] = fit["acc"].mean(1)
+    row = {"method": method.label}
+    for key, values in per_seed.items():
+        row[key], row[f"{key}_stderr"] = float(values.mean()), results.stderr(values)
+    params = take(method.params, (slice(None), 0)) if method.per_task else method.params
+    compute = p.compute_stats(method.logits_fn, params)
+    row.update({key: compute[key] for key in ("params", "flops_per_example", "examples_per_s")})
+    row["train_flops"] = method.train_flops
+    row["per_seed"] = {key: values.tolist() for key, values in per_seed.items()}
+    row["hparams"] = method.hparams
+    logging.info("[compare] %-45s mean val acc %s", method.label, mean_se(per_seed["mean_acc"]))
+    return row
+
+
+def report(p: Pipeline, rows, searches, coeffs) -> dict:
     out = {
-        "tasks": list(names),
+        "tasks": list(p.names),
+        "seeds": p.seeds,
         "device": jax.devices()[0].device_kind,
         "rows": rows,
         "grid_search": searches,
     }
+    workdir = os.path.dirname(p.stages.dir)
     results.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as fh:
         fh.write(to_markdown(out))
-    plot_frontier(rows, os.path.join(workdir, "frontier.png"))
-    plot_dam(coeffs, experts, d.nonlinearity, names, os.path.join(workdir, "dam_coefficients.png"))
+    plots.plot_frontier(
+        [(r["method"], r["flops_per_example"], r["per_seed"]["mean_acc"]) for r in rows],
+        os.path.join(workdir, "frontier.png"),
+        xlabel="forward FLOPs per example (XLA cost analysis)",
+        ylabel="mean validation accuracy over tasks",
+        title=f"Accuracy against inference cost (mean ± s.e. over {len(p.seeds)} seeds)",
+    )
+    dam_path = os.path.join(workdir, "dam_coefficients.png")
+    plot_dam(coeffs, p.config.dam.nonlinearity, p.names, dam_path)
     return out
+
+
+def run(config, workdir: str) -> dict:
+    """Runs (or restores) every stage, scores every method and writes the comparison."""
+    p = Pipeline(config, workdir)
+    base = train_base(p)
+    experts = train_experts(p, base)
+    random_experts = train_experts(p, None)
+    coeffs = train_dam(p, experts)
+    fusion_frozen = train_fusion(p, experts, frozen=True)
+    fusion_e2e = train_fusion(p, experts, frozen=False)
+    cost = p.stages.costs
+    merges, searches = static_merges(p, base, experts, random_experts)
+    methods = [
+        Method("base model", p.kit.apply, base, cost["base"]),
+        Method("own expert per task (oracle routing)", p.kit.apply, experts, cost["experts"],
+               per_task=True),
+        *ensembles(p, experts),
+        *merges,
+        Method("DAM", p.kit.apply, jax.vmap(
+            lambda c, e: merging.dam_merge(c, e, config.dam.nonlinearity))(coeffs, experts),
+            cost["dam"]),
+        Method("dynamic fusion, frozen experts", p.kit.fusion_apply, fusion_frozen,
+               cost["fusion_frozen"]),
+        Method("dynamic fusion, end to end", p.kit.fusion_apply, fusion_e2e,
+               cost["experts"] + cost["fusion_e2e"]),
+    ]  # fmt: skip
+    return report(p, [score(p, m) for m in methods], searches, coeffs)
 
 
 def to_markdown(out: dict) -> str:
     names = out["tasks"]
-    header = (
-        ["method"]
-        + [f"{n} acc / loss" for n in names]
-        + [
-            "mean acc",
-            "mean loss",
-            "mean train acc",
-            "params",
-            "FLOPs/example",
-            "examples/s",
-            "training FLOPs",
-        ]
-    )
+    metrics = ("mean_acc", "mean_loss", "mean_train_acc")
+    header = ["method"] + [f"{n} acc / loss" for n in names] + [
+        "mean acc", "mean loss", "mean train acc", "params", "FLOPs/example", "examples/s",
+        "training FLOPs",
+    ]  # fmt: skip
     lines = [
         "# Static merging and DAM against dynamic fusion",
         "",
-        f"Validation split of each task (mean train acc: the training split without the "
-        f"held-out slice); measured on {out['device']}. Merge hyper-parameters "
-        "were chosen on a held-out slice of the training split (comparison.json lists the "
-        "grids). Training FLOPs: the method's own training (for end-to-end fusion, the "
-        "experts' fine-tuning too); 0 for merges computed in closed form.",
+        f"Validation split of each task, mean ± standard error over {len(out['seeds'])} seeds "
+        f"{out['seeds']} (each seed: its own split, inits and batches; mean train acc: the "
+        f"training split without the held-out slice); measured on {out['device']}. Merge "
+        "hyper-parameters were chosen per seed on a held-out slice of the training split "
+        "(comparison.json lists the grids, the choices and every seed's values). Training "
+        "FLOPs: the method's own training per seed (for end-to-end fusion, the experts' "
+        "fine-tuning too); 0 for merges computed in closed form.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]
     for r in out["rows"]:
-        cells = [r["method"]] + [f"{r[f'{n}_acc']:.4f} / {r[f'{n}_loss']:.3f}" for n in names]
-        cells += [
-            f"{r['mean_acc']:.4f}",
-            f"{r['mean_loss']:.3f}",
-            f"{r['mean_train_acc']:.4f}",
-            str(r["params"]),
-            f"{r['flops_per_example']:.3g}",
-            f"{r['examples_per_s']:.3g}",
-            f"{r['train_flops']:.3g}",
-        ]
+        s = r["per_seed"]
+        cells = [r["method"]]
+        cells += [f"{mean_se(s[f'{n}_acc'])} / {mean_se(s[f'{n}_loss'], 3)}" for n in names]
+        cells += [mean_se(s[m], 3 if m == "mean_loss" else 4) for m in metrics]
+        cells += [str(r["params"]), f"{r['flops_per_example']:.3g}",
+                  f"{r['examples_per_s']:.3g}", f"{r['train_flops']:.3g}"]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Hyper-parameters chosen on the held-out slice, per seed:", ""]
+    for label, search in out["grid_search"].items():
+        chosen = "; ".join(
+            f"seed {seed}: " + ", ".join(f"{k}={v}" for k, v in hp.items())
+            for seed, hp in zip(out["seeds"], search["chosen"], strict=True)
+        )
+        lines.append(f"* {label}: {chosen}")
     return "\n".join(lines) + "\n"
 
 
-def plot_frontier(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    for r in rows:
-        ax.scatter(r["flops_per_example"], r["mean_acc"])
-        ax.annotate(
-            r["method"],
-            (r["flops_per_example"], r["mean_acc"]),
-            fontsize=7,
-            xytext=(4, 2),
-            textcoords="offset points",
-        )
-    ax.set(
-        xscale="log",
-        xlabel="forward FLOPs per example (XLA cost analysis)",
-        ylabel="mean validation accuracy over tasks",
-        title="Accuracy against inference cost",
-    )
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def plot_dam(coeffs, experts, nonlinearity, names, path):
-    """Mean f(c) per layer (parameter leaf) and expert."""
+def plot_dam(coeffs, nonlinearity, names, path):
+    """Mean f(c) per layer (parameter leaf) and expert over seeds (`coeffs [R, K, ...]`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -473,12 +635,15 @@ def plot_dam(coeffs, experts, nonlinearity, names, path):
     f = merging.NONLINEARITIES[nonlinearity]
     flat = jax.tree_util.tree_leaves_with_path(coeffs)
     labels = [jax.tree_util.keystr(p).replace("']['", "/").strip("[]'") for p, _ in flat]
-    values = np.array([np.asarray(f(c)).reshape(c.shape[0], -1).mean(1) for _, c in flat])
+    values = np.array(
+        [np.asarray(f(c)).reshape(c.shape[0], c.shape[1], -1).mean((0, 2)) for _, c in flat]
+    )
     fig, ax = plt.subplots(figsize=(2 + 1.2 * len(names), 0.28 * len(labels) + 2))
     image = ax.imshow(values, aspect="auto", cmap="coolwarm")
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_title(f"DAM: mean {nonlinearity}(c) per layer and expert")
+    seeds = jax.tree.leaves(coeffs)[0].shape[0]
+    ax.set_title(f"DAM: mean {nonlinearity}(c) per layer and expert, mean of {seeds} seeds")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

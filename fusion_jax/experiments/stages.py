@@ -1,9 +1,15 @@
 """Stages of multi-stage experiments: each result saved once with Orbax, restored on a rerun.
 
-`Stages(workdir).run(name, fn, abstract)` returns stage `name` from `<workdir>/stages/<name>` if
-it finished before, else runs `fn() -> (tree, training FLOPs)`, saves the tree and records its
-cost in `stages/costs.json` (written after the tree, so a stage counts as finished only once both
-exist).
+* `Stages(workdir).run(name, fn, abstract)`: one tree for the whole stage (all seeds inside),
+  saved at `<workdir>/stages/<name>`; `fn() -> (tree, training FLOPs)` runs only if it is absent.
+* `Stages(workdir).run_seeds(name, seeds, fn, abstract_one)`: one checkpoint per seed at
+  `<workdir>/stages/<name>/seed_<s>`. The seeds saved before are restored and `fn(todo)` computes
+  the others in one call (one vmapped program), so raising `num_seeds` trains only the new seeds.
+
+A stage's cost is recorded in `stages/costs.json` after its tree is saved, so a stage (or a seed
+of it) counts as finished only once both exist. A saved stage that fails to restore (damaged or
+partial files) is named in a warning, moved aside to `<path>.damaged` (nothing is deleted) and
+computed again. Also here: small tree helpers the experiments share.
 """
 
 import json
@@ -11,8 +17,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+
+from fusion_jax.evaluate import results
 
 
 class Stages:
@@ -25,26 +35,103 @@ class Stages:
         os.makedirs(self.dir, exist_ok=True)
         self.costs = json.load(open(self.cost_path)) if os.path.exists(self.cost_path) else {}
 
+    def _restore(self, key: str, abstract):
+        """The saved tree of `key` (a path under stages/), or None if it is not finished or fails
+        to restore (then it is moved aside, so that it is computed and saved again)."""
+        path = os.path.join(self.dir, key)
+        if not (os.path.exists(path) and key in self.costs):
+            return None
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        try:
+            tree = self.ckpt.restore(path, target)
+        except Exception as e:  # Damaged, partial or foreign files: compute the stage again.
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            moved = _set_aside(path)
+            logging.warning(
+                "[stages] %s cannot be restored (%s: %s); moved it aside to %s and computing "
+                "it again",
+                path, type(e).__name__, first, moved,
+            )  # fmt: skip
+            return None
+        logging.info("[stages] %s: restored", key)
+        return tree
+
+    def _write_costs(self) -> None:
+        with open(self.cost_path + ".tmp", "w") as f:
+            json.dump(self.costs, f, indent=2)
+        os.replace(self.cost_path + ".tmp", self.cost_path)
+
     def run(self, name: str, fn, abstract):
         """Restores stage `name` if saved, else runs `fn() -> (tree, train_flops)` and saves."""
-        path = os.path.join(self.dir, name)
-        if os.path.exists(path) and name in self.costs:
-            logging.info("[stages] %s: restored", name)
-            target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
-            return self.ckpt.restore(path, target)
+        tree = self._restore(name, abstract)
+        if tree is not None:
+            return tree
         tic = time.perf_counter()
         tree, flops = fn()
-        self.ckpt.save(path, tree, force=True)
+        self.ckpt.save(os.path.join(self.dir, name), tree, force=True)
         self.ckpt.wait_until_finished()
         self.costs[name] = flops
-        with open(self.cost_path, "w") as f:
-            json.dump(self.costs, f, indent=2)
+        self._write_costs()
         logging.info("[stages] %s: done in %.0fs", name, time.perf_counter() - tic)
         return tree
 
+    def run_seeds(self, name: str, seeds, fn, abstract_one):
+        """Stage `name` of every seed in `seeds`, stacked: leaves `[R, ...]`.
 
-def flops_of(fn, *args) -> float:
-    """XLA's FLOP count of one call of `fn` (jit-compiled)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        Seeds saved before are restored; `fn(todo) -> (tree [len(todo), ...], training FLOPs of
+        one seed)` computes the rest in one call, `todo` being their positions in `seeds`.
+        `costs[name]` is the FLOPs of one seed.
+        """
+        trees = [self._restore(f"{name}/seed_{s}", abstract_one) for s in seeds]
+        todo = [i for i, tree in enumerate(trees) if tree is None]
+        if todo:
+            tic = time.perf_counter()
+            new, flops = fn(todo)
+            for j, i in enumerate(todo):
+                trees[i] = take(new, j)
+                self.ckpt.save(os.path.join(self.dir, name, f"seed_{seeds[i]}"), trees[i],
+                               force=True)  # fmt: skip
+                self.ckpt.wait_until_finished()
+                self.costs[f"{name}/seed_{seeds[i]}"] = flops
+            self.costs[name] = flops
+            self._write_costs()
+            logging.info("[stages] %s: seeds %s done in %.0fs", name,
+                         [seeds[i] for i in todo], time.perf_counter() - tic)  # fmt: skip
+        return stack(trees)
+
+
+def _set_aside(path: str) -> str:
+    """Renames `path` to `<path>.damaged` (`.damaged.2`, ... if taken); returns the new name."""
+    dst, n = f"{path}.damaged", 2
+    while os.path.exists(dst):
+        dst, n = f"{path}.damaged.{n}", n + 1
+    os.rename(path, dst)
+    return dst
+
+
+def flops_of(fn, *args, optimized: bool = True) -> float:
+    """XLA's FLOP count of one call of `fn`: of the compiled program, or (`optimized=False`) of
+    the lowered one before XLA's passes (within a few percent of it, without compiling)."""
+    lowered = jax.jit(fn).lower(*args)
+    cost = (lowered.compile() if optimized else lowered).cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     return float(cost.get("flops", 0.0))
+
+
+def stack(trees):
+    """Trees of equal structure -> one tree whose leaves gain a leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def take(tree, i):
+    """Every leaf indexed by `i` on its leading axis (an int, a slice or a list of positions)."""
+    i = np.asarray(i) if isinstance(i, list) else i
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def mean_se(values, digits: int = 4) -> str:
+    """`mean ± standard error` of per-seed values (just the mean for one seed)."""
+    v = np.asarray(values, float)
+    if len(v) < 2:
+        return f"{v.mean():.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {results.stderr(v):.{digits}f}"
