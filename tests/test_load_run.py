@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -185,3 +186,18 @@ def test_merge_run_restores_the_dam_merged_model(tmp_path):
     assert str(e.value) == (
         f"no stage 'dam' saved for seed 0 in {workdir}; saved stages: none (train it first)"
     )
+
+
+def test_analyze_of_a_workdir_still_training_skips_tasks_without_checkpoints(trained, tmp_path):
+    from fusion_jax.evaluate import eval_loop
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained[0], workdir)
+    config = tiny_fusion()
+    config.tasks = "x_plus_y,x_minus_y"  # x_minus_y has not started
+    out = eval_loop.analyze(config, workdir)
+    assert list(out["gates"]) == ["x_plus_y"] and list(out["compute"]) == ["x_plus_y"]
+    with open(os.path.join(workdir, "gate_analysis.json")) as f:
+        gates = json.load(f)
+    assert gates["x_plus_y"]["step"] == 20
+    assert len(gates["x_plus_y"]["per_seed"]) == 2

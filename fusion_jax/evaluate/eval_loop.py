@@ -22,11 +22,15 @@ def split_metrics(apply_fn, params, split) -> dict:
     return {k: np.asarray(v).tolist() for k, v in out.items()}
 
 
+def _checkpoint_dir(workdir: str, task_name: str) -> str:
+    return os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
+
+
 def restore_task(config, workdir: str, task_name: str, step: int | None = None):
     """`(setup, run-stacked state, step)` from a task's checkpoint `step`, or the newest one that
     restores (damaged newer ones are named in a warning and skipped)."""
     setup = loop.setup_task(config, task_name)
-    directory = os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
+    directory = _checkpoint_dir(workdir, task_name)
     no_checkpoint = UserError(
         f"No checkpoints for task {task_name!r} under {directory}; train first."
     )
@@ -61,19 +65,28 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     """Compute accounting for every model, gate analysis for fusion models; writes JSON + plots.
 
     Writes `compute.json` ({task: params, FLOPs/example, examples/s}) and, for models with a
-    gate, `gate_analysis.json` and `gate_heatmap_<task>.png` into the workdir.
+    gate, `gate_analysis.json` ({task: checkpoint step, per-seed and mean statistics}) and
+    `gate_heatmap_<task>.png` into the workdir. Without `step`, tasks that have no checkpoint
+    yet are skipped with a warning.
     """
     compute, gates = {}, {}
     # Every process of a multi-process run restores (collectively); process 0 writes.
     out_dir = workdir if runtime.is_primary() else None
     for task_name in tasks_lib.parse_task_names(config.tasks):
-        setup, state, _ = restore_task(config, workdir, task_name, step)
+        if step is None and not os.path.isdir(_checkpoint_dir(workdir, task_name)):
+            # A workdir still training its first tasks: analyse those that have checkpoints.
+            logging.warning("[%s] no checkpoints yet: not analysed", task_name)
+            continue
+        setup, state, restored_step = restore_task(config, workdir, task_name, step)
         first_run = jax.tree.map(lambda x: x[0], state.params)
         tokens = jax.numpy.asarray(setup.data.val.inputs[0, : config.train.batch_size])
         compute[task_name] = analysis.compute_stats(setup.apply_fn, first_run, tokens)
         logging.info("[%s] compute: %s", task_name, compute[task_name])
         if hasattr(setup.model, "fused_features"):
-            gates[task_name] = analysis.analyze_gates(setup, state.params, out_dir)
+            gates[task_name] = {
+                "step": int(restored_step),
+                **analysis.analyze_gates(setup, state.params, out_dir),
+            }
             logging.info("[%s] gate (mean over seeds): %s", task_name, gates[task_name]["mean"])
     if out_dir is None:
         return {"compute": compute, "gates": gates}

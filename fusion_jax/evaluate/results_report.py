@@ -379,8 +379,9 @@ def gates_markdown(gates: dict) -> str:
 
     for task in _ordered(gates):
         mean = gates[task]["mean"]
+        label = f"{task} (step {gates[task]['step']})" if "step" in gates[task] else task
         lines.append(
-            f"| {task} | {flat(mean['mean_weight'])} | "
+            f"| {label} | {flat(mean['mean_weight'])} | "
             f"{flat(mean['top_choice_share'])} | "
             f"{_num(mean['entropy'])} / {_num(mean['max_entropy'])} |"
         )
