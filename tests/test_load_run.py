@@ -194,7 +194,8 @@ def test_analyze_of_a_workdir_still_training_skips_tasks_without_checkpoints(tra
     workdir = str(tmp_path / "copy")
     shutil.copytree(trained[0], workdir)
     config = tiny_fusion()
-    config.tasks = "x_plus_y,x_minus_y"  # x_minus_y has not started
+    config.tasks = "x_plus_y,x_minus_y"  # x_minus_y has started, with no checkpoint yet
+    os.makedirs(os.path.join(workdir, "x_minus_y", "checkpoints"))
     out = eval_loop.analyze(config, workdir)
     assert list(out["gates"]) == ["x_plus_y"] and list(out["compute"]) == ["x_plus_y"]
     with open(os.path.join(workdir, "gate_analysis.json")) as f:

@@ -26,6 +26,11 @@ def _checkpoint_dir(workdir: str, task_name: str) -> str:
     return os.path.join(loop.task_dir(workdir, task_name), "checkpoints")
 
 
+def _has_checkpoints(workdir: str, task_name: str) -> bool:
+    directory = _checkpoint_dir(workdir, task_name)
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
 def restore_task(config, workdir: str, task_name: str, step: int | None = None):
     """`(setup, run-stacked state, step)` from a task's checkpoint `step`, or the newest one that
     restores (damaged newer ones are named in a warning and skipped)."""
@@ -73,7 +78,7 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     # Every process of a multi-process run restores (collectively); process 0 writes.
     out_dir = workdir if runtime.is_primary() else None
     for task_name in tasks_lib.parse_task_names(config.tasks):
-        if step is None and not os.path.isdir(_checkpoint_dir(workdir, task_name)):
+        if step is None and not _has_checkpoints(workdir, task_name):
             # A workdir still training its first tasks: analyse those that have checkpoints.
             logging.warning("[%s] no checkpoints yet: not analysed", task_name)
             continue
