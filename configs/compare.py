@@ -19,10 +19,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.name = "Merging comparison"
     config.reference_run = None
     config.tasks = "x_plus_y,x_minus_y,x_div_y,permutation"
-    # One process, one device, a checkpoint per finished stage: the training loop's device,
-    # process and checkpoint-schedule fields do not apply.
-    for field in ("checkpoint_every_secs", "num_processes", "coordinator_address", "process_id",
-                  "checkpoint_every", "max_to_keep", "num_devices"):  # fmt: skip
+    # One process and one device. Training in progress is saved every
+    # train.checkpoint_every_secs (at the end of a train.log_every chunk) and when each part of a
+    # stage ends; the training loop's device, process and step-schedule fields do not apply.
+    for field in ("num_processes", "coordinator_address", "process_id", "checkpoint_every",
+                  "max_to_keep", "num_devices"):  # fmt: skip
         del config.train[field]
     # Fraction of each task's training split held out for choosing merge hyper-parameters.
     config.data.holdout_frac = 0.1
@@ -90,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.base.num_steps = config.experts.num_steps = 20
         config.dam.num_steps = config.fusion.num_steps = 20
         config.model.dim, config.model.num_heads = 16, 2
+        config.train.log_every = 10  # two chunks per part: a resume can start mid-part
         config.fusion.gate_dim = 8
         config.train.batch_size = config.dam.batch_size = 32
         config.grid.lams, config.grid.densities = (0.5, 1.0), (0.5,)

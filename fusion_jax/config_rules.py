@@ -211,10 +211,10 @@ MERGE_GRIDS = {
 # configs/compare.py: the grokking fields (its fusion models have their own section) plus the
 # merging pipeline's stages and grids.
 # The training loop's fields that the merging pipeline has no use for: it runs in one process
-# on one device and saves each stage when it ends (configs/compare.py deletes them).
+# on one device and saves its training by time (configs/compare.py deletes them).
 NOT_IN_MERGE_COMPARE = (
-    "train.checkpoint_every_secs", "train.num_processes", "train.coordinator_address",
-    "train.process_id", "train.checkpoint_every", "train.max_to_keep", "train.num_devices",
+    "train.num_processes", "train.coordinator_address", "train.process_id",
+    "train.checkpoint_every", "train.max_to_keep", "train.num_devices",
 )  # fmt: skip
 MERGE_COMPARE = {
     **{
@@ -544,6 +544,8 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "data.tfds_dir": "any",
         # Stages are saved per seed: more seeds train only the new ones, the rest are restored.
         "num_seeds": "increase",
+        # When unfinished training is saved (chunks end at the same steps whatever it is).
+        "train.checkpoint_every_secs": "any",
     },
     "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
     # Steps per compiled chunk and the place of the packed datasets only.

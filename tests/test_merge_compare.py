@@ -16,6 +16,7 @@ from fusion_jax import merging, modes
 from fusion_jax.data import tasks
 from fusion_jax.experiments import stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
+from fusion_jax.train import checkpoint
 
 METHODS = {
     "base model", "own expert per task (oracle routing)", "output ensemble (mean logits)",
@@ -135,6 +136,66 @@ def test_a_rerun_restores_every_stage_of_every_seed(compared, monkeypatch):
     trained = record_training(monkeypatch)
     again = modes.merge_compare(compare_config.get_config("tiny"), workdir)  # the --mode spelling
     assert trained == []
+    assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in out["rows"]]
+
+
+def _part(mngr) -> str:
+    """`stage/part` of a progress manager (without its seeds folder)."""
+    return os.path.dirname(str(mngr.directory).split(f"{os.sep}in_progress{os.sep}")[1])
+
+
+def record_progress(monkeypatch, stop_after=None) -> tuple[list, list]:
+    """Records `(stage/part, step)` of every progress save and of every resume; raises
+    KeyboardInterrupt (as a kill would stop the run) once the save `stop_after` has finished."""
+    saves, resumes = [], []
+    save, restore_newest = checkpoint.save, checkpoint.restore_newest
+
+    def recording_save(mngr, step, state):
+        save(mngr, step, state)
+        saves.append((_part(mngr), step))
+        if saves[-1] == stop_after:
+            mngr.wait_until_finished()
+            raise KeyboardInterrupt
+
+    def recording_restore(mngr, abstract):
+        found = restore_newest(mngr, abstract)
+        if found is not None:
+            resumes.append((_part(mngr), found[0]))
+        return found
+
+    monkeypatch.setattr(checkpoint, "save", recording_save)
+    monkeypatch.setattr(checkpoint, "restore_newest", recording_restore)
+    return saves, resumes
+
+
+def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
+    compared, tmp_path, monkeypatch
+):
+    """Killed after x_minus_y's expert saved step 10 of 20: the rerun restores the base stage
+    and x_plus_y's finished expert, trains x_minus_y's from step 10, and every number equals the
+    uninterrupted run's (`compared`, which saved only at the end of each part)."""
+    _, out = compared
+    config = compare_config.get_config("tiny")
+    config.train.checkpoint_every_secs = 1e-9  # save after every chunk
+    workdir = str(tmp_path / "interrupted")
+    saves, _ = record_progress(monkeypatch, stop_after=("experts/x_minus_y", 10))
+    with pytest.raises(KeyboardInterrupt):
+        modes.train(config, workdir)
+    assert saves == [("base", 10), ("base", 20), ("experts/x_plus_y", 10),
+                     ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]  # fmt: skip
+    in_progress = os.path.join(workdir, "stages", "in_progress")
+    assert os.listdir(in_progress) == ["experts"]  # base's went when its stage was saved
+
+    monkeypatch.undo()
+    saves, resumes = record_progress(monkeypatch)
+    trained = record_training(monkeypatch)
+    again = modes.train(compare_config.get_config("tiny"), workdir)  # saves at each part's end
+
+    assert trained == [(stage, [0, 1]) for stage in STAGES[1:]]
+    assert resumes == [("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]
+    assert saves[:3] == [("experts/x_minus_y", 20), ("experts/permutation", 20),
+                         ("random_experts/x_plus_y", 20)]  # fmt: skip
+    assert os.listdir(in_progress) == []
     assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in out["rows"]]
 
 

@@ -40,7 +40,7 @@ from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
-from fusion_jax.train import steps
+from fusion_jax.train import checkpoint, steps
 from fusion_jax.train.optimizer import make_optimizer
 
 # Streams folded into a seed's key `jax.random.key(seed)`: each stage's batches (expert i: EXPERTS
@@ -128,6 +128,7 @@ _KITS: dict[str, Kit] = {}
 
 def kit_for(config, mt: multitask.MultiTask) -> Kit:
     key = {k: v for k, v in config.to_dict().items() if k not in ("seed", "num_seeds", "name")}
+    key["train"] = {k: v for k, v in key["train"].items() if k != "checkpoint_every_secs"}
     key = json.dumps(key, sort_keys=True, default=str)
     if key in _KITS:
         return _KITS[key]
@@ -196,11 +197,18 @@ class Pipeline:
             self.kit.programs["init"] = jax.jit(jax.vmap(init, in_axes=(0, None)))
         return self.kit.programs["init"](keys, self.example)
 
-    def train(self, tag, apply_aux, tx, params, data: pipeline.Split, keys, num_steps: int):
-        """Trains runs stacked over M seeds (params, host data `[M, N, ...]`, keys `[M]`) with
-        the training loop's pure step, all M as one vmapped program, one compiled chunk of
-        `config.train.log_every` steps at a time. Returns (params `[M, ...]`, FLOPs of one run).
+    def train(self, stage: str, part, todo, apply_aux, tx, params, data: pipeline.Split,
+              keys, num_steps: int):  # fmt: skip
+        """Trains the seeds at positions `todo` (params, host data `[M, N, ...]`, keys `[M]`)
+        for `part` of `stage` with the training loop's pure step, all M as one vmapped program,
+        one compiled chunk of `config.train.log_every` steps at a time. Returns (params
+        `[M, ...]`, FLOPs of one run).
+
+        Progress is saved after a chunk once `config.train.checkpoint_every_secs` have passed
+        (0: never) and when the part ends, and a rerun resumes from it: batches are drawn with
+        fold_in(key, step) and chunks end at the same steps, so it trains to the same bits.
         """
+        tag = f"{stage} {part}" if part else stage
         bs = self.config.train.batch_size
         cfg = steps.StepConfig(bs, 1, "exact", 1, bs, 1)
         if (apply_aux, tx) not in self.kit.programs:
@@ -221,7 +229,14 @@ class Pipeline:
                 lambda s: steps.train_step(s, one_data, keys[0], apply_fn=apply_aux, tx=tx, cfg=cfg,
                                            axis_name=None), one_state, optimized=False,
             )  # fmt: skip
-        done, tic = 0, time.perf_counter()
+        mngr = self.stages.progress(stage, part, [self.seeds[i] for i in todo])
+        done = 0
+        if (found := checkpoint.restore_newest(mngr, state)) is not None:
+            # Host copies, as Stages restores them (committed arrays would compile again).
+            done, state = found[0], jax.device_get(found[1])
+            logging.info("[compare] %s: resuming from step %d", tag, done)
+        tic, saved_at, start = time.perf_counter(), time.monotonic(), done
+        every_secs = self.config.train.checkpoint_every_secs
         while done < num_steps:
             n = min(self.config.train.log_every, num_steps - done)
             state, metrics = program(state, data, keys, n)
@@ -235,8 +250,13 @@ class Pipeline:
             logging.info(
                 "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
                 "%.1f steps/s", tag, done, num_steps, float(loss[:, -1].mean()),
-                float(np.mean(metrics["acc"])), loss.shape[0], done / (time.perf_counter() - tic),
+                float(np.mean(metrics["acc"])), loss.shape[0],
+                (done - start) / (time.perf_counter() - tic),
             )  # fmt: skip
+            if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
+                checkpoint.save(mngr, done, jax.device_get(state))
+                saved_at = time.monotonic()
+        mngr.wait_until_finished()
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
 
     @functools.cached_property
@@ -303,8 +323,9 @@ def train_base(p: Pipeline):
     def run(todo):
         keys = p.keys[np.asarray(todo)]
         params = p.init_params(keys)
-        return p.train("base", p.kit.apply_aux, p.kit.tx, params, take(p.mixture, todo),
-                       _streams(keys, BASE), p.config.base.num_steps)  # fmt: skip
+        return p.train("base", None, todo, p.kit.apply_aux, p.kit.tx, params,
+                       take(p.mixture, todo), _streams(keys, BASE),
+                       p.config.base.num_steps)  # fmt: skip
 
     abstract = _one_seed(jax.eval_shape(p.init_params, p.keys[:1]))
     return p.stages.run_seeds("base", p.seeds, run, abstract)
@@ -323,7 +344,7 @@ def train_experts(p: Pipeline, base=None):
                 start = take(base, todo)
             else:
                 start = p.init_params(keys, 1 + i)
-            params, f = p.train(f"{name} {task}", p.kit.apply_aux, p.kit.tx, start,
+            params, f = p.train(name, task, todo, p.kit.apply_aux, p.kit.tx, start,
                                 take(p.splits["train"][i], todo), _streams(keys, EXPERTS + i),
                                 p.config.experts.num_steps)  # fmt: skip
             trained.append(params)
@@ -421,8 +442,9 @@ def train_fusion(p: Pipeline, experts, frozen: bool):
         keys = p.keys[np.asarray(todo)]
         params = init(keys, take(experts, todo), p.example)
         tx = p.kit.tx_frozen if frozen else p.kit.tx
-        return p.train(name, p.kit.fusion_apply_aux, tx, params, take(p.mixture, todo),
-                       _streams(keys, FUSION), p.config.fusion.num_steps)  # fmt: skip
+        return p.train(name, None, todo, p.kit.fusion_apply_aux, tx, params,
+                       take(p.mixture, todo), _streams(keys, FUSION),
+                       p.config.fusion.num_steps)  # fmt: skip
 
     abstract = _one_seed(jax.eval_shape(init, p.keys[:1], take(experts, [0]), p.example))
     return p.stages.run_seeds(name, p.seeds, run, abstract)

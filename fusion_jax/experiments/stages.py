@@ -7,13 +7,17 @@
   the others in one call (one vmapped program), so raising `num_seeds` trains only the new seeds.
 
 A stage's cost is recorded in `stages/costs.json` after its tree is saved, so a stage (or a seed
-of it) counts as finished only once both exist. A saved stage that fails to restore (damaged or
-partial files) is named in a warning, moved aside to `<path>.damaged` (nothing is deleted) and
-computed again. Also here: small tree helpers the experiments share.
+of it) counts as finished only once both exist. Training inside a stage saves its progress in
+`stages/in_progress/<name>/...` (`Stages.progress`: a training-loop checkpoint manager), so an
+interrupted stage resumes where it was saved; that folder is removed once the stage is saved.
+A saved stage that fails to restore (damaged or partial files) is named in a warning, moved aside
+to `<path>.damaged` (nothing is deleted) and computed again. Also here: small tree helpers the
+experiments share.
 """
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -23,6 +27,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fusion_jax.evaluate import results
+from fusion_jax.train import checkpoint
+
+IN_PROGRESS = "in_progress"
 
 
 class Stages:
@@ -54,12 +61,24 @@ class Stages:
             )  # fmt: skip
             return None
         logging.info("[stages] %s: restored", key)
-        return tree
+        # Host copies: arrays Orbax restores are committed to a device, and jitted programs that
+        # were compiled for fresh (uncommitted) arrays would be compiled again for them.
+        return jax.device_get(tree)
 
     def _write_costs(self) -> None:
         with open(self.cost_path + ".tmp", "w") as f:
             json.dump(self.costs, f, indent=2)
         os.replace(self.cost_path + ".tmp", self.cost_path)
+
+    def progress(self, name: str, part: str | None, seeds) -> checkpoint.Manager:
+        """The checkpoint manager (newest step only) of stage `name`'s unfinished training of
+        `part` (e.g. one task's expert; None: the whole stage) for `seeds` stacked in this order.
+        """
+        parts = [name] + ([part] if part else []) + ["seeds_" + "_".join(map(str, seeds))]
+        return checkpoint.manager(os.path.join(self.dir, IN_PROGRESS, *parts), max_to_keep=1)
+
+    def _done_with(self, name: str) -> None:
+        shutil.rmtree(os.path.join(self.dir, IN_PROGRESS, name), ignore_errors=True)
 
     def run(self, name: str, fn, abstract):
         """Restores stage `name` if saved, else runs `fn() -> (tree, train_flops)` and saves."""
@@ -72,6 +91,7 @@ class Stages:
         self.ckpt.wait_until_finished()
         self.costs[name] = flops
         self._write_costs()
+        self._done_with(name)
         logging.info("[stages] %s: done in %.0fs", name, time.perf_counter() - tic)
         return tree
 
@@ -95,6 +115,7 @@ class Stages:
                 self.costs[f"{name}/seed_{seeds[i]}"] = flops
             self.costs[name] = flops
             self._write_costs()
+            self._done_with(name)
             logging.info("[stages] %s: seeds %s done in %.0fs", name,
                          [seeds[i] for i in todo], time.perf_counter() - tic)  # fmt: skip
         return stack(trees)
