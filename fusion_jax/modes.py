@@ -107,16 +107,16 @@ def report(config, workdir: str, **_):
 def compare(config, workdir: str, workdirs: str = "", **_):
     """Overlays the curves of finished workdirs and tabulates them beside the seed's numbers."""
     del config  # Each workdir carries its own config.json.
-    workdir_lib.check_not_file(workdir)
-    return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
+    with workdir_lib.lock(workdir):
+        return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
 
 
 def results_folder(config, workdir: str, workdirs: str = "", **_):
     """Writes the results/ folder (--workdir) from result workdirs: per run its tables beside
     the source's numbers, final_info.json, plots and gate analysis; reads the workdirs only."""
     del config  # Each workdir carries its own config.json.
-    workdir_lib.check_not_file(workdir)
-    return results_report.write_results(workdirs, workdir)
+    with workdir_lib.lock(workdir):
+        return results_report.write_results(workdirs, workdir)
 
 
 def merge_compare(config, workdir: str, **_):

@@ -485,7 +485,12 @@ def test_second_writer_fails_at_once_naming_the_holder_and_a_dead_holder_does_no
             modes.train(tiny(), workdir)
         assert time.perf_counter() - tic < 5  # at once, not after a wait
         assert str(e.value) == message
-        assert sorted(os.listdir(workdir)) == [".lock"]  # the second writer wrote nothing
+        # The modes that write tables into a folder take the same lock.
+        for mode in (modes.compare, modes.results_folder):
+            with pytest.raises(UserError) as e:
+                mode(None, workdir, workdirs="runs/a")
+            assert str(e.value) == message
+        assert sorted(os.listdir(workdir)) == [".lock"]  # the second writers wrote nothing
     finally:
         holder.kill()  # kill -9: the holder cannot release anything itself
         holder.wait()

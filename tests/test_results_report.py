@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from fusion_jax import modes
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import results_report as rr
 
@@ -118,7 +119,7 @@ def _files(folder: str) -> set[str]:
         os.path.relpath(os.path.join(d, f), folder)
         for d, _, names in os.walk(folder)
         for f in names
-        if not f.endswith(".png")
+        if not f.endswith(".png") and f != workdir_lib.LOCK_FILE
     }
 
 
