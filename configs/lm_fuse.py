@@ -56,6 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.weight_decay = 0.0
     config.train.log_every = 50
     config.train.checkpoint_every = 200
+    # Stop at start-up if JAX finds only the CPU (e.g. a Colab runtime without its GPU or TPU).
+    config.train.require_accelerator = False
 
     config.generate = ml_collections.ConfigDict()
     config.generate.prompt = ""

@@ -58,6 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.fusion_learning_rate = 1e-3
     # Steps per compiled chunk (one progress line each).
     config.train.log_every = 100
+    # Stop at start-up if JAX finds only the CPU (e.g. a Colab runtime without its GPU or TPU).
+    config.train.require_accelerator = False
 
     config.fusion = ml_collections.ConfigDict()
     config.fusion.gate_dim = 64

@@ -308,6 +308,7 @@ LM_FUSE = {
     "train.weight_decay": NON_NEGATIVE,
     "train.log_every": integer(1),
     "train.checkpoint_every": integer(1),
+    "train.require_accelerator": FLAG,
     "generate.prompt": TEXT,
     "generate.max_new_tokens": integer(1),
     "generate.temperature": NON_NEGATIVE,
@@ -340,6 +341,7 @@ LM_STUDY = {
     "train.fusion_steps": integer(1),
     "train.fusion_learning_rate": POSITIVE,
     "train.log_every": integer(1),
+    "train.require_accelerator": FLAG,
     "fusion.gate_dim": integer(1),
     "fusion.balance_weight": NON_NEGATIVE,
     "dam.num_steps": integer(1),
@@ -548,12 +550,17 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "train.checkpoint_every_secs": "any",
     },
     "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
-    # Steps per compiled chunk and the place of the packed datasets only.
-    "lm_study": {"train.log_every": "any", "data.tfds_dir": "any"},
+    # Steps per compiled chunk, the place of the packed datasets and a start-up check only.
+    "lm_study": {
+        "train.log_every": "any",
+        "data.tfds_dir": "any",
+        "train.require_accelerator": "any",
+    },
     "lm_fuse": {
         "train.num_steps": "increase",
         "train.log_every": "any",
         "train.checkpoint_every": "any",
+        "train.require_accelerator": "any",
         "generate.prompt": "any",
         "generate.max_new_tokens": "any",
         "generate.temperature": "any",
@@ -576,6 +583,8 @@ _GROKKING_ADDED = {
 ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
+    "lm_fuse": {"train.require_accelerator": False},
+    "lm_study": {"train.require_accelerator": False},
 }
 
 

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from configs import baseline
+from configs import lm_fuse as lm_fuse_config
+from configs import lm_fusion as lm_fusion_config
 from fusion_jax import modes
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare
 from fusion_jax.train import checkpoint, logs, loop, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA = os.path.join(ROOT, "tests", "fixtures", "lm", "llama")
 REFERENCE_KEYS = {
     "means": {f"{k}_mean" for k in ("final_train_loss", "final_val_loss", "final_train_acc",
                                       "final_val_acc", "step_val_acc_99")},
@@ -166,8 +169,20 @@ def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_resu
     np.testing.assert_allclose(ours["val_loss"], theirs["val_loss"], rtol=1e-6)
 
 
-def test_a_required_accelerator_that_is_missing_stops_the_run_before_any_work(tmp_path):
-    config = tiny()
+def _lm_fuse_config():
+    config = lm_fuse_config.get_config()
+    config.models = f"{LLAMA},{LLAMA}"
+    return config
+
+
+@pytest.mark.parametrize(
+    "make_config", [tiny, lambda: lm_fusion_config.get_config("tiny"), _lm_fuse_config],
+    ids=["grokking", "lm_study", "lm_fuse"],
+)  # fmt: skip
+def test_a_required_accelerator_that_is_missing_stops_the_run_before_any_work(
+    tmp_path, make_config
+):
+    config = make_config()
     config.train.require_accelerator = True
     workdir = tmp_path / "run"
     with pytest.raises(UserError) as e:
