@@ -247,11 +247,12 @@ class Pipeline:
                     f"[compare] {tag}: non-finite training loss by step {done}; lower "
                     "config.opt.learning_rate or check the model config"
                 )
+            rate = (done - start) / (time.perf_counter() - tic)
             logging.info(
                 "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
-                "%.1f steps/s", tag, done, num_steps, float(loss[:, -1].mean()),
-                float(np.mean(metrics["acc"])), loss.shape[0],
-                (done - start) / (time.perf_counter() - tic),
+                "%.1f steps/s incl. compile  ETA %.0fs", tag, done, num_steps,
+                float(loss[:, -1].mean()), float(np.mean(metrics["acc"])), loss.shape[0], rate,
+                (num_steps - done) / rate,
             )  # fmt: skip
             if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
                 checkpoint.save(mngr, done, jax.device_get(state))
