@@ -13,6 +13,8 @@ import pytest
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import modes
+from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
 from fusion_jax.merging import dam
 
@@ -191,27 +193,32 @@ def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"method": "fisher", "models": LLAMA}, "unknown config.method 'fisher'; known: "
-         "weight_average, task_arithmetic, ties, dare, slerp, dam"),
-        ({"method": "ties", "models": ""}, "config.models is empty: give the expert checkpoints "
-         "as DIR_A,DIR_B,..."),
-        ({"method": "ties", "models": LLAMA}, "config.method='ties' needs a base model: set "
-         "config.base=DIR"),
-        ({"method": "slerp", "models": f"{LLAMA},{LLAMA},{LLAMA}"}, "config.method='slerp' "
-         "merges exactly 2 models, got 3"),
-        ({"method": "weight_average", "models": LLAMA, "dtype": "int8"}, "config.dtype must be "
-         "one of float32, bfloat16, float16 or '', got 'int8'"),
-        ({"method": "dam", "models": f"{LLAMA},{LLAMA}", "dam.data": "x"}, "config.dam.data needs "
-         "one text source per model separated by ';': got 1 for 2 models"),
+        ({"method": "fisher", "models": LLAMA}, "config.method='fisher': must be one of "
+         "'weight_average', 'task_arithmetic', 'ties', 'dare', 'slerp', 'dam'"),
+        ({"method": "ties", "models": ""}, "config.models='': must be 1 or more existing "
+         "checkpoint directories, comma-separated"),
+        ({"method": "ties", "models": LLAMA}, "config.base='': must be a checkpoint directory "
+         "for config.method='ties'"),
+        ({"method": "slerp", "models": f"{LLAMA},{LLAMA},{LLAMA}"},
+         f"config.models='{LLAMA},{LLAMA},{LLAMA}': must be exactly 2 checkpoint directories "
+         "for config.method='slerp'"),
+        ({"method": "weight_average", "models": LLAMA, "dtype": "int8"}, "config.dtype='int8': "
+         "must be one of '', 'float32', 'bfloat16', 'float16'"),
+        ({"method": "dam", "models": f"{LLAMA},{LLAMA}"}, "config.dam.data='': must be 2 text "
+         "sources separated by ';' (one per model)"),
+        ({"method": "dam", "models": f"{LLAMA},{LLAMA}", "dam.data": "x"}, "config.dam.data='x': "
+         "must be 2 text sources separated by ';' (one per model)"),
         ({"method": "dam", "models": LLAMA, "dam.data": "x", "dam.train": "linear,heads"},
-         "unknown config.dam.train group 'heads'; known: linear, embedding, norm"),
+         "config.dam.train='linear,heads': must be comma-separated groups from linear, "
+         "embedding, norm"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_name_the_field(tmp_path, fields, message):
-    with pytest.raises(ValueError) as e:
-        lm_merge.run(_config(**fields), str(tmp_path))
+    """The checks of every experiment's config (fusion_jax/config_rules.py), before any work."""
+    with pytest.raises(UserError) as e:
+        modes.train(_config(**fields), str(tmp_path / "w"))
     assert str(e.value) == message
-    assert not (tmp_path / "merged").exists()
+    assert not (tmp_path / "w").exists()
 
 
 def _text_sources(tmp_path):
@@ -276,11 +283,6 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path)
             np.testing.assert_allclose(x, frozen_mean, rtol=1e-6, atol=1e-6)
         else:
             assert not np.allclose(x, frozen_mean, rtol=1e-6, atol=1e-6), key
-
-
-def test_dam_needs_config_data_for_each_model(tmp_path):
-    with pytest.raises(ValueError, match="got 0 for 2 models"):
-        lm_merge.run(_config(method="dam", models=f"{LLAMA},{LLAMA}"), str(tmp_path))
 
 
 def test_method_hparams_cover_every_merge():

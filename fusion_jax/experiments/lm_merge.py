@@ -64,25 +64,6 @@ def method_hparams(config) -> dict:
     return out
 
 
-def validate(config) -> tuple[list[str], str | None]:
-    """(expert dirs, base dir or None) after checking the method and its inputs."""
-    if config.method not in METHODS:
-        raise UserError(f"unknown config.method {config.method!r}; known: {', '.join(METHODS)}")
-    models = split_list(config.models)
-    if not models:
-        raise UserError("config.models is empty: give the expert checkpoints as DIR_A,DIR_B,...")
-    base = config.base or None
-    if config.method in ("task_arithmetic", "ties", "dare") and base is None:
-        raise UserError(f"config.method={config.method!r} needs a base model: set config.base=DIR")
-    if config.method == "slerp" and len(models) != 2:
-        raise UserError(f"config.method='slerp' merges exactly 2 models, got {len(models)}")
-    if config.dtype and config.dtype not in hc.DTYPES:
-        raise UserError(
-            f"config.dtype must be one of {', '.join(hc.DTYPES)} or '', got {config.dtype!r}"
-        )
-    return models, base
-
-
 def _is_float(dtype) -> bool:
     # jnp's test knows bfloat16 (NumPy sees ml_dtypes' bfloat16 as kind "V").
     return jnp.issubdtype(dtype, jnp.floating)
@@ -164,17 +145,8 @@ def _dam_batches(tokens, mask, batch_size, step, seed):
 def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model."""
     d = config.dam
-    groups = [g for g in split_list(d.train)]
-    if unknown := [g for g in groups if g not in DAM_GROUPS]:
-        raise UserError(
-            f"unknown config.dam.train group {unknown[0]!r}; known: {', '.join(DAM_GROUPS)}"
-        )
+    groups = split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
-    if len(sources) != len(models):
-        raise UserError(
-            f"config.dam.data needs one text source per model separated by ';': "
-            f"got {len(sources)} for {len(models)} models"
-        )
     lm_config, hf_config, _ = hc.check_compatible(models)
     lm_config = dataclasses.replace(lm_config, dtype=d.compute_dtype)
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
@@ -272,8 +244,11 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
 
 
 def run(config, workdir: str) -> dict:
-    """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`."""
-    models, base = validate(config)
+    """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`.
+
+    The config is checked by fusion_jax.config_rules first (`modes.train` does): method, inputs
+    and their counts, dtype and DAM's groups and text sources."""
+    models, base = split_list(config.models), config.base or None
     os.makedirs(workdir, exist_ok=True)
     out_dir = os.path.join(workdir, "merged")
     tmp_dir = out_dir + ".partial"
