@@ -13,8 +13,8 @@ import pytest
 
 from configs import compare as compare_config
 from fusion_jax import merging, modes
-from fusion_jax.data import tasks
-from fusion_jax.experiments import stages
+from fusion_jax.data import multitask, tasks
+from fusion_jax.experiments import merge_compare, stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
 from fusion_jax.train import checkpoint
 
@@ -168,21 +168,46 @@ def record_progress(monkeypatch, stop_after=None) -> tuple[list, list]:
     return saves, resumes
 
 
+def interrupt_chunk(monkeypatch, config, call: int) -> None:
+    """Makes the `call`-th chunk of the base/expert training program raise KeyboardInterrupt
+    instead of running, as Ctrl-C (or SIGTERM through main.py) would in the middle of it."""
+    kit = merge_compare.kit_for(config, multitask.MultiTask(tasks.parse_task_names(config.tasks),
+                                                            config.data.p))  # fmt: skip
+    key = (kit.apply_aux, kit.tx)
+    program, calls = kit.programs[key], []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return program(*args)
+
+    monkeypatch.setitem(kit.programs, key, interrupted)
+
+
+@pytest.mark.parametrize("how", ["killed after a time-based save", "Ctrl-C during a chunk"])
 def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
-    compared, tmp_path, monkeypatch
+    compared, tmp_path, monkeypatch, how
 ):
-    """Killed after x_minus_y's expert saved step 10 of 20: the rerun restores the base stage
-    and x_plus_y's finished expert, trains x_minus_y's from step 10, and every number equals the
-    uninterrupted run's (`compared`, which saved only at the end of each part)."""
+    """Stopped after x_minus_y's expert reached step 10 of 20 (killed after its time-based save,
+    or interrupted during the next chunk, when it saves step 10 itself): the rerun restores the
+    base stage and x_plus_y's finished expert, trains x_minus_y's from step 10, and every number
+    equals the uninterrupted run's (`compared`, which saved only at the end of each part)."""
     _, out = compared
     config = compare_config.get_config("tiny")
-    config.train.checkpoint_every_secs = 1e-9  # save after every chunk
     workdir = str(tmp_path / "interrupted")
-    saves, _ = record_progress(monkeypatch, stop_after=("experts/x_minus_y", 10))
+    if how == "killed after a time-based save":
+        config.train.checkpoint_every_secs = 1e-9  # save after every chunk
+        saves, _ = record_progress(monkeypatch, stop_after=("experts/x_minus_y", 10))
+        expected = [("base", 10), ("base", 20), ("experts/x_plus_y", 10),
+                    ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]  # fmt: skip
+    else:
+        saves, _ = record_progress(monkeypatch)
+        interrupt_chunk(monkeypatch, config, call=6)  # base 2 chunks, x_plus_y 2, x_minus_y 1
+        expected = [("base", 20), ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]
     with pytest.raises(KeyboardInterrupt):
         modes.train(config, workdir)
-    assert saves == [("base", 10), ("base", 20), ("experts/x_plus_y", 10),
-                     ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]  # fmt: skip
+    assert saves == expected
     in_progress = os.path.join(workdir, "stages", "in_progress")
     assert os.listdir(in_progress) == ["experts"]  # base's went when its stage was saved
 

@@ -205,7 +205,8 @@ class Pipeline:
         `[M, ...]`, FLOPs of one run).
 
         Progress is saved after a chunk once `config.train.checkpoint_every_secs` have passed
-        (0: never) and when the part ends, and a rerun resumes from it: batches are drawn with
+        (0: never), when the part ends and when the run is interrupted (Ctrl-C, or SIGTERM
+        through main.py), and a rerun resumes from it: batches are drawn with
         fold_in(key, step) and chunks end at the same steps, so it trains to the same bits.
         """
         tag = f"{stage} {part}" if part else stage
@@ -230,35 +231,57 @@ class Pipeline:
                                            axis_name=None), one_state, optimized=False,
             )  # fmt: skip
         mngr = self.stages.progress(stage, part, [self.seeds[i] for i in todo])
-        done = 0
         if (found := checkpoint.restore_newest(mngr, state)) is not None:
             # Host copies, as Stages restores them (committed arrays would compile again).
-            done, state = found[0], jax.device_get(found[1])
-            logging.info("[compare] %s: resuming from step %d", tag, done)
+            state = jax.device_get(found[1])
+            logging.info("[compare] %s: resuming from step %d", tag, found[0])
+        try:
+            state = self._train_chunks(tag, program, state, data, keys, num_steps, mngr)
+        finally:
+            mngr.wait_until_finished()
+        return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
+
+    def _train_chunks(self, tag, program, state, data, keys, num_steps: int, mngr):
+        """Runs `program` chunk by chunk from `state`'s step to `num_steps`, saving as `train`
+        says. The step is read from the state, so a save is labelled with the step it holds."""
+        done = saved = int(np.asarray(state.step)[0])
         tic, saved_at, start = time.perf_counter(), time.monotonic(), done
         every_secs = self.config.train.checkpoint_every_secs
-        while done < num_steps:
-            n = min(self.config.train.log_every, num_steps - done)
-            state, metrics = program(state, data, keys, n)
-            done += n
-            loss = np.asarray(metrics["loss"])
-            if not np.all(np.isfinite(loss)):
-                raise FloatingPointError(
-                    f"[compare] {tag}: non-finite training loss by step {done}; lower "
-                    "config.opt.learning_rate or check the model config"
-                )
-            rate = (done - start) / (time.perf_counter() - tic)
-            logging.info(
-                "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
-                "%.1f steps/s incl. compile  ETA %.0fs", tag, done, num_steps,
-                float(loss[:, -1].mean()), float(np.mean(metrics["acc"])), loss.shape[0], rate,
-                (num_steps - done) / rate,
-            )  # fmt: skip
-            if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
-                checkpoint.save(mngr, done, jax.device_get(state))
-                saved_at = time.monotonic()
-        mngr.wait_until_finished()
-        return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
+        try:
+            while done < num_steps:
+                state, metrics = program(state, data, keys, min(self.config.train.log_every,
+                                                                num_steps - done))  # fmt: skip
+                done = int(np.asarray(state.step)[0])
+                self._check_and_log(tag, metrics, done, num_steps,
+                                    (done - start) / (time.perf_counter() - tic))  # fmt: skip
+                if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
+                    saved = done  # an interrupt inside the save does not start a second one
+                    checkpoint.save(mngr, done, jax.device_get(state))
+                    saved_at = time.monotonic()
+        except KeyboardInterrupt:
+            # The last finished chunk's state (an interrupted chunk never returned).
+            host = jax.device_get(state)
+            if (step := int(host.step[0])) > saved:
+                logging.warning("[compare] %s interrupted: saving step %d before exiting", tag,
+                                step)  # fmt: skip
+                checkpoint.save(mngr, step, host)
+            raise
+        return state
+
+    @staticmethod
+    def _check_and_log(tag, metrics, done: int, num_steps: int, rate: float) -> None:
+        loss = np.asarray(metrics["loss"])
+        if not np.all(np.isfinite(loss)):
+            raise FloatingPointError(
+                f"[compare] {tag}: non-finite training loss by step {done}; lower "
+                "config.opt.learning_rate or check the model config"
+            )
+        logging.info(
+            "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
+            "%.1f steps/s incl. compile  ETA %.0fs", tag, done, num_steps,
+            float(loss[:, -1].mean()), float(np.mean(metrics["acc"])), loss.shape[0], rate,
+            (num_steps - done) / rate,
+        )  # fmt: skip
 
     @functools.cached_property
     def _chunks(self) -> dict:
