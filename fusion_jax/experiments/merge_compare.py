@@ -239,6 +239,7 @@ class Pipeline:
             state = self._train_chunks(tag, program, state, data, keys, num_steps, mngr)
         finally:
             mngr.wait_until_finished()
+            mngr.close()
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
 
     def _train_chunks(self, tag, program, state, data, keys, num_steps: int, mngr):
