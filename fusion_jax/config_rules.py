@@ -548,6 +548,7 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "num_seeds": "increase",
         # When unfinished training is saved (chunks end at the same steps whatever it is).
         "train.checkpoint_every_secs": "any",
+        "train.require_accelerator": "any",
     },
     "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
     # Steps per compiled chunk, the place of the packed datasets and a start-up check only.

@@ -13,7 +13,7 @@ import pytest
 
 from configs import compare as compare_config
 from fusion_jax import merging, modes
-from fusion_jax.data import multitask, tasks
+from fusion_jax.data import tasks
 from fusion_jax.experiments import merge_compare, stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
 from fusion_jax.train import checkpoint
@@ -168,48 +168,57 @@ def record_progress(monkeypatch, stop_after=None) -> tuple[list, list]:
     return saves, resumes
 
 
-def interrupt_chunk(monkeypatch, config, call: int) -> None:
-    """Makes the `call`-th chunk of the base/expert training program raise KeyboardInterrupt
-    instead of running, as Ctrl-C (or SIGTERM through main.py) would in the middle of it."""
-    kit = merge_compare.kit_for(config, multitask.MultiTask(tasks.parse_task_names(config.tasks),
-                                                            config.data.p))  # fmt: skip
-    key = (kit.apply_aux, kit.tx)
-    program, calls = kit.programs[key], []
+def interrupt_after_chunk(monkeypatch, call: int) -> None:
+    """Raises KeyboardInterrupt once the `call`-th training chunk of the run has returned and been
+    logged, before anything saves it: Ctrl-C (or SIGTERM through main.py) while the host waits
+    for a chunk."""
+    log, calls = merge_compare.Pipeline._check_and_log, []
 
     def interrupted(*args):
+        log(*args)
         calls.append(1)
         if len(calls) == call:
             raise KeyboardInterrupt
-        return program(*args)
 
-    monkeypatch.setitem(kit.programs, key, interrupted)
+    monkeypatch.setattr(merge_compare.Pipeline, "_check_and_log", staticmethod(interrupted))
 
 
-@pytest.mark.parametrize("how", ["killed after a time-based save", "Ctrl-C during a chunk"])
+KILLED = "killed after a time-based save"
+DAMAGED = "killed after a time-based save that is then damaged"
+
+
+@pytest.mark.parametrize("how", [KILLED, "Ctrl-C during a chunk", DAMAGED])
 def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
     compared, tmp_path, monkeypatch, how
 ):
-    """Stopped after x_minus_y's expert reached step 10 of 20 (killed after its time-based save,
-    or interrupted during the next chunk, when it saves step 10 itself): the rerun restores the
-    base stage and x_plus_y's finished expert, trains x_minus_y's from step 10, and every number
-    equals the uninterrupted run's (`compared`, which saved only at the end of each part)."""
+    """Stopped when x_minus_y's expert reached step 10 of 20 (killed after its time-based save,
+    or interrupted during its first chunk, when it saves step 10 itself): the rerun restores the
+    base stage and x_plus_y's finished expert, trains x_minus_y's from step 10 (from 0 if that
+    save is damaged), and every number equals the uninterrupted run's (`compared`, which saved
+    only at the end of each part)."""
     _, out = compared
     config = compare_config.get_config("tiny")
     workdir = str(tmp_path / "interrupted")
-    if how == "killed after a time-based save":
+    if how in (KILLED, DAMAGED):
         config.train.checkpoint_every_secs = 1e-9  # save after every chunk
         saves, _ = record_progress(monkeypatch, stop_after=("experts/x_minus_y", 10))
         expected = [("base", 10), ("base", 20), ("experts/x_plus_y", 10),
                     ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]  # fmt: skip
     else:
         saves, _ = record_progress(monkeypatch)
-        interrupt_chunk(monkeypatch, config, call=6)  # base 2 chunks, x_plus_y 2, x_minus_y 1
+        interrupt_after_chunk(monkeypatch, call=5)  # base 2 chunks, x_plus_y 2, x_minus_y 1
         expected = [("base", 20), ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]
     with pytest.raises(KeyboardInterrupt):
         modes.train(config, workdir)
     assert saves == expected
     in_progress = os.path.join(workdir, "stages", "in_progress")
     assert os.listdir(in_progress) == ["experts"]  # base's went when its stage was saved
+    if how == DAMAGED:
+        files = [os.path.join(r, f) for r, _, fs in os.walk(in_progress) for f in fs
+                 if "x_minus_y" in r]  # fmt: skip
+        largest = max(files, key=os.path.getsize)
+        with open(largest, "r+b") as f:
+            f.truncate(os.path.getsize(largest) // 2)
 
     monkeypatch.undo()
     saves, resumes = record_progress(monkeypatch)
@@ -217,7 +226,7 @@ def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
     again = modes.train(compare_config.get_config("tiny"), workdir)  # saves at each part's end
 
     assert trained == [(stage, [0, 1]) for stage in STAGES[1:]]
-    assert resumes == [("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]
+    assert resumes == [("experts/x_plus_y", 20)] + [("experts/x_minus_y", 10)] * (how != DAMAGED)
     assert saves[:3] == [("experts/x_minus_y", 20), ("experts/permutation", 20),
                          ("random_experts/x_plus_y", 20)]  # fmt: skip
     assert os.listdir(in_progress) == []

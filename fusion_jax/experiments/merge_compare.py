@@ -230,10 +230,9 @@ class Pipeline:
                 lambda s: steps.train_step(s, one_data, keys[0], apply_fn=apply_aux, tx=tx, cfg=cfg,
                                            axis_name=None), one_state, optimized=False,
             )  # fmt: skip
-        mngr = self.stages.progress(stage, part, [self.seeds[i] for i in todo])
-        if (found := checkpoint.restore_newest(mngr, state)) is not None:
-            # Host copies, as Stages restores them (committed arrays would compile again).
-            state = jax.device_get(found[1])
+        mngr, found = self.stages.progress(stage, part, [self.seeds[i] for i in todo], state)
+        if found is not None:
+            state = found[1]
             logging.info("[compare] %s: resuming from step %d", tag, found[0])
         try:
             state = self._train_chunks(tag, program, state, data, keys, num_steps, mngr)
@@ -260,7 +259,9 @@ class Pipeline:
                     checkpoint.save(mngr, done, jax.device_get(state))
                     saved_at = time.monotonic()
         except KeyboardInterrupt:
-            # The last finished chunk's state (an interrupted chunk never returned).
+            # The newest state: `program` returns before its chunk has run, so an interrupt
+            # usually comes while the host waits for that chunk, and device_get waits for it to
+            # end (its loss is then neither logged nor checked). The step is read from it.
             host = jax.device_get(state)
             if (step := int(host.step[0])) > saved:
                 logging.warning("[compare] %s interrupted: saving step %d before exiting", tag,

@@ -7,9 +7,10 @@
   the others in one call (one vmapped program), so raising `num_seeds` trains only the new seeds.
 
 A stage's cost is recorded in `stages/costs.json` after its tree is saved, so a stage (or a seed
-of it) counts as finished only once both exist. Training inside a stage saves its progress in
-`stages/in_progress/<name>/...` (`Stages.progress`: a training-loop checkpoint manager), so an
-interrupted stage resumes where it was saved; that folder is removed once the stage is saved.
+of it) counts as finished only once both exist. Training inside a stage can save its progress in
+`stages/in_progress/<name>/...` (`Stages.progress`: a training-loop checkpoint manager; the
+merging comparison's stages do), so an interrupted stage resumes where it was saved; that folder
+is removed once the stage is saved.
 A saved stage that fails to restore (damaged or partial files) is named in a warning, moved aside
 to `<path>.damaged` (nothing is deleted) and computed again. Also here: small tree helpers the
 experiments share.
@@ -26,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import results
 from fusion_jax.train import checkpoint
 
@@ -61,21 +63,30 @@ class Stages:
             )  # fmt: skip
             return None
         logging.info("[stages] %s: restored", key)
-        # Host copies: arrays Orbax restores are committed to a device, and jitted programs that
-        # were compiled for fresh (uncommitted) arrays would be compiled again for them.
-        return jax.device_get(tree)
+        return _uncommitted(tree)
 
     def _write_costs(self) -> None:
         with open(self.cost_path + ".tmp", "w") as f:
             json.dump(self.costs, f, indent=2)
         os.replace(self.cost_path + ".tmp", self.cost_path)
 
-    def progress(self, name: str, part: str | None, seeds) -> checkpoint.Manager:
-        """The checkpoint manager (newest step only) of stage `name`'s unfinished training of
-        `part` (e.g. one task's expert; None: the whole stage) for `seeds` stacked in this order.
-        """
+    def progress(self, name: str, part: str | None, seeds, state):
+        """`(manager, (step, state) or None)`: the checkpoint manager (newest step only) of
+        stage `name`'s unfinished training of `part` (e.g. one task's expert; None: the whole
+        stage) for `seeds` stacked in this order, and what it holds, restored like `state`.
+        Progress that cannot be restored is moved aside (training then starts over)."""
         parts = [name] + ([part] if part else []) + ["seeds_" + "_".join(map(str, seeds))]
-        return checkpoint.manager(os.path.join(self.dir, IN_PROGRESS, *parts), max_to_keep=1)
+        path = os.path.join(self.dir, IN_PROGRESS, *parts)
+        mngr = checkpoint.manager(path, max_to_keep=1)
+        try:
+            found = checkpoint.restore_newest(mngr, state)
+        except UserError as e:  # its one step is damaged
+            mngr.close()
+            moved = _set_aside(path)
+            logging.warning("[stages] %s; moved it aside to %s and training from the start", e,
+                            moved)  # fmt: skip
+            return checkpoint.manager(path, max_to_keep=1), None
+        return mngr, None if found is None else (found[0], _uncommitted(found[1]))
 
     def _done_with(self, name: str) -> None:
         shutil.rmtree(os.path.join(self.dir, IN_PROGRESS, name), ignore_errors=True)
@@ -84,6 +95,7 @@ class Stages:
         """Restores stage `name` if saved, else runs `fn() -> (tree, train_flops)` and saves."""
         tree = self._restore(name, abstract)
         if tree is not None:
+            self._done_with(name)  # left if a run stopped between saving and removing it
             return tree
         tic = time.perf_counter()
         tree, flops = fn()
@@ -115,10 +127,16 @@ class Stages:
                 self.costs[f"{name}/seed_{seeds[i]}"] = flops
             self.costs[name] = flops
             self._write_costs()
-            self._done_with(name)
             logging.info("[stages] %s: seeds %s done in %.0fs", name,
                          [seeds[i] for i in todo], time.perf_counter() - tic)  # fmt: skip
+        self._done_with(name)  # also when a run stopped between saving and removing it
         return stack(trees)
+
+
+def _uncommitted(tree):
+    """Device arrays not committed to a device, like fresh ones: Orbax restores committed arrays,
+    and every jitted program compiled for fresh arrays would be compiled again for them."""
+    return jax.tree.map(jnp.asarray, jax.device_get(tree))
 
 
 def _set_aside(path: str) -> str:
