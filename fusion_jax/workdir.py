@@ -6,7 +6,8 @@
 * Lock: `<workdir>/.lock`, held with `fcntl.flock` for as long as a process writes there. The OS
   drops the lock when its holder exits, even by kill -9, so a dead process never blocks the
   workdir; the file keeps the holder's pid for the message another process gets.
-Nothing is written into a workdir before its checks pass.
+Nothing is written into a workdir before its checks pass, and a folder the lock created is
+removed again when its holder wrote nothing there (a call that failed).
 """
 
 import contextlib
@@ -170,6 +171,7 @@ def lock(workdir: str):
             _HELD[key] -= 1
         return
     check_not_file(workdir)
+    created = not os.path.exists(workdir)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, LOCK_FILE), "a+") as f:
         try:
@@ -193,6 +195,10 @@ def lock(workdir: str):
             yield
         finally:
             del _HELD[key]
+            # A failed call (bad --workdirs, bad config) must not leave an empty folder behind.
+            if created and os.listdir(workdir) == [LOCK_FILE]:
+                os.remove(os.path.join(workdir, LOCK_FILE))
+                os.rmdir(workdir)
 
 
 @contextlib.contextmanager

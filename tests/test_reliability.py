@@ -498,6 +498,20 @@ def test_second_writer_fails_at_once_naming_the_holder_and_a_dead_holder_does_no
         assert open(os.path.join(workdir, ".lock")).read() == f"{os.getpid()}\n"
 
 
+def test_a_failed_table_call_leaves_no_output_folder_behind(tmp_path):
+    out, missing = str(tmp_path / "out"), str(tmp_path / "missing")
+    for mode in (modes.compare, modes.results_folder):
+        with pytest.raises(UserError) as e:
+            mode(None, out, workdirs=missing)
+        assert str(e.value) == f"{missing} has no config.json: is it a fusion_jax workdir?"
+        assert not os.path.exists(out)
+    # A folder that existed before the call stays, lock file and all.
+    os.makedirs(out)
+    with pytest.raises(UserError):
+        modes.compare(None, out, workdirs=missing)
+    assert os.listdir(out) == [".lock"]
+
+
 # --- plain user errors are one line through main.py ---------------------------------------------
 
 

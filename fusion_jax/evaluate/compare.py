@@ -18,7 +18,7 @@ def load_run(workdir: str) -> dict:
     """A finished workdir's name, reference run, per-task logs, final info and compute."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} has no config.json: is it a fusion_jax workdir?")
+        raise UserError(f"{workdir} has no config.json: is it a fusion_jax workdir?")
     with open(path) as f:
         config = json.load(f)
     tasks = [t.strip() for t in config["tasks"].split(",") if t.strip()]
