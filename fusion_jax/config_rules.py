@@ -341,6 +341,7 @@ LM_STUDY = {
     "train.fusion_steps": integer(1),
     "train.fusion_learning_rate": POSITIVE,
     "train.log_every": integer(1),
+    "train.checkpoint_every_secs": NON_NEGATIVE,
     "train.require_accelerator": FLAG,
     "fusion.gate_dim": integer(1),
     "fusion.balance_weight": NON_NEGATIVE,
@@ -551,9 +552,11 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "train.require_accelerator": "any",
     },
     "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
-    # Steps per compiled chunk, the place of the packed datasets and a start-up check only.
+    # Steps per compiled chunk, when unfinished training is saved, the place of the packed
+    # datasets and a start-up check only.
     "lm_study": {
         "train.log_every": "any",
+        "train.checkpoint_every_secs": "any",
         "data.tfds_dir": "any",
         "train.require_accelerator": "any",
     },
@@ -585,7 +588,7 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
     "lm_fuse": {"train.require_accelerator": False},
-    "lm_study": {"train.require_accelerator": False},
+    "lm_study": {"train.require_accelerator": False, "train.checkpoint_every_secs": 0.0},
 }
 
 

@@ -10,6 +10,7 @@ import pytest
 from configs import lm_fusion as lm_fusion_config
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
+from fusion_jax.train import checkpoint
 
 METHODS = [
     "base model (mixture)",
@@ -109,6 +110,51 @@ def test_rerun_restores_every_stage_and_reproduces_the_table(study, monkeypatch)
     monkeypatch.setattr(lm_study, "Stages", Recording)
     again = lm_study.run(config, workdir)
     assert ran == []  # every stage came from its checkpoint
+    for a, b in zip(out["rows"], again["rows"], strict=True):
+        assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
+
+
+def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
+    study, tmp_path, monkeypatch
+):
+    """Killed after the experts' time-based save at step 10 of 30: the rerun restores the base,
+    trains the experts on from step 10, and every number equals the uninterrupted run's."""
+    config, _, out = study
+    config = config.copy_and_resolve_references()
+    config.train.checkpoint_every_secs = 1e-9  # save after every chunk
+    workdir = str(tmp_path / "w")
+    saves, resumes = [], []
+    save, restore_newest = checkpoint.save, checkpoint.restore_newest
+
+    def killed_after(stop):
+        def recording_save(mngr, step, state):
+            save(mngr, step, state)
+            saves.append((os.path.basename(os.path.dirname(str(mngr.directory))), step))
+            if saves[-1] == stop:
+                mngr.wait_until_finished()
+                raise KeyboardInterrupt
+
+        return recording_save
+
+    def recording_restore(mngr, abstract):
+        found = restore_newest(mngr, abstract)
+        if found is not None:
+            resumes.append((os.path.basename(os.path.dirname(str(mngr.directory))), found[0]))
+        return found
+
+    monkeypatch.setattr(checkpoint, "save", killed_after(("experts", 10)))
+    monkeypatch.setattr(checkpoint, "restore_newest", recording_restore)
+    with pytest.raises(KeyboardInterrupt):
+        lm_study.run(config, workdir)
+    assert saves == [("base", 10), ("experts", 10)]
+    assert os.listdir(os.path.join(workdir, "stages", "in_progress")) == ["experts"]
+
+    saves.clear()
+    monkeypatch.setattr(checkpoint, "save", killed_after(None))
+    again = lm_study.run(config, workdir)
+    assert resumes == [("experts", 10)]
+    assert saves[:3] == [("experts", 20), ("experts", 30), ("fusion_frozen", 10)]
+    assert os.listdir(os.path.join(workdir, "stages", "in_progress")) == []
     for a, b in zip(out["rows"], again["rows"], strict=True):
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
 

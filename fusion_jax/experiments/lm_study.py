@@ -7,7 +7,9 @@ seeds as one vmapped program (the experts: all domains x seeds at once):
   base (byte-level Llama on the mixture of domains) -> experts (one per domain, fine-tuned from
   the base) -> control (the base trained on for the FLOPs the experts and the frozen fusion cost)
   -> dam (coefficients) -> fusion_frozen, fusion_e2e (gated fusion over the experts).
-Then every method is scored on each domain's validation windows in bits per byte; static-merge
+Training inside a stage is saved every `train.checkpoint_every_secs` and on Ctrl-C (SIGTERM), and
+a rerun resumes it to the same bits (DAM's coefficients train in one compiled program and start
+over). Then every method is scored on each domain's validation windows in bits per byte; static-merge
 hyper-parameters are chosen per seed on a holdout slice of the training documents. Writes
 `comparison.{md,json}`, `frontier.png`, `routing.png` (mean gate weight per expert on each
 domain) and `gate_tokens.png` (the gate over a paragraph that switches domain half way).
@@ -30,7 +32,7 @@ from fusion_jax import merging
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
-from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take
+from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take, train_in_chunks
 from fusion_jax.merging import dam
 from fusion_jax.models import lm, lm_fusion
 
@@ -125,13 +127,16 @@ def sample_mixture(tokens, mask, sizes, key, batch_size):
     return tokens[dom, idx], mask[dom, idx]
 
 
-def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, chunk, tokens_per_step,
-          lead_axes=1):  # fmt: skip
+def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg, tokens_per_step,
+          progress, lead_axes=1):  # fmt: skip
     """Trains `params` (leaves with `lead_axes` leading run axes, keys likewise) for `num_steps`
-    Adam steps; one compiled chunk of `chunk` steps at a time. Returns (params, FLOPs per run).
+    Adam steps; one compiled chunk of `train_cfg.log_every` steps at a time. Returns (params,
+    FLOPs per run).
 
     `loss_fn(params, batch...)`, `sample_fn(*data, key) -> batch`; batches use
-    `fold_in(run key, step)`, so the result does not depend on the chunking.
+    `fold_in(run key, step)`, so the result does not depend on the chunking. `progress(state)`
+    is `Stages.progress` for this training: it resumes from there, and saves there every
+    `train_cfg.checkpoint_every_secs` and when interrupted (`stages.train_in_chunks`).
     """
 
     def one_run_chunk(state, run_data, key, n):
@@ -157,17 +162,23 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, chunk, tok
     step_flops = flops_of(lambda s: one_run_chunk(s, one_data, jax.random.key(0), 1), step_state)
     init = jax.vmap(tx.init) if lead_axes == 1 else jax.vmap(jax.vmap(tx.init))
     state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
-    done, t0 = 0, time.time()
-    while done < num_steps:
-        n = min(chunk, num_steps - done)
-        state, losses = compiled(state, data, keys, n)
-        done += n
-        rate = done / max(time.time() - t0, 1e-9)
+    mngr, found = progress(state)
+    if found is not None:
+        state = found[1]
+        logging.info("[lm_study] %s: resuming from step %d", tag, found[0])
+
+    def log(losses, done, rate):
         logging.info(
             "[lm_study] %s step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
             tag, done, num_steps, float(jnp.mean(losses[..., -1])),
             rate * tokens_per_step * math.prod(keys.shape), (num_steps - done) / rate,
         )  # fmt: skip
+
+    state = train_in_chunks(
+        f"[lm_study] {tag}", lambda s, n: compiled(s, data, keys, n), state, num_steps,
+        train_cfg.log_every, mngr, train_cfg.checkpoint_every_secs,
+        lambda s: int(np.asarray(s[2]).flat[0]), log,
+    )  # fmt: skip
     return state[0], step_flops * num_steps
 
 
@@ -190,6 +201,10 @@ class Study:
 
     # -- stages ------------------------------------------------------------------------------
 
+    def _progress(self, stage: str):
+        """Where training stage `stage` (its name, also its tag) keeps its unfinished state."""
+        return functools.partial(self.stages.progress, stage, None, self.seeds)
+
     def _init_params(self):
         def one(key):
             dummy = jnp.zeros((1, self.config.model.seq_len), jnp.int32)
@@ -202,7 +217,7 @@ class Study:
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, stream))(self.keys)
         return train(tag, params, self.loss, sample, self.data.padded("train"), keys, num_steps,
-                     self.tx, t.log_every, self.tokens_per_step)  # fmt: skip
+                     self.tx, t, self.tokens_per_step, self._progress(tag))  # fmt: skip
 
     def base(self):
         abstract = jax.eval_shape(self._init_params)
@@ -228,8 +243,8 @@ class Study:
             )(self.keys)
             sample = functools.partial(sample_domain, batch_size=t.batch_size)
             return train("experts", params, self.loss, sample, self.data.padded("train"), keys,
-                         t.expert_steps, optax.adam(t.expert_learning_rate), t.log_every,
-                         self.tokens_per_step, lead_axes=2)  # fmt: skip
+                         t.expert_steps, optax.adam(t.expert_learning_rate), t,
+                         self.tokens_per_step, self._progress("experts"), lead_axes=2)  # fmt: skip
 
         abstract = jax.eval_shape(lambda: jax.tree.map(
             lambda x: jnp.zeros((x.shape[0], k) + x.shape[1:], x.dtype), base))  # fmt: skip
@@ -283,7 +298,7 @@ class Study:
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
         return train(tag, params, loss_fn, sample, self.data.padded("train"), keys, num_steps, tx,
-                     t.log_every, self.tokens_per_step)  # fmt: skip
+                     t, self.tokens_per_step, self._progress(tag))  # fmt: skip
 
     def dam(self, experts):
         d = self.config.dam

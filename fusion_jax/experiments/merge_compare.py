@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import json
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -36,11 +35,11 @@ from fusion_jax import merging, models
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, plots, results
-from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take
+from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take, train_in_chunks
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
-from fusion_jax.train import checkpoint, steps
+from fusion_jax.train import steps
 from fusion_jax.train.optimizer import make_optimizer
 
 # Streams folded into a seed's key `jax.random.key(seed)`: each stage's batches (expert i: EXPERTS
@@ -234,41 +233,13 @@ class Pipeline:
         if found is not None:
             state = found[1]
             logging.info("[compare] %s: resuming from step %d", tag, found[0])
-        try:
-            state = self._train_chunks(tag, program, state, data, keys, num_steps, mngr)
-        finally:
-            mngr.wait_until_finished()
-            mngr.close()
+        state = train_in_chunks(
+            f"[compare] {tag}", lambda s, n: program(s, data, keys, n), state, num_steps,
+            self.config.train.log_every, mngr, self.config.train.checkpoint_every_secs,
+            lambda s: int(np.asarray(s.step)[0]),
+            lambda metrics, done, rate: self._check_and_log(tag, metrics, done, num_steps, rate),
+        )  # fmt: skip
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
-
-    def _train_chunks(self, tag, program, state, data, keys, num_steps: int, mngr):
-        """Runs `program` chunk by chunk from `state`'s step to `num_steps`, saving as `train`
-        says. The step is read from the state, so a save is labelled with the step it holds."""
-        done = saved = int(np.asarray(state.step)[0])
-        tic, saved_at, start = time.perf_counter(), time.monotonic(), done
-        every_secs = self.config.train.checkpoint_every_secs
-        try:
-            while done < num_steps:
-                state, metrics = program(state, data, keys, min(self.config.train.log_every,
-                                                                num_steps - done))  # fmt: skip
-                done = int(np.asarray(state.step)[0])
-                self._check_and_log(tag, metrics, done, num_steps,
-                                    (done - start) / (time.perf_counter() - tic))  # fmt: skip
-                if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
-                    saved = done  # an interrupt inside the save does not start a second one
-                    checkpoint.save(mngr, done, jax.device_get(state))
-                    saved_at = time.monotonic()
-        except KeyboardInterrupt:
-            # The newest state: `program` returns before its chunk has run, so an interrupt
-            # usually comes while the host waits for that chunk, and device_get waits for it to
-            # end (its loss is then neither logged nor checked). The step is read from it.
-            host = jax.device_get(state)
-            if (step := int(host.step[0])) > saved:
-                logging.warning("[compare] %s interrupted: saving step %d before exiting", tag,
-                                step)  # fmt: skip
-                checkpoint.save(mngr, step, host)
-            raise
-        return state
 
     @staticmethod
     def _check_and_log(tag, metrics, done: int, num_steps: int, rate: float) -> None:

@@ -9,8 +9,8 @@
 A stage's cost is recorded in `stages/costs.json` after its tree is saved, so a stage (or a seed
 of it) counts as finished only once both exist. Training inside a stage can save its progress in
 `stages/in_progress/<name>/...` (`Stages.progress`: a training-loop checkpoint manager; the
-merging comparison's stages do), so an interrupted stage resumes where it was saved; that folder
-is removed once the stage is saved.
+merging comparison's and the LM study's training stages do, through `train_in_chunks`), so an
+interrupted stage resumes where it was saved; that folder is removed once the stage is saved.
 A saved stage that fails to restore (damaged or partial files) is named in a warning, moved aside
 to `<path>.damaged` (nothing is deleted) and computed again. Also here: small tree helpers the
 experiments share.
@@ -131,6 +131,43 @@ class Stages:
                          [seeds[i] for i in todo], time.perf_counter() - tic)  # fmt: skip
         self._done_with(name)  # also when a run stopped between saving and removing it
         return stack(trees)
+
+
+def train_in_chunks(tag: str, run_chunk, state, num_steps: int, chunk: int, mngr,
+                    every_secs: float, step_of, log):  # fmt: skip
+    """Trains a stage's runs from the step `state` holds to `num_steps`: `run_chunk(state, n) ->
+    (state, metrics)` `chunk` steps at a time, then `log(metrics, done, steps per second)`.
+
+    The state is saved to `mngr` (from `Stages.progress`) after a chunk once `every_secs` have
+    passed since the last save (0: never), when `num_steps` is reached, and on Ctrl-C (SIGTERM
+    through main.py). `step_of(host state)` reads the step from the state, so a save is labelled
+    with the step it holds; with batches drawn by fold_in(key, step) and chunks ending at the
+    same steps, a resumed stage trains to the same bits as an uninterrupted one.
+    """
+    done = saved = step_of(state)
+    tic, saved_at, start = time.perf_counter(), time.monotonic(), done
+    try:
+        while done < num_steps:
+            state, metrics = run_chunk(state, min(chunk, num_steps - done))
+            done = step_of(state)
+            log(metrics, done, (done - start) / (time.perf_counter() - tic))
+            if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
+                saved = done  # an interrupt inside the save does not start a second one
+                checkpoint.save(mngr, done, jax.device_get(state))
+                saved_at = time.monotonic()
+    except KeyboardInterrupt:
+        # The newest state: a jitted chunk returns before it has run, so an interrupt usually
+        # comes while the host waits for that chunk, and device_get waits for it to end (its
+        # metrics are then neither logged nor checked).
+        host = jax.device_get(state)
+        if (step := step_of(host)) > saved:
+            logging.warning("%s interrupted: saving step %d before exiting", tag, step)
+            checkpoint.save(mngr, step, host)
+        raise
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+    return state
 
 
 def _uncommitted(tree):
