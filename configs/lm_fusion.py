@@ -58,8 +58,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.fusion_learning_rate = 1e-3
     # Steps per compiled chunk (one progress line each).
     config.train.log_every = 100
-    # Unfinished training of a stage is saved after a chunk once this many seconds have passed
-    # (and on Ctrl-C); a rerun resumes it. 0: only on Ctrl-C.
+    # Unfinished training of a stage is saved after a chunk once this many seconds have passed,
+    # and on Ctrl-C; a rerun resumes it. 0: only on Ctrl-C (a finished stage is always saved).
     config.train.checkpoint_every_secs = 600.0
     # Stop at start-up if JAX finds only the CPU (e.g. a Colab runtime without its GPU or TPU).
     config.train.require_accelerator = False

@@ -195,10 +195,13 @@ def lock(workdir: str):
             yield
         finally:
             del _HELD[key]
-            # A failed call (bad --workdirs, bad config) must not leave an empty folder behind.
+            # A call that failed before writing (e.g. a bad --workdirs) leaves no empty folder.
+            # Best effort: a process opening the lock in between keeps the folder (rmdir refuses
+            # a folder that is not empty), and this must not hide the call's own error.
             if created and os.listdir(workdir) == [LOCK_FILE]:
-                os.remove(os.path.join(workdir, LOCK_FILE))
-                os.rmdir(workdir)
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(workdir, LOCK_FILE))
+                    os.rmdir(workdir)
 
 
 @contextlib.contextmanager

@@ -31,3 +31,38 @@ def tiny_config():
     config = baseline.get_config("tiny")
     config.train.num_devices = 1
     return config
+
+
+@pytest.fixture
+def record_progress(monkeypatch):
+    """`record(stop_after=None) -> (saves, resumes)`: records `(stage[/part], step)` of every save
+    and every resume of unfinished stage training (`Stages.progress`); raises KeyboardInterrupt,
+    as a kill would stop the run, once the save `stop_after` has finished."""
+    from fusion_jax.train import checkpoint
+
+    save, restore_newest = checkpoint.save, checkpoint.restore_newest
+
+    def part(mngr) -> str:  # stage[/part] of the manager, without its seeds folder
+        return os.path.dirname(str(mngr.directory).split(f"{os.sep}in_progress{os.sep}")[1])
+
+    def record(stop_after=None):
+        saves, resumes = [], []
+
+        def recording_save(mngr, step, state):
+            save(mngr, step, state)
+            saves.append((part(mngr), step))
+            if saves[-1] == stop_after:
+                mngr.wait_until_finished()
+                raise KeyboardInterrupt
+
+        def recording_restore(mngr, abstract):
+            found = restore_newest(mngr, abstract)
+            if found is not None:
+                resumes.append((part(mngr), found[0]))
+            return found
+
+        monkeypatch.setattr(checkpoint, "save", recording_save)
+        monkeypatch.setattr(checkpoint, "restore_newest", recording_restore)
+        return saves, resumes
+
+    return record

@@ -10,7 +10,6 @@ import pytest
 from configs import lm_fusion as lm_fusion_config
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
-from fusion_jax.train import checkpoint
 
 METHODS = [
     "base model (mixture)",
@@ -114,47 +113,42 @@ def test_rerun_restores_every_stage_and_reproduces_the_table(study, monkeypatch)
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
 
 
-def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
-    study, tmp_path, monkeypatch
+def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
+    study, tmp_path, monkeypatch, record_progress
 ):
-    """Killed after the experts' time-based save at step 10 of 30: the rerun restores the base,
-    trains the experts on from step 10, and every number equals the uninterrupted run's."""
+    """Killed twice, after time-based saves: in the experts (domains x seeds, step 10 of 30), then
+    in the frozen-expert fusion (its optimizer skips the frozen experts, step 10 of 60). Each
+    rerun restores the finished stages and resumes the stopped one; every bits-per-byte number
+    equals the uninterrupted run's, exactly. A stage's end is saved by the stage itself only."""
     config, _, out = study
     config = config.copy_and_resolve_references()
     config.train.checkpoint_every_secs = 1e-9  # save after every chunk
     workdir = str(tmp_path / "w")
-    saves, resumes = [], []
-    save, restore_newest = checkpoint.save, checkpoint.restore_newest
+    in_progress = os.path.join(workdir, "stages", "in_progress")
 
-    def killed_after(stop):
-        def recording_save(mngr, step, state):
-            save(mngr, step, state)
-            saves.append((os.path.basename(os.path.dirname(str(mngr.directory))), step))
-            if saves[-1] == stop:
-                mngr.wait_until_finished()
-                raise KeyboardInterrupt
-
-        return recording_save
-
-    def recording_restore(mngr, abstract):
-        found = restore_newest(mngr, abstract)
-        if found is not None:
-            resumes.append((os.path.basename(os.path.dirname(str(mngr.directory))), found[0]))
-        return found
-
-    monkeypatch.setattr(checkpoint, "save", killed_after(("experts", 10)))
-    monkeypatch.setattr(checkpoint, "restore_newest", recording_restore)
+    saves, _ = record_progress(stop_after=("experts", 10))
     with pytest.raises(KeyboardInterrupt):
         lm_study.run(config, workdir)
-    assert saves == [("base", 10), ("experts", 10)]
-    assert os.listdir(os.path.join(workdir, "stages", "in_progress")) == ["experts"]
+    assert saves == [("experts", 10)]  # the base's 10 steps are one chunk, saved as a stage
+    assert os.listdir(in_progress) == ["experts"]
 
-    saves.clear()
-    monkeypatch.setattr(checkpoint, "save", killed_after(None))
-    again = lm_study.run(config, workdir)
+    saves, resumes = record_progress(stop_after=("fusion_frozen", 10))
+    with pytest.raises(KeyboardInterrupt):
+        lm_study.run(config, workdir)
     assert resumes == [("experts", 10)]
-    assert saves[:3] == [("experts", 20), ("experts", 30), ("fusion_frozen", 10)]
-    assert os.listdir(os.path.join(workdir, "stages", "in_progress")) == []
+    assert saves == [("experts", 20), ("fusion_frozen", 10)]
+    assert os.listdir(in_progress) == ["fusion_frozen"]
+
+    saves, resumes = record_progress()
+    again = lm_study.run(config, workdir)
+    assert resumes == [("fusion_frozen", 10)]
+    assert saves == (
+        [("fusion_frozen", s) for s in range(20, 60, 10)]
+        + [("control", s) for s in range(10, out["control_steps"], 10)]
+        + [("fusion_e2e", s) for s in range(10, 60, 10)]
+    )
+    assert os.listdir(in_progress) == []
+    assert again["control_steps"] == out["control_steps"]
     for a, b in zip(out["rows"], again["rows"], strict=True):
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
 

@@ -16,7 +16,6 @@ from fusion_jax import merging, modes
 from fusion_jax.data import tasks
 from fusion_jax.experiments import merge_compare, stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
-from fusion_jax.train import checkpoint
 
 METHODS = {
     "base model", "own expert per task (oracle routing)", "output ensemble (mean logits)",
@@ -139,35 +138,6 @@ def test_a_rerun_restores_every_stage_of_every_seed(compared, monkeypatch):
     assert [r["per_seed"] for r in again["rows"]] == [r["per_seed"] for r in out["rows"]]
 
 
-def _part(mngr) -> str:
-    """`stage/part` of a progress manager (without its seeds folder)."""
-    return os.path.dirname(str(mngr.directory).split(f"{os.sep}in_progress{os.sep}")[1])
-
-
-def record_progress(monkeypatch, stop_after=None) -> tuple[list, list]:
-    """Records `(stage/part, step)` of every progress save and of every resume; raises
-    KeyboardInterrupt (as a kill would stop the run) once the save `stop_after` has finished."""
-    saves, resumes = [], []
-    save, restore_newest = checkpoint.save, checkpoint.restore_newest
-
-    def recording_save(mngr, step, state):
-        save(mngr, step, state)
-        saves.append((_part(mngr), step))
-        if saves[-1] == stop_after:
-            mngr.wait_until_finished()
-            raise KeyboardInterrupt
-
-    def recording_restore(mngr, abstract):
-        found = restore_newest(mngr, abstract)
-        if found is not None:
-            resumes.append((_part(mngr), found[0]))
-        return found
-
-    monkeypatch.setattr(checkpoint, "save", recording_save)
-    monkeypatch.setattr(checkpoint, "restore_newest", recording_restore)
-    return saves, resumes
-
-
 def interrupt_after_chunk(monkeypatch, call: int) -> None:
     """Raises KeyboardInterrupt once the `call`-th training chunk of the run has returned and been
     logged, before anything saves it: Ctrl-C (or SIGTERM through main.py) while the host waits
@@ -189,7 +159,7 @@ DAMAGED = "killed after a time-based save that is then damaged"
 
 @pytest.mark.parametrize("how", [KILLED, "Ctrl-C during a chunk", DAMAGED])
 def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
-    compared, tmp_path, monkeypatch, how
+    compared, tmp_path, monkeypatch, record_progress, how
 ):
     """Stopped when x_minus_y's expert reached step 10 of 20 (killed after its time-based save,
     or interrupted during its first chunk, when it saves step 10 itself): the rerun restores the
@@ -201,11 +171,11 @@ def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
     workdir = str(tmp_path / "interrupted")
     if how in (KILLED, DAMAGED):
         config.train.checkpoint_every_secs = 1e-9  # save after every chunk
-        saves, _ = record_progress(monkeypatch, stop_after=("experts/x_minus_y", 10))
+        saves, _ = record_progress(stop_after=("experts/x_minus_y", 10))
         expected = [("base", 10), ("base", 20), ("experts/x_plus_y", 10),
                     ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]  # fmt: skip
     else:
-        saves, _ = record_progress(monkeypatch)
+        saves, _ = record_progress()
         interrupt_after_chunk(monkeypatch, call=5)  # base 2 chunks, x_plus_y 2, x_minus_y 1
         expected = [("base", 20), ("experts/x_plus_y", 20), ("experts/x_minus_y", 10)]
     with pytest.raises(KeyboardInterrupt):
@@ -220,7 +190,7 @@ def test_an_interrupted_stage_resumes_to_the_bits_of_an_uninterrupted_run(
         os.mkdir(step_dir)
 
     monkeypatch.undo()
-    saves, resumes = record_progress(monkeypatch)
+    saves, resumes = record_progress()
     trained = record_training(monkeypatch)
     again = modes.train(compare_config.get_config("tiny"), workdir)  # saves at each part's end
 

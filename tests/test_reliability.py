@@ -18,6 +18,7 @@ from configs import baseline, compare, dyn_fusion
 from fusion_jax import config_rules, modes
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.errors import UserError
+from fusion_jax.experiments import stages
 from fusion_jax.train import checkpoint, logs, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -457,6 +458,22 @@ def test_a_requested_damaged_step_is_an_error_naming_it(trained, tmp_path):
         modes.evaluate(None, workdir, step=20)
     assert str(e.value) == (
         f"checkpoint {bad} is damaged (ValueError: Unable to retrieve default item)"
+    )
+
+
+def test_stage_progress_past_the_stages_end_is_refused(tmp_path):
+    """Saved progress beyond the steps a stage now trains (e.g. a control stage whose step count
+    comes from another backend's FLOP count) is refused, not returned as if trained to the end."""
+    mngr = checkpoint.manager(str(tmp_path / "progress"), max_to_keep=1)
+    state = {"step": np.int32(50)}
+    with pytest.raises(UserError) as e:
+        stages.train_in_chunks(
+            "[test] stage", None, state, 30, chunk=10, progress=lambda s: (mngr, (50, s)),
+            every_secs=0, step_of=lambda s: int(s["step"]), log=None,
+        )  # fmt: skip
+    assert str(e.value) == (
+        f"{tmp_path}/progress holds step 50, past the 30 steps this stage trains: move it aside "
+        "to train the stage again"
     )
 
 

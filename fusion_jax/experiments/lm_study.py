@@ -7,12 +7,13 @@ seeds as one vmapped program (the experts: all domains x seeds at once):
   base (byte-level Llama on the mixture of domains) -> experts (one per domain, fine-tuned from
   the base) -> control (the base trained on for the FLOPs the experts and the frozen fusion cost)
   -> dam (coefficients) -> fusion_frozen, fusion_e2e (gated fusion over the experts).
-Training inside a stage is saved every `train.checkpoint_every_secs` and on Ctrl-C (SIGTERM), and
-a rerun resumes it to the same bits (DAM's coefficients train in one compiled program and start
-over). Then every method is scored on each domain's validation windows in bits per byte; static-merge
-hyper-parameters are chosen per seed on a holdout slice of the training documents. Writes
-`comparison.{md,json}`, `frontier.png`, `routing.png` (mean gate weight per expert on each
-domain) and `gate_tokens.png` (the gate over a paragraph that switches domain half way).
+Training inside a stage is saved every `train.checkpoint_every_secs` and on Ctrl-C (SIGTERM),
+and a rerun resumes it to the same bits (DAM's coefficients train in one compiled program and
+start over). Then every method is scored on each domain's validation windows in bits per
+byte; static-merge hyper-parameters are chosen per seed on a holdout slice of the training
+documents. Writes `comparison.{md,json}`, `frontier.png`, `routing.png` (mean gate weight per
+expert on each domain) and `gate_tokens.png` (the gate over a paragraph that switches domain
+half way).
 """
 
 import dataclasses
@@ -134,8 +135,8 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     FLOPs per run).
 
     `loss_fn(params, batch...)`, `sample_fn(*data, key) -> batch`; batches use
-    `fold_in(run key, step)`, so the result does not depend on the chunking. `progress(state)`
-    is `Stages.progress` for this training: it resumes from there, and saves there every
+    `fold_in(run key, step)`, so the result does not depend on the chunking. `progress` is
+    `Stages.progress` for this training: it resumes from there, and saves there every
     `train_cfg.checkpoint_every_secs` and when interrupted (`stages.train_in_chunks`).
     """
 
@@ -162,10 +163,6 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     step_flops = flops_of(lambda s: one_run_chunk(s, one_data, jax.random.key(0), 1), step_state)
     init = jax.vmap(tx.init) if lead_axes == 1 else jax.vmap(jax.vmap(tx.init))
     state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
-    mngr, found = progress(state)
-    if found is not None:
-        state = found[1]
-        logging.info("[lm_study] %s: resuming from step %d", tag, found[0])
 
     def log(losses, done, rate):
         logging.info(
@@ -174,10 +171,12 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
             rate * tokens_per_step * math.prod(keys.shape), (num_steps - done) / rate,
         )  # fmt: skip
 
+    # Each stage is one training, saved by Stages.run as it ends: no progress save at the end.
     state = train_in_chunks(
         f"[lm_study] {tag}", lambda s, n: compiled(s, data, keys, n), state, num_steps,
-        train_cfg.log_every, mngr, train_cfg.checkpoint_every_secs,
-        lambda s: int(np.asarray(s[2]).flat[0]), log,
+        chunk=train_cfg.log_every, progress=progress,
+        every_secs=train_cfg.checkpoint_every_secs, step_of=lambda s: int(np.asarray(s[2]).flat[0]),
+        log=log, save_at_end=False,
     )  # fmt: skip
     return state[0], step_flops * num_steps
 
@@ -202,7 +201,8 @@ class Study:
     # -- stages ------------------------------------------------------------------------------
 
     def _progress(self, stage: str):
-        """Where training stage `stage` (its name, also its tag) keeps its unfinished state."""
+        """Where stage `stage` (the name given to `Stages.run`, which clears it once the stage
+        is saved) keeps its unfinished training."""
         return functools.partial(self.stages.progress, stage, None, self.seeds)
 
     def _init_params(self):
@@ -212,12 +212,12 @@ class Study:
 
         return jax.vmap(one)(self.keys)
 
-    def _mixture(self, tag, params, num_steps, stream):
+    def _mixture(self, stage, params, num_steps, stream):
         t = self.config.train
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, stream))(self.keys)
-        return train(tag, params, self.loss, sample, self.data.padded("train"), keys, num_steps,
-                     self.tx, t, self.tokens_per_step, self._progress(tag))  # fmt: skip
+        return train(stage, params, self.loss, sample, self.data.padded("train"), keys, num_steps,
+                     self.tx, t, self.tokens_per_step, self._progress(stage))  # fmt: skip
 
     def base(self):
         abstract = jax.eval_shape(self._init_params)
@@ -289,7 +289,7 @@ class Study:
         abstract = jax.eval_shape(lambda: stack([init(r) for r in range(len(self.seeds))]))
         return self.stages.run(name, run, abstract), model
 
-    def _train_fusion(self, tag, params, loss_fn, num_steps, frozen_key=None):
+    def _train_fusion(self, stage, params, loss_fn, num_steps, frozen_key=None):
         t = self.config.train
         tx = optax.adam(t.fusion_learning_rate)
         if frozen_key:  # no updates for the frozen part (its gradient is zero by stop_gradient)
@@ -297,8 +297,8 @@ class Study:
             tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
-        return train(tag, params, loss_fn, sample, self.data.padded("train"), keys, num_steps, tx,
-                     t, self.tokens_per_step, self._progress(tag))  # fmt: skip
+        return train(stage, params, loss_fn, sample, self.data.padded("train"), keys, num_steps, tx,
+                     t, self.tokens_per_step, self._progress(stage))  # fmt: skip
 
     def dam(self, experts):
         d = self.config.dam

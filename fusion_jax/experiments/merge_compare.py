@@ -229,15 +229,15 @@ class Pipeline:
                 lambda s: steps.train_step(s, one_data, keys[0], apply_fn=apply_aux, tx=tx, cfg=cfg,
                                            axis_name=None), one_state, optimized=False,
             )  # fmt: skip
-        mngr, found = self.stages.progress(stage, part, [self.seeds[i] for i in todo], state)
-        if found is not None:
-            state = found[1]
-            logging.info("[compare] %s: resuming from step %d", tag, found[0])
         state = train_in_chunks(
             f"[compare] {tag}", lambda s, n: program(s, data, keys, n), state, num_steps,
-            self.config.train.log_every, mngr, self.config.train.checkpoint_every_secs,
-            lambda s: int(np.asarray(s.step)[0]),
-            lambda metrics, done, rate: self._check_and_log(tag, metrics, done, num_steps, rate),
+            chunk=self.config.train.log_every,
+            progress=functools.partial(self.stages.progress, stage, part,
+                                       [self.seeds[i] for i in todo]),
+            every_secs=self.config.train.checkpoint_every_secs,
+            step_of=lambda s: int(np.asarray(s.step)[0]),
+            log=lambda metrics, done, rate: self._check_and_log(tag, metrics, done, num_steps,
+                                                                rate),
         )  # fmt: skip
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
 

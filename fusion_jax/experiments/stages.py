@@ -133,17 +133,29 @@ class Stages:
         return stack(trees)
 
 
-def train_in_chunks(tag: str, run_chunk, state, num_steps: int, chunk: int, mngr,
-                    every_secs: float, step_of, log):  # fmt: skip
-    """Trains a stage's runs from the step `state` holds to `num_steps`: `run_chunk(state, n) ->
-    (state, metrics)` `chunk` steps at a time, then `log(metrics, done, steps per second)`.
+def train_in_chunks(tag: str, run_chunk, state, num_steps: int, *, chunk: int, progress,
+                    every_secs: float, step_of, log, save_at_end: bool = True):  # fmt: skip
+    """Trains a stage's runs to `num_steps`: `run_chunk(state, n) -> (state, metrics)` `chunk`
+    steps at a time, then `log(metrics, done, steps per second)`. Returns the state.
 
-    The state is saved to `mngr` (from `Stages.progress`) after a chunk once `every_secs` have
-    passed since the last save (0: never), when `num_steps` is reached, and on Ctrl-C (SIGTERM
-    through main.py). `step_of(host state)` reads the step from the state, so a save is labelled
-    with the step it holds; with batches drawn by fold_in(key, step) and chunks ending at the
-    same steps, a resumed stage trains to the same bits as an uninterrupted one.
+    `progress(state)` is `Stages.progress` for this training (`functools.partial` of it): it
+    resumes from the state saved there, and saves there after a chunk once `every_secs` have
+    passed since the last save (0: never), when `num_steps` is reached if `save_at_end` (a stage
+    of several parts), and on Ctrl-C (SIGTERM through main.py). `step_of(state)` reads the step
+    from the state, so a save is labelled with the step it holds; with batches drawn by
+    fold_in(key, step) and chunks ending at the same steps, a resumed stage trains to the same
+    bits as an uninterrupted one.
     """
+    mngr, found = progress(state)
+    if found is not None:
+        step, state = found
+        if step > num_steps:
+            mngr.close()
+            raise UserError(
+                f"{mngr.directory} holds step {step}, past the {num_steps} steps this stage "
+                "trains: move it aside to train the stage again"
+            )
+        logging.info("%s: resuming from step %d", tag, step)
     done = saved = step_of(state)
     tic, saved_at, start = time.perf_counter(), time.monotonic(), done
     try:
@@ -151,7 +163,9 @@ def train_in_chunks(tag: str, run_chunk, state, num_steps: int, chunk: int, mngr
             state, metrics = run_chunk(state, min(chunk, num_steps - done))
             done = step_of(state)
             log(metrics, done, (done - start) / (time.perf_counter() - tic))
-            if done == num_steps or 0 < every_secs <= time.monotonic() - saved_at:
+            if (done == num_steps and save_at_end) or (
+                done < num_steps and 0 < every_secs <= time.monotonic() - saved_at
+            ):
                 saved = done  # an interrupt inside the save does not start a second one
                 checkpoint.save(mngr, done, jax.device_get(state))
                 saved_at = time.monotonic()
