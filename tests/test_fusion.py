@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from configs import dyn_fusion
+from fusion_jax import models
 from fusion_jax.data import tasks
 from fusion_jax.evaluate import analysis
 from fusion_jax.models import fusion
@@ -119,15 +120,33 @@ def test_freeze_experts_needs_experts(tiny_config, tmp_path):
     )
 
 
-@pytest.mark.parametrize("variant,layers,heads", [("", 2, 4), ("layers4", 4, 4),
-                                                  ("heads6", 2, 6), ("layers5", 5, 4)])  # fmt: skip
-def test_seed_run_configs_build_and_train(tmp_path, variant, layers, heads):
-    config = dyn_fusion.get_config(",".join(filter(None, [variant, "tiny"])))
-    assert (config.model.num_layers, config.model.num_heads) == (layers, heads)
+def test_run_1_config_trains(tmp_path):
+    config = dyn_fusion.get_config("tiny")
     config.num_seeds, config.num_steps, config.train.num_devices = 1, 10, 1
     records = loop.train(config, str(tmp_path))["x_plus_y"]
     assert [r["step"] for r in records] == [5, 10]
     assert np.isfinite([r["train_loss"] for r in records]).all()
+
+
+@pytest.mark.parametrize("variant,layers,heads", [("", 2, 4), ("layers4", 4, 4),
+                                                  ("heads6", 2, 6), ("layers5", 5, 4)])  # fmt: skip
+def test_seed_run_configs_build_their_models(variant, layers, heads):
+    """Runs 1-4 differ only in depth and heads: each builds a fusion model of that shape (traced,
+    not compiled; the model code is the same as run 1's, which trains above)."""
+    config = dyn_fusion.get_config(",".join(filter(None, [variant, "tiny"])))
+    assert (config.model.num_layers, config.model.num_heads) == (layers, heads)
+    task = tasks.get_task("x_plus_y", config.data.p)
+    model = models.build_model(config.model, task)
+    tokens = jnp.asarray(task.table()[0][:4])
+    params = jax.eval_shape(model.init, jax.random.key(0), tokens)["params"]
+    experts = params["ensemble"]["experts"]
+    assert sorted(k for k in experts if k.startswith("blocks_")) == [
+        f"blocks_{i}" for i in range(layers)
+    ]
+    k, dim = config.model.num_experts, config.model.dim
+    assert experts["blocks_0"]["attn"]["kernel"].shape == (k, dim, 3 * dim)  # fused q, k, v
+    logits = jax.eval_shape(lambda p: model.apply({"params": p}, tokens), params)
+    assert logits.shape == (4, task.num_classes)
 
 
 def test_full_size_heads6_config_is_valid():
