@@ -46,6 +46,7 @@ def _config(tmp_path):
     config.train.expert_steps = 30
     config.train.fusion_steps = 60
     config.train.log_every = 10
+    config.dam.num_steps = 20
     config.train.learning_rate = 3e-3
     config.train.expert_learning_rate = 3e-3
     config.train.fusion_learning_rate = 1e-2
@@ -116,10 +117,11 @@ def test_rerun_restores_every_stage_and_reproduces_the_table(study, monkeypatch)
 def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
     study, tmp_path, monkeypatch, record_progress
 ):
-    """Killed twice, after time-based saves: in the experts (domains x seeds, step 10 of 30), then
-    in the frozen-expert fusion (its optimizer skips the frozen experts, step 10 of 60). Each
-    rerun restores the finished stages and resumes the stopped one; every bits-per-byte number
-    equals the uninterrupted run's, exactly. A stage's end is saved by the stage itself only."""
+    """Killed three times, after time-based saves: in the experts (domains x seeds, step 10 of
+    30), in the frozen-expert fusion (its optimizer skips the frozen experts, step 10 of 60), then
+    in DAM (it skips the experts it merges, step 10 of 20). Each rerun restores the finished
+    stages and resumes the stopped one; every bits-per-byte number equals the uninterrupted
+    run's, exactly. A stage's end is saved by the stage itself only."""
     config, _, out = study
     config = config.copy_and_resolve_references()
     config.train.checkpoint_every_secs = 1e-9  # save after every chunk
@@ -139,14 +141,21 @@ def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
     assert saves == [("experts", 20), ("fusion_frozen", 10)]
     assert os.listdir(in_progress) == ["fusion_frozen"]
 
-    saves, resumes = record_progress()
-    again = lm_study.run(config, workdir)
+    saves, resumes = record_progress(stop_after=("dam", 10))
+    with pytest.raises(KeyboardInterrupt):
+        lm_study.run(config, workdir)
     assert resumes == [("fusion_frozen", 10)]
     assert saves == (
         [("fusion_frozen", s) for s in range(20, 60, 10)]
         + [("control", s) for s in range(10, out["control_steps"], 10)]
-        + [("fusion_e2e", s) for s in range(10, 60, 10)]
+        + [("dam", 10)]
     )
+    assert os.listdir(in_progress) == ["dam"]
+
+    saves, resumes = record_progress()
+    again = lm_study.run(config, workdir)
+    assert resumes == [("dam", 10)]
+    assert saves == [("fusion_e2e", s) for s in range(10, 60, 10)]
     assert os.listdir(in_progress) == []
     assert again["control_steps"] == out["control_steps"]
     for a, b in zip(out["rows"], again["rows"], strict=True):

@@ -5,15 +5,15 @@
 Stages (Orbax, `<workdir>/stages/<name>`; a rerun restores finished ones), every one training all
 seeds as one vmapped program (the experts: all domains x seeds at once):
   base (byte-level Llama on the mixture of domains) -> experts (one per domain, fine-tuned from
-  the base) -> control (the base trained on for the FLOPs the experts and the frozen fusion cost)
-  -> dam (coefficients) -> fusion_frozen, fusion_e2e (gated fusion over the experts).
-Training inside a stage is saved every `train.checkpoint_every_secs` and on Ctrl-C (SIGTERM),
-and a rerun resumes it to the same bits (DAM's coefficients train in one compiled program and
-start over). Then every method is scored on each domain's validation windows in bits per
-byte; static-merge hyper-parameters are chosen per seed on a holdout slice of the training
-documents. Writes `comparison.{md,json}`, `frontier.png`, `routing.png` (mean gate weight per
-expert on each domain) and `gate_tokens.png` (the gate over a paragraph that switches domain
-half way).
+  the base) -> fusion_frozen (gated fusion over the frozen experts) -> control (the base trained
+  on for the FLOPs the experts and the frozen fusion cost) -> dam (coefficients) -> fusion_e2e
+  (gated fusion, experts trained too).
+Training inside a stage (DAM's included) is saved every `train.checkpoint_every_secs` and on
+Ctrl-C (SIGTERM), and a rerun resumes it to the same bits. Then every method is scored on each
+domain's validation windows in bits per byte; static-merge hyper-parameters are chosen per seed
+on a holdout slice of the training documents. Writes `comparison.{md,json}`, `frontier.png`,
+`routing.png` (mean gate weight per expert on each domain) and `gate_tokens.png` (the gate over a
+paragraph that switches domain half way).
 """
 
 import dataclasses
@@ -181,6 +181,13 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     return state[0], step_flops * num_steps
 
 
+def frozen_part(tx, params, frozen_key: str):
+    """`tx` for every entry of the dict `params` but `frozen_key`, which is never updated (and
+    holds no optimizer state); its gradient is zero already (the loss stops it)."""
+    labels = {k: ("frozen" if k == frozen_key else "train") for k in params}
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
 class Study:
     """The stages and evaluation of one study workdir."""
 
@@ -292,15 +299,16 @@ class Study:
     def _train_fusion(self, stage, params, loss_fn, num_steps, frozen_key=None):
         t = self.config.train
         tx = optax.adam(t.fusion_learning_rate)
-        if frozen_key:  # no updates for the frozen part (its gradient is zero by stop_gradient)
-            labels = {k: ("frozen" if k == frozen_key else "train") for k in params}
-            tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+        if frozen_key:
+            tx = frozen_part(tx, params, frozen_key)
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
         return train(stage, params, loss_fn, sample, self.data.padded("train"), keys, num_steps, tx,
                      t, self.tokens_per_step, self._progress(stage))  # fmt: skip
 
     def dam(self, experts):
+        """DAM coefficients per seed `[R, ...]`: each seed's merge of its own experts, trained on
+        every domain's batch for that domain's expert (the experts ride along, frozen)."""
         d = self.config.dam
         k = len(self.names)
         one_coeffs = jax.eval_shape(dam.init_coefficients, take(experts, 0))
@@ -309,38 +317,26 @@ class Study:
         def apply_fn(params, tokens):
             return self.model.apply({"params": params}, tokens[:, :-1])
 
+        def loss_fn(p, tokens, mask):
+            loss, _ = dam.dam_loss(
+                p["coefficients"], jax.lax.stop_gradient(p["experts"]), apply_fn, tokens,
+                mask_per_expert=mask, similarity_granularity="per_layer", trainable=trainable,
+            )  # fmt: skip
+            return loss
+
+        def sample(tables, masks, sizes, key):  # `[K, B, L+1]`: domain k's batch for expert k
+            one = functools.partial(sample_domain, batch_size=d.batch_size)
+            return jax.vmap(one)(tables, masks, sizes, jax.random.split(key, k))
+
         def run():
-            coeffs = jax.vmap(dam.init_coefficients)(experts)
-            tx = optax.adam(d.learning_rate)
-            tables, masks, sizes = self.data.padded("train")
-
-            def step(carry, i, experts_r, key):
-                c, opt = carry
-                keys = jax.random.split(jax.random.fold_in(key, i), k)
-                toks, msk = jax.vmap(
-                    lambda t_, m_, s_, kk: sample_domain(t_, m_, s_, kk, d.batch_size)
-                )(tables, masks, sizes, keys)
-                (_, aux), g = jax.value_and_grad(dam.dam_loss, has_aux=True)(
-                    c, experts_r, apply_fn, toks, mask_per_expert=msk,
-                    similarity_granularity="per_layer", trainable=trainable,
-                )  # fmt: skip
-                g = jax.tree.map(lambda x, tr: x if tr else jnp.zeros_like(x), g, trainable)
-                updates, opt = tx.update(g, opt, c)
-                return (optax.apply_updates(c, updates), opt), aux["kl"]
-
-            def one(c, experts_r, key):
-                return jax.lax.scan(
-                    lambda carry, i: step(carry, i, experts_r, key), (c, tx.init(c)),
-                    jnp.arange(d.num_steps),
-                )  # fmt: skip
-
+            params = {"coefficients": jax.vmap(dam.init_coefficients)(experts), "experts": experts}
+            tx = frozen_part(optax.adam(d.learning_rate), params, "experts")
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 4))(self.keys)
-            (coeffs_out, _), kl = jax.jit(jax.vmap(one))(coeffs, experts, keys)
-            logging.info("[lm_study] DAM KL %.4f -> %.4f (mean over seeds)",
-                         float(kl[:, 0].mean()), float(kl[:, -1].mean()))  # fmt: skip
-            c0 = take(coeffs, 0)
-            step_flops = flops_of(lambda c: step((c, tx.init(c)), 0, take(experts, 0), keys[0]), c0)
-            return coeffs_out, step_flops * d.num_steps
+            trained, flops = train("dam", params, loss_fn, sample, self.data.padded("train"), keys,
+                                   d.num_steps, tx, self.config.train,
+                                   d.batch_size * k * self.config.model.seq_len,
+                                   self._progress("dam"))  # fmt: skip
+            return trained["coefficients"], flops
 
         abstract = jax.eval_shape(lambda: jax.vmap(dam.init_coefficients)(experts))
         return self.stages.run("dam", run, abstract)
