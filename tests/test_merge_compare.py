@@ -14,6 +14,7 @@ import pytest
 from configs import compare as compare_config
 from fusion_jax import merging, modes
 from fusion_jax.data import tasks
+from fusion_jax.evaluate import plots
 from fusion_jax.experiments import merge_compare, stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
 
@@ -218,3 +219,16 @@ def test_dam_export_is_a_plain_transformer():
     assert jax.tree.structure(exported) == jax.tree.structure(expert1)
     apply = jax.jit(lambda p: model.apply({"params": p}, tokens))
     np.testing.assert_array_equal(apply(exported), apply(expert1))
+
+
+def test_frontier_labels_of_equal_cost_are_spread_apart(tmp_path):
+    # Costs within 10 % share a column (a log axis puts them in one place).
+    assert plots._columns([9.06e6, 2.27e6, 9.09e6, 2.27e6, 5e6]) == [[1, 3], [4], [0, 2]]
+    # Each label at its point's height, or just `gap` above the label below it.
+    assert plots.spread_labels([0.02, 0.01, 0.5, 0.015], gap=0.03) == pytest.approx(
+        [0.07, 0.01, 0.5, 0.04]
+    )
+    path = str(tmp_path / "frontier.png")
+    plots.plot_frontier([("a", 1.0, [0.1, 0.2]), ("b", 1.0, [0.15]), ("c", 4.0, [0.5, 0.7])],
+                        path, xlabel="x", ylabel="y", title="t")  # fmt: skip
+    assert os.path.getsize(path) > 1000

@@ -48,17 +48,54 @@ def plot_curves(runs: dict[str, dict[str, list[dict]]], out_dir: str) -> list[st
     return paths
 
 
+def spread_labels(ys, gap: float) -> list[float]:
+    """Label heights for points at heights `ys` (one column of the plot): each label at its
+    point's height, or pushed up just enough to sit `gap` above the label below it."""
+    heights = [0.0] * len(ys)
+    previous = -np.inf
+    for i in sorted(range(len(ys)), key=lambda i: ys[i]):
+        heights[i] = previous = max(ys[i], previous + gap)
+    return heights
+
+
+def _columns(xs, ratio: float = 1.1) -> list[list[int]]:
+    """Indices of `xs` grouped into columns of costs within `ratio` of the column's smallest (on
+    the plot's log axis they share one place)."""
+    columns = []
+    for i in sorted(range(len(xs)), key=lambda i: xs[i]):
+        if columns and xs[i] <= ratio * xs[columns[-1][0]]:
+            columns[-1].append(i)
+        else:
+            columns.append([i])
+    return columns
+
+
 def plot_frontier(points, path: str, xlabel: str, ylabel: str, title: str) -> None:
     """One marker per method at (cost, mean over seeds) with a standard-error bar.
 
-    `points`: `(label, x, per-seed values)`; one seed gives no bar.
+    `points`: `(label, x, per-seed values)`; one seed gives no bar. Methods of (nearly) equal
+    cost share a column, so their labels are spread apart (`spread_labels`), each with a line to
+    its point when moved.
     """
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for label, x, values in points:
+    means = []
+    for _, x, values in points:
         v = np.asarray(values, float)
         err = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else 0.0
         ax.errorbar(x, v.mean(), yerr=err, fmt="o", capsize=3)
-        ax.annotate(label, (x, v.mean()), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        means.append(v.mean())
+    low, high = ax.get_ylim()
+    gap = 0.03 * (high - low)
+    label_y = list(means)
+    for column in _columns([x for _, x, _ in points]):
+        spread = spread_labels([means[i] for i in column], gap)
+        for i, y in zip(column, spread, strict=True):
+            label_y[i] = y
+    ax.set_ylim(low, max(high, max(label_y) + gap))
+    for (label, x, _), y, y_label in zip(points, means, label_y, strict=True):
+        arrow = {"arrowstyle": "-", "lw": 0.5, "color": "0.5"} if y_label != y else None
+        ax.annotate(label, (x, y), xytext=(x * 1.03, y_label), fontsize=7, va="center",
+                    arrowprops=arrow)  # fmt: skip
     ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
