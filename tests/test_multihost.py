@@ -37,7 +37,9 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     records = loop.train(config, one)["x_plus_y"]
 
     two = str(tmp_path / "two")
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # The last of a repeated XLA flag wins; the rest of conftest's flags carry over.
+    flags = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags)
     port = _free_port()
     procs = [
         subprocess.Popen(
