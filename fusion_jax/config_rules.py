@@ -333,6 +333,7 @@ LM_STUDY = {
     "model.num_kv_heads": integer(1),
     "model.mlp_dim": integer(1),
     "model.seq_len": integer(2),
+    "model.compute_dtype": COMPUTE_DTYPE,
     "train.batch_size": integer(1),
     "train.learning_rate": POSITIVE,
     "train.base_steps": integer(1),
@@ -588,7 +589,11 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
     "lm_fuse": {"train.require_accelerator": False},
-    "lm_study": {"train.require_accelerator": False, "train.checkpoint_every_secs": 0.0},
+    "lm_study": {
+        "train.require_accelerator": False,
+        "train.checkpoint_every_secs": 0.0,
+        "model.compute_dtype": "float32",
+    },
 }
 
 

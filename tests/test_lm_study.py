@@ -2,7 +2,9 @@
 
 import math
 import os
+import re
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -232,6 +234,31 @@ def test_python_domain_is_the_standard_library():
     assert name == "python" and sep is None and len(files) > 50
     assert any(f.endswith(os.sep + "json" + os.sep + "__init__.py") for f in files) is False
     assert any(f.endswith(os.sep + "argparse.py") for f in files)
+
+
+def test_bfloat16_study_computes_in_bfloat16_and_stays_near_float32(tmp_path):
+    """config.model.compute_dtype reaches every matmul of the study's training step (forward and
+    backward); weights stay float32 and the trained base scores near the float32 one."""
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        config = _config(tmp_path)
+        config.model.compute_dtype = dtype
+        s = lm_study.Study(config, str(tmp_path / dtype))
+        base = s.base()
+        tokens, mask = s.data.splits["train"][0]
+        one = jax.tree.map(lambda x: x[0], base)
+        hlo = jax.jit(jax.grad(s.loss)).lower(one, tokens[:4], mask[:4]).as_text()
+        dots = re.findall(r"stablehlo\.dot_general .*", hlo)
+        assert len(dots) > 10  # forward, input gradients, weight gradients
+        assert {t for d in dots for t in re.findall(r"tensor<[\dx]*x(\w+)>", d)} == {
+            "f32" if dtype == "float32" else "bf16"
+        }
+        assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype("float32")}
+        scores[dtype] = s.score(s.plain_logits, base)  # bits per byte [seeds, domains]
+    # bfloat16 rounds every matmul input to 8 mantissa bits (2^-9 relative); after the base's 10
+    # updates the validation bits per byte stay within 1 % of float32's (measured: 0.02 %).
+    np.testing.assert_allclose(scores["bfloat16"], scores["float32"], rtol=1e-2)
+    assert not np.array_equal(scores["bfloat16"], scores["float32"])
 
 
 def test_config_variants_build_and_unknown_variant_is_refused():

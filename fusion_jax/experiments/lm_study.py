@@ -61,6 +61,7 @@ def model_config(c) -> lm.LMConfig:
         norm_eps=1e-6,
         tie_embeddings=False,
         sliding_windows=(None,) * c.num_layers,
+        dtype=c.compute_dtype,
     )
 
 
