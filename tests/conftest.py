@@ -10,9 +10,9 @@ import sys
 import tempfile
 
 # The suite is dominated by XLA:CPU compiles of tiny programs, not by running them; LLVM's
-# optimisation level 0 cuts the tiny merging comparison from 128 s to 86 s (BUILD_NOTES, "Suite
-# time"). Results move in the last bits only, and every exact-equality test compares two runs made
-# under the same flags.
+# optimisation level 0 cuts the tiny merging comparison from 128 s to 86 s (BUILD_NOTES,
+# "Session 11: suite time"). Results move in the last bits only, and every exact-equality test
+# compares two runs made under the same flags.
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
