@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fusion_jax import modes
+from fusion_jax import modes, runtime
 from fusion_jax.errors import UserError
 
 FLAGS = flags.FLAGS
@@ -49,24 +49,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     return args
 
 
-def _raise_interrupt(signum, frame):
-    del signum, frame
-    raise KeyboardInterrupt  # The loop saves its last completed chunk before exiting.
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     # Orbax logs every save step at INFO; keep the console to our progress lines.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        modes.MODES[FLAGS.mode](
-            FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs
-        )
-    except (UserError, FileNotFoundError) as e:
-        # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).
-        sys.exit(f"error: {e}")
+    signal.signal(signal.SIGTERM, runtime.raise_interrupt)
+    with runtime.exit_on_interrupt():
+        try:
+            modes.MODES[FLAGS.mode](
+                FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs
+            )
+        except (UserError, FileNotFoundError) as e:
+            # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).
+            sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,11 @@ alone writes config.json, logs, plots and result files; Orbax saves and restores
 collectively (every process calls it, process 0 writes).
 """
 
+import contextlib
+import os
+import signal
+import sys
+
 import jax
 from absl import logging
 from jax.experimental import multihost_utils
@@ -59,3 +64,32 @@ def wait_for_all(name: str) -> None:
     shut jax.distributed down together (one process exiting early times the others out)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def raise_interrupt(signum, frame) -> None:
+    """SIGTERM handler (preemption, `kill`): stop as Ctrl-C does, so the loops save on the way
+    out. The signal number rides along for the exit status."""
+    del frame
+    raise KeyboardInterrupt(signum)
+
+
+@contextlib.contextmanager
+def exit_on_interrupt():
+    """Ends the process with status 128 + signal when an interrupt leaves the block.
+
+    By then every loop has saved and waited for its checkpoint on the way out. The process
+    leaves with `os._exit`, without interpreter shutdown: an interrupt that lands while JAX
+    waits for a compile leaves the compile running on XLA's thread pool, and shutdown then frees
+    the devices under it (a segmentation fault; BUILD_NOTES, "SIGTERM during a compile").
+    """
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if e.args else signal.SIGINT
+        logging.warning(
+            "stopped by %s: a rerun continues from what was saved", signal.Signals(signum).name
+        )
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + signum)

@@ -576,3 +576,37 @@ def test_cli_refuses_a_file_as_workdir_and_a_drifted_resume(trained, tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: " + drift_message(trained, "seed: 0 → 5")
     assert snapshot(trained) == before
+
+
+INTERRUPTED_COMPILE = """
+import os, signal, threading
+import jax, jax.numpy as jnp
+from fusion_jax import runtime
+
+def deep(x):
+    for i in range(1000):  # a compile of seconds; os._exit does not wait for it
+        x = jnp.sin(x @ x.T + i)
+    return x
+
+lowered = jax.jit(deep).lower(jnp.ones((8, 8)))
+signal.signal(signal.SIGTERM, runtime.raise_interrupt)  # as main.py installs it
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+with runtime.exit_on_interrupt():  # as main.py wraps every mode
+    lowered.compile()  # the signal lands while JAX waits for XLA's compile thread
+    print("compiled before the signal")
+"""
+
+
+def test_sigterm_during_a_compile_exits_143_with_one_line():
+    """Without `exit_on_interrupt` this prints a KeyboardInterrupt traceback, exits 130, and
+    sometimes crashes at interpreter shutdown (exit 139) while the compile thread finishes."""
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED_COMPILE], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 128 + 15, done.stderr[-2000:]
+    assert "compiled before the signal" not in done.stdout
+    assert "Traceback" not in done.stderr and "Segmentation" not in done.stderr
+    assert (
+        done.stderr.strip()
+        .splitlines()[-1]
+        .endswith("stopped by SIGTERM: a rerun continues from what was saved")
+    )
