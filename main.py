@@ -6,7 +6,8 @@ python main.py --workdir=runs/baseline --mode=eval --step=7500
 python main.py --mode=compare --workdir=runs/compare --workdirs=runs/baseline,runs/dyn_fusion
 
 Plain user errors (a bad flag or config value, a missing workdir, ...) print one line starting
-with `error:` and exit with status 1; other exceptions are bugs and keep their traceback.
+with `error:` and exit with status 1; other exceptions are bugs and keep their traceback. Ctrl-C
+and SIGTERM save, then exit with status 128 + signal (`runtime.exit_on_interrupt`).
 """
 
 import signal
