@@ -7,7 +7,7 @@ python main.py --mode=compare --workdir=runs/compare --workdirs=runs/baseline,ru
 
 Plain user errors (a bad flag or config value, a missing workdir, ...) print one line starting
 with `error:` and exit with status 1; other exceptions are bugs and keep their traceback. Ctrl-C
-and SIGTERM save, then exit with status 128 + signal (`runtime.exit_on_interrupt`).
+and SIGTERM save, then end the process by that signal (`runtime.exit_on_interrupt`).
 """
 
 import signal
@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from fusion_jax import modes, runtime
 from fusion_jax.errors import UserError
+from fusion_jax.train import checkpoint
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -56,7 +57,7 @@ def main(argv):
     # Orbax logs every save step at INFO; keep the console to our progress lines.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     signal.signal(signal.SIGTERM, runtime.raise_interrupt)
-    with runtime.exit_on_interrupt():
+    with runtime.exit_on_interrupt(checkpoint.wait_for_saves):
         try:
             modes.MODES[FLAGS.mode](
                 FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs

@@ -44,7 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.mlp_dim = 688
     # Context length (tokens per window).
     config.model.seq_len = 256
-    # Activations' dtype (float32 or bfloat16); weights, optimizer state and logits stay float32.
+    # Activations' dtype (float32 or bfloat16); weights and optimizer state stay float32.
     config.model.compute_dtype = "float32"
 
     config.train = ml_collections.ConfigDict()

@@ -68,28 +68,34 @@ def wait_for_all(name: str) -> None:
 
 def raise_interrupt(signum, frame) -> None:
     """SIGTERM handler (preemption, `kill`): stop as Ctrl-C does, so the loops save on the way
-    out. The signal number rides along for the exit status."""
+    out. The signal number rides along for `exit_on_interrupt`."""
     del frame
     raise KeyboardInterrupt(signum)
 
 
 @contextlib.contextmanager
-def exit_on_interrupt():
-    """Ends the process with status 128 + signal when an interrupt leaves the block.
+def exit_on_interrupt(wait_for_saves=lambda: None):
+    """Ends the process by the signal (Ctrl-C: SIGINT) when an interrupt leaves the block.
 
-    By then every loop has saved and waited for its checkpoint on the way out. The process
-    leaves with `os._exit`, without interpreter shutdown: an interrupt that lands while JAX
-    waits for a compile leaves the compile running on XLA's thread pool, and shutdown then frees
-    the devices under it (a segmentation fault; BUILD_NOTES, "SIGTERM during a compile").
+    The loops save on their way out; `wait_for_saves()` then waits for any save still in flight
+    (an interrupt can end the wait for one), with further SIGINT/SIGTERM ignored. The process
+    then dies by the signal itself, as an unhandled Ctrl-C would (shells see status 130 or 143,
+    and stop their loops), without interpreter shutdown: an interrupt that lands while JAX waits
+    for a compile leaves the compile running on XLA's thread pool, and shutdown frees the devices
+    under it (a segmentation fault; BUILD_NOTES, "SIGTERM during a compile").
     """
     try:
         yield
     except KeyboardInterrupt as e:
-        signum = e.args[0] if e.args else signal.SIGINT
-        logging.warning(
-            "stopped by %s: a rerun continues from what was saved", signal.Signals(signum).name
-        )
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        by_signal = bool(e.args) and isinstance(e.args[0], int)
+        signum = signal.Signals(e.args[0] if by_signal else signal.SIGINT)
+        wait_for_saves()
+        logging.warning("stopped by %s: a rerun continues from what was saved", signum.name)
         logging.flush()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(128 + signum)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)  # not reached: the default action of both signals ends the process

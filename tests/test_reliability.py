@@ -6,12 +6,14 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import baseline, compare, dyn_fusion
@@ -578,35 +580,57 @@ def test_cli_refuses_a_file_as_workdir_and_a_drifted_resume(trained, tmp_path):
     assert snapshot(trained) == before
 
 
-INTERRUPTED_COMPILE = """
-import os, signal, threading
-import jax, jax.numpy as jnp
+INTERRUPTED = """
+import os, signal, sys, threading
+import jax, jax.numpy as jnp, numpy as np
 from fusion_jax import runtime
+from fusion_jax.train import checkpoint
 
-def deep(x):
-    for i in range(1000):  # a compile of seconds; os._exit does not wait for it
-        x = jnp.sin(x @ x.T + i)
-    return x
-
-lowered = jax.jit(deep).lower(jnp.ones((8, 8)))
-signal.signal(signal.SIGTERM, runtime.raise_interrupt)  # as main.py installs it
-threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-with runtime.exit_on_interrupt():  # as main.py wraps every mode
-    lowered.compile()  # the signal lands while JAX waits for XLA's compile thread
-    print("compiled before the signal")
+signal.signal(signal.SIGTERM, runtime.raise_interrupt)  # main.py's set-up
+with runtime.exit_on_interrupt(checkpoint.wait_for_saves):  # main.py's wrapper of every mode
+    if sys.argv[1] == "compile":  # SIGTERM while JAX waits for XLA's compile thread
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        for n in range(100):  # distinct programs of about a second each, until the signal
+            def deep(x):
+                for i in range(300):
+                    x = jnp.sin(x @ x.T + i + n)
+                return x
+            jax.jit(deep).lower(jnp.ones((8, 8))).compile()
+        print("compiled before the signal")
+    else:  # an interrupt while an async save of 64 MB is still being written
+        checkpoint.checkpointer().save(sys.argv[2], {"w": np.arange(2**24, dtype=np.float32)})
+        raise KeyboardInterrupt(signal.SIGTERM)
 """
 
 
-def test_sigterm_during_a_compile_exits_143_with_one_line():
-    """Without `exit_on_interrupt` this prints a KeyboardInterrupt traceback, exits 130, and
-    sometimes crashes at interpreter shutdown (exit 139) while the compile thread finishes."""
-    done = subprocess.run([sys.executable, "-c", INTERRUPTED_COMPILE], cwd=ROOT,
+@pytest.mark.parametrize("during", ["compile", "save"])
+def test_an_interrupted_process_saves_and_dies_by_the_signal(tmp_path, during):
+    """Without `exit_on_interrupt`: a KeyboardInterrupt traceback, and sometimes a segmentation
+    fault at interpreter shutdown while the compile thread finishes; without `wait_for_saves` the
+    save in flight is lost."""
+    path = str(tmp_path / "ckpt")
+    done = subprocess.run([sys.executable, "-c", INTERRUPTED, during, path], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 128 + 15, done.stderr[-2000:]
+    assert done.returncode == -15, done.stderr[-2000:]  # killed by SIGTERM, as a shell shows
     assert "compiled before the signal" not in done.stdout
     assert "Traceback" not in done.stderr and "Segmentation" not in done.stderr
-    assert (
-        done.stderr.strip()
-        .splitlines()[-1]
-        .endswith("stopped by SIGTERM: a rerun continues from what was saved")
-    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("stopped by SIGTERM: a rerun continues from what was saved")
+    if during == "save":
+        restored = ocp.StandardCheckpointer().restore(path)
+        np.testing.assert_array_equal(restored["w"], np.arange(2**24, dtype=np.float32))
+
+
+def test_main_py_dies_by_sigterm_after_saying_so(tmp_path):
+    proc = subprocess.Popen([sys.executable, "main.py", "--config=configs/baseline.py:tiny",
+                             f"--workdir={tmp_path / 'w'}"], cwd=ROOT, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    lines = []
+    for line in proc.stderr:  # start-up done: the signal lands in a compile or a chunk
+        lines.append(line)
+        if " on cpu: " in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stderr.readlines()
+    assert proc.wait(timeout=120) == -15, "".join(lines)[-2000:]
+    assert lines[-1].rstrip().endswith("stopped by SIGTERM: a rerun continues from what was saved")

@@ -39,7 +39,7 @@ class Stages:
 
     def __init__(self, workdir: str):
         self.dir = os.path.abspath(os.path.join(workdir, "stages"))
-        self.ckpt = ocp.StandardCheckpointer()
+        self.ckpt = checkpoint.checkpointer()
         self.cost_path = os.path.join(self.dir, "costs.json")
         os.makedirs(self.dir, exist_ok=True)
         self.costs = json.load(open(self.cost_path)) if os.path.exists(self.cost_path) else {}

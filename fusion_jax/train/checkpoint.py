@@ -14,12 +14,16 @@ warns, naming it, and falls back to the newest step that restores. Nothing is de
 """
 
 import os
+import weakref
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 from fusion_jax.errors import UserError
+
+# Every Orbax manager and checkpointer of this process, for `wait_for_saves`.
+_OPEN = weakref.WeakSet()
 
 
 class Manager(ocp.CheckpointManager):
@@ -32,6 +36,22 @@ class Manager(ocp.CheckpointManager):
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
         )
         self.damaged_steps: set[int] = set()
+        _OPEN.add(self)
+
+
+def checkpointer() -> ocp.StandardCheckpointer:
+    """A plain Orbax checkpointer (one tree per directory) that `wait_for_saves` knows."""
+    ckpt = ocp.StandardCheckpointer()
+    _OPEN.add(ckpt)
+    return ckpt
+
+
+def wait_for_saves() -> None:
+    """Waits for the async saves still in flight. Called before a process leaves without
+    interpreter shutdown (`runtime.exit_on_interrupt`), which would otherwise wait for Orbax's
+    save threads, e.g. when an interrupt ended a `wait_until_finished`."""
+    for obj in list(_OPEN):
+        obj.wait_until_finished()
 
 
 class ShapeMismatch(UserError):
