@@ -46,6 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.seq_len = 256
     # Activations' dtype (float32 or bfloat16); weights and optimizer state stay float32.
     config.model.compute_dtype = "float32"
+    # Matmul precision (jax.default_matmul_precision): "highest" computes float32 as transformers
+    # does; "default" lets a TPU take one bfloat16 pass (and a GPU TF32) for speed.
+    config.model.matmul_precision = "highest"
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 32

@@ -70,6 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dam.train = "linear"
     # Activations' dtype in the forward passes (float32 or bfloat16).
     config.dam.compute_dtype = "float32"
+    # Matmul precision (jax.default_matmul_precision): "highest" computes float32 as transformers
+    # does; "default" lets a TPU take one bfloat16 pass (and a GPU TF32) for speed.
+    config.dam.matmul_precision = "highest"
     config.dam.log_every = 10
     config.dam.checkpoint_every = 100
     return config

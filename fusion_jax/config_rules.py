@@ -145,7 +145,7 @@ TASKS = Rule(
 )
 
 # Names accepted by jax.default_matmul_precision, from the most to the least exact.
-MATMUL_PRECISIONS = ("highest", "high", "default")
+MATMUL_PRECISION = choice("highest", "high", "default")
 
 # The grokking training configs (configs/baseline.py, configs/dyn_fusion.py).
 GROKKING = {
@@ -167,7 +167,7 @@ GROKKING = {
     "model.mlp_ratio": integer(1),
     "model.last_position_only": FLAG,
     "model.freeze_experts": FLAG,
-    "model.matmul_precision": choice(*MATMUL_PRECISIONS),
+    "model.matmul_precision": MATMUL_PRECISION,
     "model.compute_dtype": choice("float32", "bfloat16"),
     # The fusion model's fields (configs/dyn_fusion.py).
     "model.num_experts": integer(1, required=False),
@@ -281,6 +281,7 @@ LM_MERGE = {
         "comma-separated groups from " + ", ".join(DAM_GROUPS),
     ),
     "dam.compute_dtype": COMPUTE_DTYPE,
+    "dam.matmul_precision": MATMUL_PRECISION,
     "dam.log_every": integer(1),
     "dam.checkpoint_every": integer(1),
 }
@@ -291,6 +292,7 @@ LM_FUSE = {
     "models": _directories(2),
     "seed": SEED,
     "compute_dtype": COMPUTE_DTYPE,
+    "matmul_precision": MATMUL_PRECISION,
     "data.sources": TEXT,
     "data.record_separator": TEXT,
     "data.tokenizer": TOKENIZER,
@@ -334,6 +336,7 @@ LM_STUDY = {
     "model.mlp_dim": integer(1),
     "model.seq_len": integer(2),
     "model.compute_dtype": COMPUTE_DTYPE,
+    "model.matmul_precision": MATMUL_PRECISION,
     "train.batch_size": integer(1),
     "train.learning_rate": POSITIVE,
     "train.base_steps": integer(1),
@@ -588,11 +591,13 @@ _GROKKING_ADDED = {
 ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
-    "lm_fuse": {"train.require_accelerator": False},
+    "lm_merge": {"dam.matmul_precision": "default"},
+    "lm_fuse": {"train.require_accelerator": False, "matmul_precision": "default"},
     "lm_study": {
         "train.require_accelerator": False,
         "train.checkpoint_every_secs": 0.0,
         "model.compute_dtype": "float32",
+        "model.matmul_precision": "default",
     },
 }
 

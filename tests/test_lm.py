@@ -5,6 +5,7 @@ transformers 5.24, dev-only): tiny random checkpoints, their fp32 logits on fixe
 transformers' greedy generations. Regenerate them only when that script changes.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_checks import dot_precisions
 from safetensors import safe_open
 
 from fusion_jax import hf_checkpoint as hc
@@ -45,6 +47,18 @@ def test_logits_match_transformers(name):
     logits = lm.LanguageModel(config).apply({"params": params}, g["input_ids"])
     assert logits.shape == g["logits"].shape
     np.testing.assert_allclose(np.asarray(logits), g["logits"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ("gpt2", "llama"))  # tied (embedding's attend) and untied heads
+@pytest.mark.parametrize("precision", ("highest", "high"))
+def test_every_matmul_of_forward_and_backward_has_the_configured_precision(name, precision):
+    config, params = hc.load(fixture(name), "float32")
+    model = lm.LanguageModel(dataclasses.replace(config, matmul_precision=precision))
+    tokens = golden(name)["input_ids"]
+    found = dot_precisions(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()), params)
+    # Projections, attention einsums and the head, forward and both gradients of each.
+    assert len(found) > 20
+    assert set(found) == {(precision.upper(), precision.upper())}
 
 
 @pytest.mark.parametrize("name", ("gpt2", "llama", "mistral", "qwen2"))

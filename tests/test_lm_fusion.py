@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo_checks import dot_precisions
 
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
@@ -85,6 +86,19 @@ def _config(tmp_path, experts, num_steps, **train):
     for key, value in train.items():
         config.train[key] = value
     return config
+
+
+def test_configured_matmul_precision_reaches_every_matmul_of_the_fusion_model(tmp_path):
+    """config.matmul_precision reaches the experts, the gate and the fusion head, forward and
+    backward."""
+    config = _config(tmp_path, _experts(tmp_path), 1)
+    config.matmul_precision = "high"
+    setup = lm_fuse.Setup(config, str(tmp_path / "run"), load_data=False)
+    tokens = np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"]
+    loss = lambda p: setup.model.apply({"params": p}, tokens).mean()  # noqa: E731
+    found = dot_precisions(jax.grad(loss), setup.params)
+    assert len(found) > 20
+    assert set(found) == {("HIGH", "HIGH")}
 
 
 def test_fusion_trains_resumes_exactly_and_generates(tmp_path):

@@ -17,6 +17,7 @@ from fusion_jax import modes
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
 from fusion_jax.merging import dam
+from fusion_jax.models import lm
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
 LLAMA = os.path.join(FIXTURES, "llama")
@@ -283,6 +284,21 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path)
             np.testing.assert_allclose(x, frozen_mean, rtol=1e-6, atol=1e-6)
         else:
             assert not np.allclose(x, frozen_mean, rtol=1e-6, atol=1e-6), key
+
+
+def test_dam_builds_its_model_at_the_configured_matmul_precision(tmp_path, monkeypatch):
+    # tests/test_lm.py checks that the model's matmuls carry its config's precision.
+    built = []
+
+    def language_model(config):
+        built.append(config.matmul_precision)
+        return lm.LanguageModel(config)
+
+    monkeypatch.setattr(lm_merge, "LanguageModel", language_model)
+    config = _dam_config(tmp_path, _two_experts(tmp_path), 1)
+    config.dam.matmul_precision = "high"
+    lm_merge.run(config, str(tmp_path / "run"))
+    assert built == ["high"]
 
 
 def test_method_hparams_cover_every_merge():

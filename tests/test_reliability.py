@@ -1,6 +1,7 @@
 """Trustworthy runs: config validation, workdir binding, damaged checkpoints, the lock, one-line
 user errors (DESIGN.md §5, issue 9)."""
 
+import functools
 import glob
 import importlib
 import json
@@ -323,6 +324,26 @@ def test_safe_changes_are_allowed_and_others_listed(tmp_path):
     assert workdir_lib.check_binding(config, str(tmp_path), extending=False) == [
         "num_steps: 20 → 10"
     ]
+
+
+@pytest.mark.parametrize(
+    "config_file, field",
+    [("lm_fusion", "model.matmul_precision"), ("lm_fuse", "matmul_precision"),
+     ("lm_merge", "dam.matmul_precision")],
+)  # fmt: skip
+def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
+    tmp_path, config_file, field
+):
+    # These workdirs ran at JAX's default matmul precision before the field existed.
+    config = importlib.import_module(f"configs.{config_file}").get_config()
+    stored = json.loads(config.to_json())
+    *parents, leaf = field.split(".")
+    del functools.reduce(dict.__getitem__, parents, stored)[leaf]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match=rf"results: {field}: 'default' → 'highest'\. "):
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+    config.update_from_flattened_dict({field: "default"})
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
 
 
 def test_eval_reads_the_workdir_config_and_refuses_a_different_one(trained):

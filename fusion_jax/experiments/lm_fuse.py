@@ -13,6 +13,7 @@ and an interrupted run saves its last step on the way out. Batches are drawn wit
 `fold_in(seed key, step)`, so a resumed run sees the batches of an uninterrupted one.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -45,10 +46,13 @@ class Setup:
         if len(models) < 2:
             raise UserError(f"config.models needs at least 2 expert directories, got {models}")
         lm_config, _, _ = hc.check_compatible(models)
+        lm_config = dataclasses.replace(
+            lm_config, dtype=config.compute_dtype, matmul_precision=config.matmul_precision
+        )
         _check_experts(workdir, models)
         expert_params = [hc.load(m, "float32")[1] for m in models]
         f = config.fusion
-        fcfg = lm_fusion.fusion_config(
+        self.fusion_config = lm_fusion.fusion_config(
             lm_config,
             len(models),
             gate_dim=f.gate_dim,
@@ -57,7 +61,6 @@ class Setup:
             balance_weight=f.balance_weight,
             entropy_weight=f.entropy_weight,
         )
-        self.fusion_config = lm_fusion.with_dtype(fcfg, config.compute_dtype)
         self.model = lm_fusion.LMFusion(self.fusion_config)
         self.params = lm_fusion.init_from_experts(
             self.model, jax.random.key(config.seed), expert_params

@@ -148,7 +148,9 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     groups = split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
     lm_config, hf_config, _ = hc.check_compatible(models)
-    lm_config = dataclasses.replace(lm_config, dtype=d.compute_dtype)
+    lm_config = dataclasses.replace(
+        lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
+    )
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
     data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
     tokens, mask = [t for t, _ in data], [m for _, m in data]

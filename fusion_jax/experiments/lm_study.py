@@ -62,6 +62,7 @@ def model_config(c) -> lm.LMConfig:
         tie_embeddings=False,
         sliding_windows=(None,) * c.num_layers,
         dtype=c.compute_dtype,
+        matmul_precision=c.matmul_precision,
     )
 
 

@@ -10,7 +10,8 @@ keeps the checkpoint table one line per tensor (fusion_jax/hf_checkpoint.py).
 
 Numerics follow transformers' own code: RMSNorm in float32 with the weight applied after casting
 back; rotary cos/sin computed in float32 in the rotate-half convention; softmax in float32;
-GPT-2's gelu_new is the tanh approximation.
+GPT-2's gelu_new is the tanh approximation. Every matmul runs at `LMConfig.matmul_precision`
+("highest": full float32, as PyTorch computes it; a TPU's "default" takes one bfloat16 pass).
 
 Decoding uses an explicit key/value cache (a list of `{"k", "v"}` arrays `[B, S, KVH, hd]`, one per
 layer) passed in and returned, so the same pure function serves training, prefill and one-token
@@ -18,6 +19,7 @@ steps, and `nn.vmap` over experts stacks caches like parameters.
 """
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 
@@ -64,6 +66,8 @@ class LMConfig:
     param_dtype: str = "float32"
     # Activations' dtype; float32 is exact against transformers, bfloat16 for speed.
     dtype: str = "float32"
+    # jax.default_matmul_precision of every matmul (forward and backward): see `traced_at`.
+    matmul_precision: str = "highest"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -85,6 +89,25 @@ class LMConfig:
             )
         config = ARCHITECTURES[model_type](hf)
         return dataclasses.replace(config, dtype=dtype) if dtype else config
+
+
+def traced_at(precision: Callable[[nn.Module], str]):
+    """Decorates a module method to trace under `jax.default_matmul_precision(precision(self))`,
+    so every dot inside it, and its transposes in the backward pass, carry that precision (flax's
+    layers and jnp.einsum otherwise take the backend's default)."""
+
+    def wrap(method):
+        @functools.wraps(method)
+        def traced(self, *args, **kwargs):
+            with jax.default_matmul_precision(precision(self)):
+                return method(self, *args, **kwargs)
+
+        return traced
+
+    return wrap
+
+
+_own_precision = traced_at(lambda module: module.config.matmul_precision)
 
 
 def _stored_dtype(hf: dict) -> str:
@@ -405,6 +428,7 @@ class LanguageModel(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, cfg.dtype, "lm_head")
 
+    @_own_precision
     def features(self, tokens, cache=None, index=0):
         """Final hidden states `[B, T, D]` (after the final norm) and the updated cache."""
         cfg = self.config
@@ -425,6 +449,7 @@ class LanguageModel(nn.Module):
             new_cache.append(c)
         return self.final_norm(x), (None if cache is None else new_cache)
 
+    @_own_precision
     def logits(self, hidden):
         """`hidden [B, T, D] -> logits [B, T, V]` in float32."""
         if self.config.tie_embeddings:

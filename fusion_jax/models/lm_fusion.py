@@ -9,15 +9,16 @@ experts' heads and the gate's context projection as the identity, so before trai
 predicts from the mean expert state through the mean head.
 """
 
-import dataclasses
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax.models.fusion import FusionConfig, GatedFusionAttention
-from fusion_jax.models.lm import LanguageModel, LMConfig, init_cache
+from fusion_jax.models.lm import LanguageModel, LMConfig, init_cache, traced_at
+
+# The experts' matmul precision for the gate and the fusion head too.
+_experts_precision = traced_at(lambda module: module.config.expert.matmul_precision)
 
 
 class LMFusion(nn.Module):
@@ -41,12 +42,14 @@ class LMFusion(nn.Module):
             cfg.expert.vocab_size, use_bias=False, dtype=cfg.expert.dtype, name="head"
         )
 
+    @_experts_precision
     def fused(self, tokens, cache=None, index=0):
         """(gate weights `[B, T, K]`, fused state `[B, T, D]`, cache `[K, ...]` or None)."""
         hidden, cache = self.experts.features(tokens, cache, index)
         weights, mixed = self.fusion(hidden, jnp.mean(hidden, axis=0))
         return weights, mixed, cache
 
+    @_experts_precision
     def __call__(self, tokens, cache=None, index=0):
         _, mixed, new_cache = self.fused(tokens, cache, index)
         logits = self.head(mixed).astype(jnp.float32)
@@ -93,7 +96,3 @@ def init_fusion_cache(config: FusionConfig, batch: int, length: int):
     """A stacked cache `[K, ...]` for the experts."""
     cache = init_cache(config.expert, batch, length)
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (config.num_experts, *x.shape)), cache)
-
-
-def with_dtype(config: FusionConfig, dtype: str) -> FusionConfig:
-    return dataclasses.replace(config, expert=dataclasses.replace(config.expert, dtype=dtype))
