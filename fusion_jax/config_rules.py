@@ -23,7 +23,7 @@ import jax
 from fusion_jax import hf_checkpoint, merging, models
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
-from fusion_jax.experiments import lm_merge
+from fusion_jax.merging import dam
 from fusion_jax.models import fusion
 
 
@@ -242,7 +242,7 @@ MERGE_COMPARE = {
     "fusion.balance_weight": NON_NEGATIVE,
 }
 
-DAM_GROUPS = lm_merge.DAM_GROUPS
+DAM_GROUPS = dam.GROUPS
 TOKENIZER = Rule(_tokenizer, "'model', 'bytes' or an existing tokenizer.json file")
 COMPUTE_DTYPE = choice("float32", "bfloat16")
 
@@ -254,7 +254,7 @@ LM_MERGE = {
         "'' or an existing checkpoint directory",
     ),
     "models": _directories(1),
-    "method": choice(*lm_merge.METHODS),
+    "method": choice(*merging.MERGES, "dam"),
     "weights": Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
     "lam": number(),
     "density": number(0, 1, low_open=True),

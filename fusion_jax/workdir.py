@@ -12,6 +12,7 @@ removed again when its holder wrote nothing there (a call that failed).
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 
@@ -220,3 +221,16 @@ def claim(config, workdir: str):
         check_binding(config, workdir, extending=True)
         _write_config(config, workdir)
         yield
+
+
+def claims_workdir(run):
+    """Decorates an experiment's `run(config, workdir)` to hold `claim` around it, so a call from
+    Python validates the config and binds the workdir as main.py does (re-entrant: main.py's
+    own claim is already held then)."""
+
+    @functools.wraps(run)
+    def claimed(config, workdir: str):
+        with claim(config, workdir):
+            return run(config, workdir)
+
+    return claimed

@@ -154,7 +154,11 @@ def test_fusion_errors(tmp_path):
     experts = _experts(tmp_path)
     with pytest.raises(ValueError) as e:
         lm_fuse.train(_config(tmp_path, experts[:1], 2), str(tmp_path / "a"))
-    assert str(e.value) == f"config.models needs at least 2 expert directories, got {experts[:1]}"
+    assert str(e.value) == (
+        f"config.models='{experts[0]}': must be 2 or more existing checkpoint directories, "
+        "comma-separated"
+    )
+    assert not (tmp_path / "a").exists()
     lm_fuse.train(_config(tmp_path, experts, 2), str(tmp_path / "w"))
     # The experts changed on disk: the workdir is refused rather than mixed.
     _, params = hc.load(experts[1])

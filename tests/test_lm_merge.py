@@ -13,7 +13,7 @@ import pytest
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import modes
+from fusion_jax import merging, modes
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
 from fusion_jax.merging import dam
@@ -260,7 +260,7 @@ def _two_experts(tmp_path):
     return [_shifted(tmp_path, f"e{i}", LLAMA, perturb) for i in range(2)]
 
 
-def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path):
+def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path, monkeypatch):
     experts = _two_experts(tmp_path)
     straight = tmp_path / "straight"
     lm_merge.run(_dam_config(tmp_path, experts, 10), str(straight))
@@ -268,10 +268,26 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 11))
     # Observed: KL 15.2 -> 8.9 in 10 steps (the batch is nearly the same every step).
     assert records[-1]["kl"] < 0.75 * records[0]["kl"], (records[0]["kl"], records[-1]["kl"])
-    # Interrupted after 5 steps (the checkpoint), then rerun: the same coefficients and output.
+    # Interrupted (Ctrl-C) before step 8, between checkpoints, then rerun: the same coefficients
+    # and output.
     resumed = tmp_path / "resumed"
-    lm_merge.run(_dam_config(tmp_path, experts, 5), str(resumed))
+    batches = lm_merge._dam_batches
+
+    def interrupted(tokens, mask, batch_size, step, seed):
+        if step == 7:
+            raise KeyboardInterrupt
+        return batches(tokens, mask, batch_size, step, seed)
+
+    monkeypatch.setattr(lm_merge, "_dam_batches", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
+    monkeypatch.undo()
+    assert not (resumed / "merged").exists()
+    assert json.loads((resumed / "dam" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
     lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
+    # It went on from the step saved on the interrupt (7), not from the last checkpoint (5).
+    steps = [json.loads(x)["step"] for x in open(resumed / "dam" / "metrics.jsonl")]
+    assert steps == list(range(1, 11))
     a, b = _flat(str(straight / "merged")), _flat(str(resumed / "merged"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -303,6 +319,6 @@ def test_dam_builds_its_model_at_the_configured_matmul_precision(tmp_path, monke
 
 def test_method_hparams_cover_every_merge():
     config = ml_collections.ConfigDict(lm_merge_config.get_config())
-    assert set(lm_merge.HPARAMS) == set(lm_merge.METHODS) - {"dam"}
+    assert set(lm_merge.HPARAMS) == set(merging.MERGES)
     config.method, config.weights = "weight_average", "1,2,3"
     assert lm_merge.method_hparams(config) == {"weights": (1.0, 2.0, 3.0)}

@@ -111,6 +111,26 @@ def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
         )
 
 
+@pytest.mark.parametrize(
+    "kind, message",
+    [("lm_fuse", "config.models='': must be 2 or more existing checkpoint directories, "
+      "comma-separated"),
+     ("lm_merge", "config.models='': must be 1 or more existing checkpoint directories, "
+      "comma-separated"),
+     ("lm_study", "config.seed=-1: must be an integer >= 0"),
+     ("merge_compare", "config.seed=-1: must be an integer >= 0")],
+)  # fmt: skip
+def test_experiments_called_from_python_check_the_config_before_writing(tmp_path, kind, message):
+    assert set(modes.EXPERIMENTS) == {"lm_fuse", "lm_merge", "lm_study", "merge_compare"}
+    file = config_rules.CONFIG_FILES[kind]
+    config = importlib.import_module(file[: -len(".py")].replace("/", ".")).get_config()
+    config.seed = -1
+    with pytest.raises(UserError) as e:
+        modes.EXPERIMENTS[kind](config, str(tmp_path / "w"))
+    assert str(e.value) == message
+    assert not (tmp_path / "w").exists()
+
+
 def test_shipped_configs_are_valid():
     for _, config in all_configs():
         config_rules.validate(with_inputs(config), devices=4)

@@ -26,6 +26,7 @@ import optax
 from absl import logging
 
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm_fusion
@@ -141,12 +142,10 @@ def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
+@workdir_lib.claims_workdir
 def train(config, workdir: str) -> dict:
     """Trains the fusion gate (and head; everything with end_to_end), resuming if possible."""
     t = config.train
-    for name in ("num_steps", "batch_size", "log_every", "checkpoint_every"):
-        if t[name] < 1:
-            raise UserError(f"config.train.{name} must be >= 1, got {t[name]}")
     setup = Setup(config, workdir)
     tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
     trainable, frozen = setup.split(setup.params)

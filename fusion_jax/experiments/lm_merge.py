@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import merging
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
@@ -45,8 +46,6 @@ HPARAMS = {
     "dare": ("drop_rate", "lam", "combine", "density"),
     "slerp": ("t",),
 }
-METHODS = (*merging.MERGES, "dam")
-DAM_GROUPS = dam.GROUPS
 
 
 def split_list(value: str) -> list[str]:
@@ -245,11 +244,12 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     return {"num_steps": num_steps, "final": history[-1] if history else None}
 
 
+@workdir_lib.claims_workdir
 def run(config, workdir: str) -> dict:
     """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`.
 
-    The config is checked by fusion_jax.config_rules first (`modes.train` does): method, inputs
-    and their counts, dtype and DAM's groups and text sources."""
+    The config is checked by fusion_jax.config_rules first: method, inputs and their counts,
+    dtype and DAM's groups and text sources."""
     models, base = split_list(config.models), config.base or None
     os.makedirs(workdir, exist_ok=True)
     out_dir = os.path.join(workdir, "merged")

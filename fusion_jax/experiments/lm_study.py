@@ -30,6 +30,7 @@ import optax
 from absl import logging
 
 from fusion_jax import merging
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
@@ -468,6 +469,7 @@ def _grid_points(config) -> dict[str, list[dict]]:
     }
 
 
+@workdir_lib.claims_workdir
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
     study = Study(config, workdir)

@@ -32,6 +32,7 @@ import optax
 from absl import logging
 
 from fusion_jax import merging, models
+from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, plots, results
@@ -577,6 +578,7 @@ def report(p: Pipeline, rows, searches, coeffs) -> dict:
     return out
 
 
+@workdir_lib.claims_workdir
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
     p = Pipeline(config, workdir)
