@@ -1,6 +1,7 @@
 """Benchmark: the language model's forward pass (tokens -> logits) against the matmul rate.
 
     python bench/lm_forward.py [--models llama,gpt2] [--batch 4] [--seq 512] [--repeats 5]
+        [--dtype float32] [--matmul_precision highest]
 
 Models (random weights, `LanguageModel` from fusion_jax/models/lm.py):
 * llama: a small untied Llama, hidden 512, 8 layers, 8 heads, intermediate 1536, vocab 32000
@@ -20,6 +21,7 @@ the same run, and next to XLA's own count (`compiled.cost_analysis()["flops"]`) 
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -91,20 +93,23 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", help="activation dtype (params stay fp32)")
+    parser.add_argument("--matmul_precision", default="highest", choices=("highest", "high",
+                        "default"), help="the model's and the yardstick's")  # fmt: skip
     args = parser.parse_args()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     if unknown := [m for m in names if m not in PRESETS]:
         parser.error(f"unknown model {unknown[0]!r}; known: {', '.join(PRESETS)}")
 
-    matmul = matmul_flops_per_s()
+    matmul = matmul_flops_per_s(args.matmul_precision)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{os.cpu_count()} CPUs, load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
           f"batch {args.batch} x seq {args.seq}, activations {args.dtype}")  # fmt: skip
-    print(f"fp32 matmul (1024^3): {matmul / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul (1024^3, precision {args.matmul_precision}): {matmul / 1e9:.1f} GFLOP/s")
     rows = []
     tokens = jax.random.randint(jax.random.key(2), (args.batch, args.seq), 0, 256, jnp.int32)
     for name in names:
         config = LMConfig.from_hf(PRESETS[name], dtype=args.dtype)
+        config = dataclasses.replace(config, matmul_precision=args.matmul_precision)
         model = LanguageModel(config)
         params = jax.jit(model.init)(jax.random.key(0), tokens[:1, :8])["params"]
         flops, n_matmul, n_total = analytic_flops(config, params, args.batch, args.seq)

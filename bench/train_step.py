@@ -35,11 +35,13 @@ def median_time(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
-    """fp32 rate of a square matmul, the yardstick for this device."""
+def matmul_flops_per_s(precision: str, n: int = 1024, repeats: int = 10) -> float:
+    """fp32 rate of a square matmul at the benchmarked model's matmul precision (on GPUs and
+    TPUs "highest" is several times slower than "default"), the yardstick for this device."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+    with jax.default_matmul_precision(precision):
+        f = jax.jit(lambda a, b: a @ b).lower(a, b).compile()
     return 2 * n**3 / median_time(f, a, b, repeats=repeats)
 
 
@@ -67,12 +69,13 @@ def main():
     batch = config.train.batch_size
     state = setup.init_runs()
     data = setup.data.train
-    matmul = matmul_flops_per_s()
+    matmul = matmul_flops_per_s(config.model.matmul_precision)
     ref_flops = 3 * reference_flops_per_example(setup.model.config) * batch * args.seeds
 
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), "
           f"{args.seeds} seed(s), batch {batch}, {args.steps} updates per program")  # fmt: skip
-    print(f"fp32 matmul (1024^3): {matmul / 1e9:.1f} GFLOP/s")
+    print(f"fp32 matmul (1024^3, precision {config.model.matmul_precision}): "
+          f"{matmul / 1e9:.1f} GFLOP/s")  # fmt: skip
     print(f"reference FLOPs per update: {ref_flops / 1e9:.3f} GFLOP")
     print(f"{'variant':<34}{'ms/update':>10}{'GFLOP/s*':>10}{'ratio':>8}")
     tokens = jnp.asarray(data.inputs[:, :batch])

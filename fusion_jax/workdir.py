@@ -225,8 +225,8 @@ def claim(config, workdir: str):
 
 def claims_workdir(run):
     """Decorates an experiment's `run(config, workdir)` to hold `claim` around it, so a call from
-    Python validates the config and binds the workdir as main.py does (re-entrant: main.py's
-    own claim is already held then)."""
+    Python validates the config and binds the workdir as main.py does (re-entrant: under
+    main.py, `modes.train`'s claim is already held)."""
 
     @functools.wraps(run)
     def claimed(config, workdir: str):

@@ -15,7 +15,7 @@ from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import modes
 from fusion_jax.experiments import lm_fuse
-from fusion_jax.models import lm, lm_fusion
+from fusion_jax.models import decoding, lm, lm_fusion
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -89,16 +89,26 @@ def _config(tmp_path, experts, num_steps, **train):
 
 
 def test_configured_matmul_precision_reaches_every_matmul_of_the_fusion_model(tmp_path):
-    """config.matmul_precision reaches the experts, the gate and the fusion head, forward and
-    backward."""
+    """config.matmul_precision reaches the experts, the gate and the fusion head: forward and
+    backward, the gate alone (`fused`, as the gate analyses call it) and cached generation."""
     config = _config(tmp_path, _experts(tmp_path), 1)
     config.matmul_precision = "high"
     setup = lm_fuse.Setup(config, str(tmp_path / "run"), load_data=False)
-    tokens = np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"]
-    loss = lambda p: setup.model.apply({"params": p}, tokens).mean()  # noqa: E731
-    found = dot_precisions(jax.grad(loss), setup.params)
-    assert len(found) > 20
-    assert set(found) == {("HIGH", "HIGH")}
+    model, tokens = setup.model, np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"]
+
+    def generated(params):
+        cache = lm_fusion.init_fusion_cache(setup.fusion_config, 1, 8)
+        step = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
+        return decoding.generate(step, cache, tokens[:1, :5], 3, jax.random.key(0))
+
+    programs = {
+        "gradient": jax.grad(lambda p: model.apply({"params": p}, tokens).mean()),
+        "fused": lambda p: model.apply({"params": p}, tokens, method="fused")[:2],
+        "generate": generated,
+    }
+    for name, fn in programs.items():
+        found = dot_precisions(fn, setup.params)
+        assert len(found) > 10 and set(found) == {("HIGH", "HIGH")}, (name, found)
 
 
 def test_fusion_trains_resumes_exactly_and_generates(tmp_path):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hlo_checks import dot_precisions
 
 from fusion_jax.merging import dam
 from fusion_jax.merging.static import (
@@ -46,6 +47,23 @@ def _stacked_mlps():
 def _mlps_and_base():
     _, stacked = _stacked_mlps()
     return stacked, jax.tree.map(lambda x: x[0] * 0.5, stacked)
+
+
+def test_the_merges_dots_are_float32_whatever_the_backend_default():
+    # Weighted sums, SLERP's cosine and DAM's similarity regulariser (and its gradient); the
+    # other merges are element-wise.
+    _, stacked = _stacked_mlps()
+    pair = jax.tree.map(lambda x: x[:2], stacked)
+    coefficients = dam.init_coefficients(stacked)
+    programs = [
+        (weight_average, stacked),
+        (functools.partial(slerp, t=0.3), pair),
+        (jax.grad(lambda c: dam.similarity(c, 3, "whole_model")), coefficients),
+        (jax.grad(lambda c: dam.similarity(c, 3, "per_layer")), coefficients),
+    ]
+    for fn, tree in programs:
+        found = dot_precisions(fn, tree)
+        assert found and set(found) == {("HIGHEST", "HIGHEST")}, (fn, found)
 
 
 # --- weight averaging and task arithmetic

@@ -12,7 +12,7 @@ axis. The merged leaf is sum_k f(c_k) * W_k; only the coefficients train, the ex
 import jax
 import jax.numpy as jnp
 
-from fusion_jax.merging.static import _path_str, num_experts
+from fusion_jax.merging.static import HIGHEST, _path_str, num_experts
 
 NONLINEARITIES = {
     "tanh": jnp.tanh,
@@ -117,7 +117,8 @@ def _mean_pairwise_cosine(vectors):
         return jnp.zeros((), jnp.float32)
     sq = jnp.sum(vectors * vectors, axis=1)
     # The floor keeps the norm (and its gradient) finite if a coefficient vector reaches zero.
-    cos = (vectors @ vectors.T) / jnp.sqrt(jnp.maximum(sq[:, None] * sq[None, :], 1e-24))
+    dots = jnp.matmul(vectors, vectors.T, precision=HIGHEST)
+    cos = dots / jnp.sqrt(jnp.maximum(sq[:, None] * sq[None, :], 1e-24))
     i, j = jnp.triu_indices(k, 1)
     return jnp.mean(cos[i, j])
 

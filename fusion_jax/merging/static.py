@@ -13,6 +13,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+# The precision of the merges' few dots (weighted sums, SLERP's cosine): see `weight_average`.
+HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _path_str(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
@@ -84,7 +87,10 @@ def weight_average(stacked, weights=None):
     w = w / jnp.sum(w)
 
     def average(x):
-        return jnp.tensordot(w.astype(_compute_dtype(x)), x, axes=1).astype(x.dtype)
+        # HIGHEST: a merge is float32 arithmetic whatever the backend's default (one bfloat16
+        # pass on a TPU, TF32 on recent GPUs), like the element-wise merges.
+        y = jnp.tensordot(w.astype(_compute_dtype(x)), x, axes=1, precision=HIGHEST)
+        return y.astype(x.dtype)
 
     return jax.tree.map(average, stacked)
 
@@ -200,7 +206,9 @@ def _slerp_leaf(x, t, eps):
     b = x[1].reshape(-1).astype(_compute_dtype(x))
     na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
     degenerate = (na == 0) | (nb == 0)
-    cos = jnp.clip(jnp.dot(a, b) / jnp.where(degenerate, 1.0, na * nb), -1.0, 1.0)
+    cos = jnp.clip(
+        jnp.dot(a, b, precision=HIGHEST) / jnp.where(degenerate, 1.0, na * nb), -1.0, 1.0
+    )
     linear = degenerate | (jnp.abs(cos) > 1.0 - eps)
     # A harmless cos on the linear branch keeps its unused slerp weights finite (no 0/0).
     omega = jnp.arccos(jnp.where(linear, 0.0, cos))

@@ -66,7 +66,8 @@ class LMConfig:
     param_dtype: str = "float32"
     # Activations' dtype; float32 is exact against transformers, bfloat16 for speed.
     dtype: str = "float32"
-    # jax.default_matmul_precision of every matmul (forward and backward): see `traced_at`.
+    # jax.default_matmul_precision of every matmul (forward and backward): see `traced_at`. It
+    # overrides any precision set around the call, so a model computes as its config says.
     matmul_precision: str = "highest"
 
     def __post_init__(self):

@@ -17,7 +17,8 @@ import numpy as np
 from fusion_jax.models.fusion import FusionConfig, GatedFusionAttention
 from fusion_jax.models.lm import LanguageModel, LMConfig, init_cache, traced_at
 
-# The experts' matmul precision for the gate and the fusion head too.
+# FusionConfig has no precision of its own: the gate and the head take the experts', so the
+# fused program runs at one precision.
 _experts_precision = traced_at(lambda module: module.config.expert.matmul_precision)
 
 
