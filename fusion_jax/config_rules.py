@@ -7,7 +7,9 @@ table, so a field without a rule is refused rather than left unchecked, then the
 rules. Every message is one line: `config.<field>=<value>: must be <allowed values>`.
 
 `SAFE_CHANGES[kind]` lists the fields a workdir's config may change between runs because they do
-not change results (fusion_jax/workdir.py refuses every other difference).
+not change results, and `unused_fields` the fields a config's run never reads (an lm_merge of one
+method reads no other method's hyper-parameters); fusion_jax/workdir.py refuses every other
+difference.
 """
 
 import dataclasses
@@ -575,6 +577,31 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "generate.seed": "any",
     },
 }
+
+
+# lm_merge's hyper-parameter fields, each named as the argument of the merge functions that take it.
+_LM_MERGE_HPARAMS = ("weights", "lam", "density", "drop_rate", "combine", "t")
+
+
+def _lm_merge_unused(config: Mapping) -> set[str]:
+    """The fields a merge with `config["method"]` never reads (a static merge reads no `dam.*`
+    field, and only DARE its seed; DAM reads no static hyper-parameter)."""
+    method = config["method"]
+    if method == "dam":
+        return set(_LM_MERGE_HPARAMS)
+    unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method))
+    unused |= {f for f in flatten(config) if f.startswith("dam.")}
+    return unused | ({"seed"} if method != "dare" else set())
+
+
+# Per kind, the fields a config's run never reads: a workdir's config may change them freely.
+_UNUSED_FIELDS: dict[str | None, Callable[[Mapping], set[str]]] = {"lm_merge": _lm_merge_unused}
+
+
+def unused_fields(config: Mapping) -> set[str]:
+    """The dotted fields that `config` (a dict or a ConfigDict) never reads."""
+    unused = _UNUSED_FIELDS.get(config.get("experiment"))
+    return unused(config) if unused else set()
 
 
 # Fields added after workdirs were written, with the value that reproduces what the code did

@@ -2,7 +2,8 @@
 
 * Binding: `<workdir>/config.json` is the config the workdir's results come from. A run that
   extends the workdir (`claim`) or reads it (`read_config`) refuses a config that differs in any
-  field outside `config_rules.SAFE_CHANGES`, listing the differences as `field: old → new`.
+  field outside `config_rules.SAFE_CHANGES` that the runs read (`config_rules.unused_fields`),
+  listing the differences as `field: old → new`.
 * Lock: `<workdir>/.lock`, held with `fcntl.flock` for as long as a process writes there. The OS
   drops the lock when its holder exits, even by kill -9, so a dead process never blocks the
   workdir; the file keeps the holder's pid for the message another process gets.
@@ -91,12 +92,17 @@ def _differences(stored: dict, config, extending: bool) -> tuple[list[str], list
     old = config_rules.flatten(stored)
     new = config_rules.flatten(json.loads(config.to_json()))
     safe = config_rules.SAFE_CHANGES.get(config.get("experiment"), {})
+    # Fields that neither the workdir's run nor this one reads change no result.
+    unused = config_rules.unused_fields(stored) & config_rules.unused_fields(config)
     refused, allowed = [], []
     for field in list(new) + [f for f in old if f not in new]:
         a, b = old.get(field, _ABSENT), new.get(field, _ABSENT)
         if a == b:
             continue
         change = f"{field}: {_show(a)} → {_show(b)}"
+        if field in unused:
+            allowed.append(change)
+            continue
         if field not in safe:
             refused.append(change)
             continue

@@ -317,8 +317,19 @@ def test_dam_builds_its_model_at_the_configured_matmul_precision(tmp_path, monke
     assert built == ["high"]
 
 
-def test_method_hparams_cover_every_merge():
+def test_method_hparams_are_the_merge_functions_arguments_from_the_config():
     config = ml_collections.ConfigDict(lm_merge_config.get_config())
-    assert set(lm_merge.HPARAMS) == set(merging.MERGES)
-    config.method, config.weights = "weight_average", "1,2,3"
-    assert lm_merge.method_hparams(config) == {"weights": (1.0, 2.0, 3.0)}
+    config.weights = "1,2,3"
+    expected = {
+        "weight_average": {"weights": (1.0, 2.0, 3.0)},
+        "task_arithmetic": {"lam": 1.0},
+        "ties": {"density": 0.5, "lam": 1.0},
+        "dare": {"drop_rate": 0.5, "lam": 1.0, "combine": "linear", "density": 0.5},
+        "slerp": {"t": 0.5},  # eps keeps the function's default
+    }
+    assert set(expected) == set(merging.MERGES)
+    for method, hparams in expected.items():
+        config.method = method
+        assert lm_merge.method_hparams(config) == hparams, method
+    config.method, config.weights = "weight_average", ""
+    assert lm_merge.method_hparams(config) == {"weights": None}

@@ -356,6 +356,8 @@ def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
 ):
     # These workdirs ran at JAX's default matmul precision before the field existed.
     config = importlib.import_module(f"configs.{config_file}").get_config()
+    if config_file == "lm_merge":
+        config.method = "dam"  # the only merge that reads the field
     stored = json.loads(config.to_json())
     *parents, leaf = field.split(".")
     del functools.reduce(dict.__getitem__, parents, stored)[leaf]
@@ -364,6 +366,44 @@ def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
         workdir_lib.check_binding(config, str(tmp_path), extending=True)
     config.update_from_flattened_dict({field: "default"})
     assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+
+
+def test_the_fields_each_lm_merge_method_never_reads():
+    config = importlib.import_module("configs.lm_merge").get_config()
+    dam_fields = {f for f in config_rules.flatten(config) if f.startswith("dam.")}
+    expected = {
+        "weight_average": {"lam", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
+        "task_arithmetic": {"weights", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
+        "ties": {"weights", "drop_rate", "combine", "t", "seed"} | dam_fields,
+        "dare": {"weights", "t"} | dam_fields,
+        "slerp": {"weights", "lam", "density", "drop_rate", "combine", "seed"} | dam_fields,
+        "dam": {"weights", "lam", "density", "drop_rate", "combine", "t"},
+    }
+    for method, unused in expected.items():
+        config.method = method
+        assert config_rules.unused_fields(config) == unused, method
+    assert len(dam_fields) == 17 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
+
+
+def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
+    # A TIES workdir written before dam.matmul_precision existed, rerun with other unused values.
+    config = importlib.import_module("configs.lm_merge").get_config()
+    stored = json.loads(config.to_json())
+    del stored["dam"]["matmul_precision"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    config.t, config.dam.seq_len = 0.25, 64
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == [
+        "t: 0.5 → 0.25",
+        "dam.seq_len: 256 → 64",
+        "dam.matmul_precision: 'default' → 'highest'",
+    ]
+    config.density = 0.2
+    with pytest.raises(UserError, match=r"results: density: 0\.5 → 0\.2\. Use a new"):
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+    # Another method reads other fields: the method's change is refused with theirs.
+    config.density, config.method = 0.5, "slerp"
+    with pytest.raises(UserError, match=r"results: method: 'ties' → 'slerp', t: 0\.5 → 0\.25\. "):
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
 
 
 def test_eval_reads_the_workdir_config_and_refuses_a_different_one(trained):

@@ -38,24 +38,18 @@ from fusion_jax.merging import dam
 from fusion_jax.models.lm import LanguageModel
 from fusion_jax.train import checkpoint
 
-# The config fields each static merge takes (names as in merging.MERGES' signatures).
-HPARAMS = {
-    "weight_average": ("weights",),
-    "task_arithmetic": ("lam",),
-    "ties": ("density", "lam"),
-    "dare": ("drop_rate", "lam", "combine", "density"),
-    "slerp": ("t",),
-}
-
 
 def split_list(value: str) -> list[str]:
     return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def method_hparams(config) -> dict:
-    """The hyper-parameters of `config.method` from the config, as the merge function takes them."""
+    """The hyper-parameters of `config.method` from the config (fields named as the merge
+    function's arguments; those without a field, SLERP's `eps`, keep their defaults)."""
     out = {}
-    for name in HPARAMS[config.method]:
+    for name in merging.hyperparameters(config.method):
+        if name not in config:
+            continue
         value = config[name]
         if name == "weights":
             value = tuple(float(w) for w in split_list(value)) or None

@@ -7,6 +7,7 @@ without it. Hyper-parameters that fix shapes or are range-checked (`density`, `d
 """
 
 import functools
+import inspect
 import math
 from collections.abc import Callable
 
@@ -240,6 +241,12 @@ MERGES: dict[str, Callable] = {
 }
 NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare"})
 _NEEDS_RNG = frozenset({"dare"})
+
+
+def hyperparameters(name: str) -> tuple[str, ...]:
+    """The hyper-parameters `MERGES[name]` takes: its arguments after the trees and the key."""
+    params = inspect.signature(MERGES[name]).parameters
+    return tuple(p for p in params if p not in ("stacked", "base", "rng"))
 
 
 def merge(name, stacked, base=None, rng=None, **hparams):
