@@ -148,6 +148,7 @@ TASKS = Rule(
 
 # Names accepted by jax.default_matmul_precision, from the most to the least exact.
 MATMUL_PRECISION = choice("highest", "high", "default")
+COMPUTE_DTYPE = choice("float32", "bfloat16")
 
 # The grokking training configs (configs/baseline.py, configs/dyn_fusion.py).
 GROKKING = {
@@ -170,7 +171,7 @@ GROKKING = {
     "model.last_position_only": FLAG,
     "model.freeze_experts": FLAG,
     "model.matmul_precision": MATMUL_PRECISION,
-    "model.compute_dtype": choice("float32", "bfloat16"),
+    "model.compute_dtype": COMPUTE_DTYPE,
     # The fusion model's fields (configs/dyn_fusion.py).
     "model.num_experts": integer(1, required=False),
     "model.fusion_context": choice(*fusion.CONTEXTS, required=False),
@@ -246,7 +247,6 @@ MERGE_COMPARE = {
 
 DAM_GROUPS = dam.GROUPS
 TOKENIZER = Rule(_tokenizer, "'model', 'bytes' or an existing tokenizer.json file")
-COMPUTE_DTYPE = choice("float32", "bfloat16")
 
 # configs/lm_merge.py.
 LM_MERGE = {
