@@ -6,7 +6,9 @@ leaf path and layout (`linear`: torch `Linear.weight` is [out, in], transposed t
 same table, read backwards, writes checkpoints out again. Tensors are read lazily with
 `safe_open(..., framework="numpy")`, one at a time, so nothing here holds more than the tensors
 asked for; writes go through `ShardWriter`, which plans shard boundaries up front and writes
-`model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`.
+`model.safetensors` or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json`
+(replacing any such files already there). A folder holding both forms is read from
+`model.safetensors`, as transformers reads it.
 
 Local directories only: nothing here reaches a model hub.
 """
@@ -29,6 +31,10 @@ from fusion_jax.models.lm import LanguageModel, LMConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# The weight files this module writes (and transformers reads first).
+_SAFETENSORS_WEIGHTS = re.compile(
+    r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
 # Files that hold weights in some format; everything else in a checkpoint directory (tokenizer,
 # generation config, ...) is copied next to a written checkpoint.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|msgpack|h5|ckpt|gguf)$|.*\.index\.json$")
@@ -155,20 +161,34 @@ def read_config(directory: str) -> dict:
         return json.load(f)
 
 
+def eos_token_ids(directory: str) -> tuple[int, ...]:
+    """The end-of-sequence ids generation stops at: generation_config.json's, else config.json's
+    (as transformers' generate reads them); an int or a list there, () when neither names one."""
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                eos = json.load(f).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (eos,)
+    return ()
+
+
 def tensor_files(directory: str) -> dict[str, str]:
-    """Tensor name -> safetensors file path, from the index or the single file."""
+    """Tensor name -> safetensors file path, from the single file or else the index (the order
+    in which transformers looks, so both read the same weights from a folder holding both)."""
     index = os.path.join(directory, INDEX_FILE)
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: _need(os.path.join(directory, file)) for name, file in weight_map.items()}
     single = os.path.join(directory, SINGLE_FILE)
-    if not os.path.exists(single):
+    if os.path.exists(single):
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single)
+    if not os.path.exists(index):
         raise FileNotFoundError(
             f"checkpoint file not found: {single} (nor a sharded index {index})"
         )
-    with safe_open(single, framework="numpy") as f:
-        return dict.fromkeys(f.keys(), single)
+    with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+    return {name: _need(os.path.join(directory, file)) for name, file in weight_map.items()}
 
 
 class TensorReader:
@@ -211,6 +231,25 @@ def sha256_files(directory: str) -> dict[str, str]:
                     h.update(block)
             out[name] = h.hexdigest()
     return out
+
+
+def check_inputs(record: str, directories: list[str]) -> None:
+    """Records the sha256 of every file of `directories` in `record` (a JSON file) on first use;
+    later, refuses checkpoints that changed since (a resumed run would mix old and new)."""
+    now = [{"path": os.path.abspath(d), "sha256": sha256_files(d)} for d in directories]
+    if not os.path.exists(record):
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        with open(record, "w") as f:
+            json.dump(now, f, indent=2)
+        return
+    with open(record) as f:
+        before = json.load(f)
+    for old, new in zip(before, now, strict=False):
+        if old["sha256"] != new["sha256"] or len(before) != len(now):
+            raise UserError(
+                f"the expert checkpoints differ from those this workdir was trained with "
+                f"(first difference: {new['path']}); use a new --workdir"
+            )
 
 
 def flatten(params) -> dict[str, object]:
@@ -306,7 +345,8 @@ class ShardWriter:
     """Writes tensors, in a planned order, into safetensors shards of at most `max_shard_size`.
 
     `plan` is [(name, nbytes)] for every tensor in write order; a shard is written as soon as its
-    last tensor arrives, so at most one shard is held in memory.
+    last tensor arrives, so at most one shard is held in memory. Safetensors weights already in
+    `directory` are removed first.
     """
 
     def __init__(self, directory: str, plan: list[tuple[str, int]], max_shard_size):
@@ -328,6 +368,11 @@ class ShardWriter:
         self._remaining = [len(names) for names in shards]
         self._pending = [{} for _ in shards]
         os.makedirs(directory, exist_ok=True)
+        # Weights saved there before would stay beside these (a stale index or shard), and a
+        # reader could take them for this checkpoint's.
+        for name in os.listdir(directory):
+            if _SAFETENSORS_WEIGHTS.fullmatch(name):
+                os.remove(os.path.join(directory, name))
 
     def add(self, name: str, array: np.ndarray) -> None:
         i = self.shard_of[name]

@@ -246,3 +246,72 @@ def test_models_that_differ_are_refused_naming_the_difference():
         f"models differ in config field 'tie_embeddings': False in {fixture('llama')} "
         f"but True in {fixture('llama_tied_sharded')}"
     )
+
+
+def test_generation_takes_the_parameters_as_arguments_and_stops_at_eos():
+    config, params = hc.load(fixture("llama"), "float32")
+    g = golden("llama")
+    model = lm.LanguageModel(config)
+    step = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
+    prompt, new = jnp.asarray(g["prompt_ids"]), g["greedy_ids"].shape[1] - g["prompt_ids"].shape[1]
+    cache = lm.init_cache(config, 1, g["greedy_ids"].shape[1])
+    # Every parameter is an input of the compiled program (not a constant folded into it).
+    lowered = decoding.generate.lower(step, cache, prompt, new, jax.random.key(0))
+    args = jax.tree.leaves(lowered.args_info)
+    assert len(args) == len(jax.tree.leaves((params, cache, prompt, jax.random.key(0))))
+    # Ended at transformers' third new token: the rest holds that token, as transformers pads.
+    greedy = g["greedy_ids"][0, prompt.shape[1] :].tolist()
+    eos = greedy[2]
+    end = greedy.index(eos)
+    out = decoding.generate(step, cache, prompt, new, jax.random.key(0), eos_ids=(eos, 999))
+    expected = greedy[: end + 1] + [eos] * (new - end - 1)
+    assert np.asarray(out)[0, prompt.shape[1] :].tolist() == expected
+    assert expected != greedy  # the stop changed something
+
+
+def test_eos_ids_come_from_the_generation_config_then_config(tmp_path):
+    assert hc.eos_token_ids(fixture("llama")) == (257,)
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [3, 4]}))
+    assert hc.eos_token_ids(str(tmp_path)) == (3, 4)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert hc.eos_token_ids(str(tmp_path)) == (5,)
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "generation_config.json").write_text("{}")
+    assert hc.eos_token_ids(str(tmp_path)) == ()
+
+
+def test_saving_over_a_checkpoint_leaves_none_of_its_weight_files(tmp_path):
+    hf = hc.read_config(fixture("llama_tied_sharded"))
+    _, params = hc.load(fixture("llama_tied_sharded"))
+    doubled = jax.tree.map(lambda x: x * 2, params)
+    target = tmp_path / "m"
+    shutil.copytree(fixture("llama_tied_sharded"), target)
+    hc.save(doubled, hf, str(target))  # one file over four shards and their index
+    assert sorted(f for f in os.listdir(target) if "safetensors" in f) == ["model.safetensors"]
+    loaded = hc.load(str(target))[1]
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(doubled), strict=True):
+        np.testing.assert_array_equal(a, b)
+    hc.save(params, hf, str(target), max_shard_size="20KB")  # shards over the one file
+    assert "model.safetensors" not in os.listdir(target)
+    loaded = hc.load(str(target))[1]
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_folder_with_both_a_single_file_and_an_index_reads_the_single_file(tmp_path):
+    # transformers looks for model.safetensors first; reading the index would load other weights.
+    hf = hc.read_config(fixture("llama_tied_sharded"))
+    _, params = hc.load(fixture("llama_tied_sharded"))
+    hc.save(jax.tree.map(lambda x: x * 2, params), hf, str(tmp_path / "single"))
+    both = tmp_path / "both"
+    shutil.copytree(fixture("llama_tied_sharded"), both)
+    shutil.copy(tmp_path / "single" / "model.safetensors", both)
+    assert set(hc.tensor_files(str(both)).values()) == {str(both / "model.safetensors")}
+
+
+def test_untied_gpt2_is_refused():
+    hf = hc.read_config(fixture("gpt2"))
+    assert lm.LMConfig.from_hf(hf).tie_embeddings
+    with pytest.raises(lm.UnsupportedModelError) as e:
+        lm.LMConfig.from_hf({**hf, "tie_word_embeddings": False})
+    assert str(e.value) == "unsupported GPT-2 option tie_word_embeddings=false"

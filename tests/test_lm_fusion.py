@@ -127,6 +127,31 @@ def test_fusion_trains_resumes_exactly_and_generates(tmp_path):
     b = lm_fuse.restore_params(setup, str(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
+    # Interrupted (Ctrl-C) just before step 6's log line, between checkpoints, then rerun: it
+    # goes on from step 5 (saved on the way out, with the loss of step 5 in its window) and
+    # writes the log of the uninterrupted run.
+    interrupted, append = tmp_path / "interrupted", lm_fuse.logs.append
+
+    def stop_at_step_6(path, records):
+        if records[0]["step"] == 6:
+            raise KeyboardInterrupt
+        append(path, records)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm_fuse.logs, "append", stop_at_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            lm_fuse.train(_config(tmp_path, experts, 8), str(interrupted))
+    assert sorted(os.listdir(interrupted / "checkpoints")) == ["4", "5"]
+    lm_fuse.train(_config(tmp_path, experts, 8), str(interrupted))
+    straight_log = (straight / "metrics.jsonl").read_text()
+    assert (interrupted / "metrics.jsonl").read_text() == straight_log
+    # Lines past the checkpoint a rerun starts from (a kill after logging) are written again.
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 10, "train_loss": 0.0}) + "\n")
+    lm_fuse.train(_config(tmp_path, experts, 10), str(resumed))
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 8, 10]
+    assert "\n".join(lines[:4]) + "\n" == straight_log and json.loads(lines[4])["train_loss"] > 0
     # Frozen experts: the restored experts are the checkpoints' own weights.
     stacked = [hc.load(e, "float32")[1] for e in experts]
     np.testing.assert_array_equal(
@@ -179,6 +204,27 @@ def test_fusion_errors(tmp_path):
         "the expert checkpoints differ from those this workdir was trained with "
         f"(first difference: {os.path.abspath(experts[1])}); use a new --workdir"
     )
+    one = tmp_path / "one.txt"
+    one.write_text("a single document " * 20)
+    config = _config(tmp_path, experts, 2)
+    config.data.sources = str(one)
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(config, str(tmp_path / "b"))
+    assert str(e.value) == (
+        f"config.data.sources='{one}' holds 1 document(s): a training and a validation split "
+        "need 2 or more (give more files, or config.data.record_separator to split files into "
+        "records)"
+    )
+    gpt2 = os.path.join(FIXTURES, "gpt2")
+    config = _config(tmp_path, [gpt2, gpt2], 2)
+    config.data.seq_len = 65
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(config, str(tmp_path / "c"))
+    assert str(e.value) == (
+        "config.data.seq_len=65: must be at most the model's n_positions=64 (GPT-2 learns one "
+        "embedding per position)"
+    )
+    assert not (tmp_path / "c" / "experts.json").exists()
     config = _config(tmp_path, experts, 2)
     config.generate.prompt = "x" * 60
     config.generate.max_new_tokens = 10

@@ -118,6 +118,16 @@ def test_bf16_checkpoints_are_merged_in_float32_and_rounded_once(tmp_path):
         np.testing.assert_array_equal(merged[key], expected, err_msg=key)
 
 
+def test_experts_of_mixed_dtypes_are_merged_at_the_widest(tmp_path):
+    # A float32 fine-tune of a bfloat16 model: its tensors reach the merge unrounded.
+    fine = _shifted(tmp_path, "fine", TIED, lambda x: x.astype(np.float32) * np.float32(1.01))
+    merged = _merge(tmp_path, "weight_average", [TIED, fine], weights=None)
+    for key, x in _flat(TIED).items():
+        wide = 0.5 * x.astype(np.float32) + 0.5 * (x.astype(np.float32) * np.float32(1.01))
+        assert merged[key].dtype == x.dtype  # stored as the first model, rounded once
+        np.testing.assert_array_equal(merged[key], wide.astype(x.dtype), err_msg=key)
+
+
 def test_dam_with_one_hot_coefficients_returns_that_expert(tmp_path):
     a = _shifted(tmp_path, "a", LLAMA, lambda x: x * np.float32(2))
     experts = [hc.load(d)[1] for d in (LLAMA, a)]
@@ -283,11 +293,20 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path,
         lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
     monkeypatch.undo()
     assert not (resumed / "merged").exists()
-    assert json.loads((resumed / "dam" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 7
+    log = resumed / "dam" / "metrics.jsonl"
+    assert json.loads(log.read_text().splitlines()[-1])["step"] == 7
+    # A line past the saved step (as a kill after logging leaves) is dropped and written again.
+    with open(log, "a") as f:
+        f.write(json.dumps({**records[7], "kl": -1.0}) + "\n")
     lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
-    # It went on from the step saved on the interrupt (7), not from the last checkpoint (5).
-    steps = [json.loads(x)["step"] for x in open(resumed / "dam" / "metrics.jsonl")]
-    assert steps == list(range(1, 11))
+    # It went on from the step saved on the interrupt (7), not from the last checkpoint (5), and
+    # logged what the uninterrupted run logged.
+    assert [json.loads(x) for x in open(log)] == records
+    # A rerun of the finished run re-exports and still reports the last logged step.
+    assert (
+        lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))["dam"]["final"]
+        == (records[-1])
+    )
     a, b = _flat(str(straight / "merged")), _flat(str(resumed / "merged"))
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -302,15 +321,37 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path,
             assert not np.allclose(x, frozen_mean, rtol=1e-6, atol=1e-6), key
 
 
+def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path):
+    experts = _two_experts(tmp_path)
+    lm_merge.run(_dam_config(tmp_path, experts, 1), str(tmp_path / "w"))
+    _, params = hc.load(experts[1])
+    hc.save(jax.tree.map(lambda x: x + 1, params), hc.read_config(experts[1]), experts[1])
+    with pytest.raises(ValueError) as e:
+        lm_merge.run(_dam_config(tmp_path, experts, 1), str(tmp_path / "w"))
+    assert str(e.value) == (
+        "the expert checkpoints differ from those this workdir was trained with "
+        f"(first difference: {os.path.abspath(experts[1])}); use a new --workdir"
+    )
+    gpt2 = os.path.join(FIXTURES, "gpt2")
+    config = _dam_config(tmp_path, [gpt2, gpt2], 1)
+    config.dam.seq_len = 65
+    with pytest.raises(ValueError) as e:
+        lm_merge.run(config, str(tmp_path / "g"))
+    assert str(e.value) == (
+        "config.dam.seq_len=65: must be at most the model's n_positions=64 (GPT-2 learns one "
+        "embedding per position)"
+    )
+
+
 def test_dam_builds_its_model_at_the_configured_matmul_precision(tmp_path, monkeypatch):
     # tests/test_lm.py checks that the model's matmuls carry its config's precision.
-    built = []
+    built, language_model = [], lm.LanguageModel
 
-    def language_model(config):
+    def recorded(config):
         built.append(config.matmul_precision)
-        return lm.LanguageModel(config)
+        return language_model(config)
 
-    monkeypatch.setattr(lm_merge, "LanguageModel", language_model)
+    monkeypatch.setattr(lm_merge.lm, "LanguageModel", recorded)
     config = _dam_config(tmp_path, _two_experts(tmp_path), 1)
     config.dam.matmul_precision = "high"
     lm_merge.run(config, str(tmp_path / "run"))

@@ -181,8 +181,11 @@ def test_hf_tokenizer_eos_from_config_dict(tmp_path):
     tok = text.HFTokenizer(str(d))
     assert tok.vocab_size == 5
     assert (tok.eos_id, tok.pad_id) == (2, 2)
-    # No "</s>" from the post-processor: special tokens are not added.
+    # No "</s>" from the post-processor: special tokens are not added, except to a prompt
+    # (transformers' tokenizer adds them by default).
     assert tok.encode("hello world nope") == [3, 4, 0]
+    assert tok.encode_prompt("hello world") == [3, 4, 2]
+    assert text.ByteTokenizer().encode_prompt("hé") == [104, 195, 169]
     assert tok.decode([3, 2, 4]) == "hello world"
 
 

@@ -172,6 +172,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    encode_prompt = encode
+
     def decode(self, ids: Iterable[int]) -> str:
         """Drops special (and any out-of-range) ids; invalid UTF-8 becomes U+FFFD."""
         data = bytes(i for i in map(int, ids) if 0 <= i < 256)
@@ -220,6 +222,11 @@ class HFTokenizer:
     def encode(self, text: str) -> list[int]:
         # No special tokens: `pack` places the separators itself, once per document.
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as transformers' tokenizer gives it: with the special tokens its
+        post-processor adds (Llama's begin-of-sequence token; none for GPT-2 or Qwen2)."""
+        return self._tokenizer.encode(text).ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Drops special tokens, as `ByteTokenizer.decode` does."""

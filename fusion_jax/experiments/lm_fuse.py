@@ -29,9 +29,8 @@ from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
-from fusion_jax.models import decoding, lm_fusion
-from fusion_jax.models.lm import LanguageModel
-from fusion_jax.train import checkpoint
+from fusion_jax.models import decoding, lm, lm_fusion
+from fusion_jax.train import checkpoint, logs
 
 
 def split_list(value: str) -> list[str]:
@@ -50,7 +49,8 @@ class Setup:
         lm_config = dataclasses.replace(
             lm_config, dtype=config.compute_dtype, matmul_precision=config.matmul_precision
         )
-        _check_experts(workdir, models)
+        lm.check_length(lm_config, config.data.seq_len, "config.data.seq_len")
+        hc.check_inputs(os.path.join(workdir, "experts.json"), models)
         expert_params = [hc.load(m, "float32")[1] for m in models]
         f = config.fusion
         self.fusion_config = lm_fusion.fusion_config(
@@ -75,6 +75,12 @@ class Setup:
         d = self.config.data
         docs = text.read_documents(text.expand_sources(d.sources), d.record_separator or None)
         train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
+        if not val_docs:
+            raise UserError(
+                f"config.data.sources={d.sources!r} holds {len(docs)} document(s): a training "
+                "and a validation split need 2 or more (give more files, or "
+                "config.data.record_separator to split files into records)"
+            )
         eos = getattr(self.tokenizer, "eos_id", None)
         pad = self.tokenizer.pad_id
 
@@ -97,23 +103,19 @@ class Setup:
         return {k: v for k, v in params.items() if k != "experts"}, {"experts": params["experts"]}
 
 
-def _check_experts(workdir: str, models: list[str]) -> None:
-    """Records the experts' sha256 on first use; refuses a workdir whose experts changed."""
-    path = os.path.join(workdir, "experts.json")
-    record = [{"path": os.path.abspath(m), "sha256": hc.sha256_files(m)} for m in models]
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        for old, new in zip(saved, record, strict=False):
-            if old["sha256"] != new["sha256"] or len(saved) != len(record):
-                raise UserError(
-                    f"the expert checkpoints differ from those this workdir was trained with "
-                    f"(first difference: {new['path']}); use a new --workdir"
-                )
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(record, f, indent=2)
+def _empty_window() -> dict:
+    return {"loss_sum": jnp.zeros((), jnp.float32), "loss_count": jnp.zeros((), jnp.int32)}
+
+
+def _initial_state(tx, trainable) -> dict:
+    """Step, trainable params, optimiser state and the training loss summed since the last log
+    line (checkpointed, so a resumed run logs the means of an uninterrupted one)."""
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": trainable,
+        "opt_state": tx.init(trainable),
+        **_empty_window(),
+    }
 
 
 def _loss_fn(model, trainable, frozen, tokens, mask):
@@ -149,7 +151,7 @@ def train(config, workdir: str) -> dict:
     setup = Setup(config, workdir)
     tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
     trainable, frozen = setup.split(setup.params)
-    state = {"step": jnp.zeros((), jnp.int32), "params": trainable, "opt_state": tx.init(trainable)}
+    state = _initial_state(tx, trainable)
     train_tokens, train_mask = (jnp.asarray(x) for x in setup.train)
     key = jax.random.key(config.seed)
 
@@ -163,8 +165,13 @@ def train(config, workdir: str) -> dict:
             has_aux=True,
         )(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, loss
+        return {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "loss_sum": state["loss_sum"] + loss,
+            "loss_count": state["loss_count"] + 1,
+        }
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")
@@ -172,24 +179,26 @@ def train(config, workdir: str) -> dict:
         if mngr.latest_step() is not None:
             state = checkpoint.restore(mngr, state)
             logging.info("[lm_fuse] resumed at step %d", int(state["step"]))
-        start, t0, losses = int(state["step"]), time.time(), []
+        start, t0 = int(state["step"]), time.time()
+        logs.truncate(log_path, start)  # lines written after the checkpoint a rerun starts from
         tokens_per_step = t.batch_size * config.data.seq_len
         try:
             for step in range(start, t.num_steps):
-                state, loss = step_fn(state)
-                losses.append(loss)
+                # `state` moves on only once the step's log line is written: an interrupt saves
+                # a state that the log matches.
+                new_state = step_fn(state)
                 done = step + 1
                 if done % t.log_every == 0 or done == t.num_steps:
-                    mean = float(np.mean(np.asarray(losses)))
-                    losses = []
+                    mean = float(new_state["loss_sum"]) / int(new_state["loss_count"])
+                    logs.append(log_path, [{"step": done, "train_loss": mean}])
+                    new_state = {**new_state, **_empty_window()}
                     rate = (done - start) / max(time.time() - t0, 1e-9)
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": done, "train_loss": mean}) + "\n")
                     logging.info(
                         "[lm_fuse] step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
                         done, t.num_steps, mean, rate * tokens_per_step,
                         (t.num_steps - done) / rate,
                     )  # fmt: skip
+                state = new_state
                 if done % t.checkpoint_every == 0 or done == t.num_steps:
                     checkpoint.save(mngr, done, state)
         except KeyboardInterrupt:
@@ -218,7 +227,7 @@ def train(config, workdir: str) -> dict:
 
 def _expert_val_losses(setup: Setup) -> list[float]:
     """Each expert alone (with its own head) on the validation split, for comparison."""
-    model = LanguageModel(setup.fusion_config.expert)
+    model = lm.LanguageModel(setup.fusion_config.expert)
     tokens, mask = setup.val
     size = setup.config.train.batch_size
 
@@ -243,14 +252,9 @@ def restore_params(setup: Setup, workdir: str):
     """The trained fusion params of a workdir (latest checkpoint)."""
     tx = optax.adamw(setup.config.train.learning_rate, weight_decay=setup.config.train.weight_decay)
     trainable, frozen = setup.split(setup.params)
-    abstract = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": trainable,
-        "opt_state": tx.init(trainable),
-    }
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     try:
-        state = checkpoint.restore(mngr, abstract)
+        state = checkpoint.restore(mngr, _initial_state(tx, trainable))
     finally:
         mngr.close()
     return {**state["params"], **frozen}
@@ -262,7 +266,7 @@ def generate(config, workdir: str) -> str:
     if g.max_new_tokens < 1 or g.temperature < 0:
         raise UserError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
     setup = Setup(config, workdir, load_data=False)
-    prompt = setup.tokenizer.encode(g.prompt)
+    prompt = setup.tokenizer.encode_prompt(g.prompt)
     if not prompt:
         raise UserError("config.generate.prompt is empty")
     max_len = setup.fusion_config.expert.max_len
@@ -275,6 +279,7 @@ def generate(config, workdir: str) -> str:
     model = setup.model
     step_fn = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
     cache = lm_fusion.init_fusion_cache(setup.fusion_config, 1, len(prompt) + g.max_new_tokens)
+    eos_ids = hc.eos_token_ids(split_list(config.models)[0])
     out = decoding.generate(
         step_fn,
         cache,
@@ -282,7 +287,10 @@ def generate(config, workdir: str) -> str:
         g.max_new_tokens,
         jax.random.key(g.seed),
         g.temperature,
+        eos_ids,
     )
-    completion = setup.tokenizer.decode(np.asarray(out[0]).tolist())
+    new = np.asarray(out[0, len(prompt) :]).tolist()
+    ended = [i for i, token in enumerate(new) if token in eos_ids]
+    completion = setup.tokenizer.decode(prompt + new[: ended[0] if ended else len(new)])
     print(completion)
     return completion

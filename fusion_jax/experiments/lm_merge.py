@@ -11,9 +11,10 @@ output shard plus a few tensors times K, never K whole models. The merges are or
 layout. DARE draws each tensor's mask from `fold_in(seed key, tensor index)`.
 
 DAM needs the experts' forward passes, so it loads them whole, trains the coefficients on each
-expert's own local text (Orbax checkpoints under `<workdir>/dam`, resumed on a rerun) and exports
-the merged model. Both write `<workdir>/merged/` (via a temporary directory renamed at the end, so
-a half-written checkpoint never looks finished) and `<workdir>/merge_info.json`.
+expert's own local text (Orbax checkpoints under `<workdir>/dam`, resumed on a rerun while the
+inputs' sha256 match `<workdir>/dam/inputs.json`) and exports the merged model. Both write
+`<workdir>/merged/` (via a temporary directory renamed at the end, so a half-written checkpoint
+never looks finished) and `<workdir>/merge_info.json`.
 """
 
 import dataclasses
@@ -35,8 +36,8 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
-from fusion_jax.models.lm import LanguageModel
-from fusion_jax.train import checkpoint
+from fusion_jax.models import lm
+from fusion_jax.train import checkpoint, logs
 
 
 def split_list(value: str) -> list[str]:
@@ -67,11 +68,17 @@ def _input_record(directory: str) -> dict:
 
 
 def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
+    # The old merge_info.json goes first: a stop in between leaves no info rather than another
+    # merge's beside this checkpoint.
+    info_path = os.path.join(workdir, "merge_info.json")
+    if os.path.exists(info_path):
+        os.remove(info_path)
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp_dir, out_dir)
-    with open(os.path.join(workdir, "merge_info.json"), "w") as f:
+    with open(info_path + ".tmp", "w") as f:
         json.dump(info, f, indent=2)
+    os.replace(info_path + ".tmp", info_path)
     logging.info("[lm_merge] wrote %s and merge_info.json", out_dir)
     return info
 
@@ -106,9 +113,11 @@ def streaming_merge(
         if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
             writer.add(name, ref.get(name))
             continue
-        # Read straight into the stacked array: one copy of each input tensor at a time.
+        # Read straight into the stacked array: one copy of each input tensor at a time, in the
+        # widest of the inputs' dtypes (a float32 fine-tune of a bfloat16 model keeps its bits).
         shape, _ = ref.shape_dtype(name)
-        stacked = np.empty((len(readers), *shape), readers[0].get_dtype(name))
+        stored = jnp.result_type(*(r.get_dtype(name) for r in readers))
+        stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
         args = {"base": {name: jnp.asarray(merge_base.get(name))}} if merge_base else {}
@@ -144,6 +153,9 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     lm_config = dataclasses.replace(
         lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
     )
+    lm.check_length(lm_config, d.seq_len, "config.dam.seq_len")
+    # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
+    hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), models)
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
     data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
     tokens, mask = [t for t, _ in data], [m for _, m in data]
@@ -154,7 +166,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
         )
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
     stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
-    model = LanguageModel(lm_config)
+    model = lm.LanguageModel(lm_config)
     trainable = jax.tree.map(
         lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
     )
@@ -199,23 +211,26 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
         if mngr.latest_step() is not None:
             state = checkpoint.restore(mngr, state)
             logging.info("[dam] resumed at step %d of %d", int(state["step"]), num_steps)
-        start, t0, history = int(state["step"]), time.time(), []
+        start, t0 = int(state["step"]), time.time()
         log_path = os.path.join(workdir, "dam", "metrics.jsonl")
+        history = logs.truncate(log_path, start)  # drops lines past the restored checkpoint
         for step in range(start, num_steps):
             batch_tokens, batch_mask = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
-            state, aux = step_fn(state, batch_tokens, batch_mask)
+            # `state` moves on only once the step's log line is written: an interrupt saves a
+            # state that the log matches.
+            new_state, aux = step_fn(state, batch_tokens, batch_mask)
             done = step + 1
             if done % d.log_every == 0 or done == num_steps:
                 record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
+                logs.append(log_path, [record])
                 history.append(record)
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
                 rate = (done - start) / max(time.time() - t0, 1e-9)
                 logging.info(
                     "[dam] step %d/%d  kl %.5f  similarity %.4f  %.2f steps/s  ETA %.0f s",
                     done, num_steps, record["kl"], record["similarity"], rate,
                     (num_steps - done) / rate,
                 )  # fmt: skip
+            state = new_state
             if done % d.checkpoint_every == 0 or done == num_steps:
                 checkpoint.save(mngr, done, state)
         mngr.wait_until_finished()

@@ -92,6 +92,16 @@ class LMConfig:
         return dataclasses.replace(config, dtype=dtype) if dtype else config
 
 
+def check_length(config: LMConfig, length: int, field: str) -> None:
+    """Refuses windows of `length` tokens past GPT-2's learned positions (`n_positions`): their
+    position embeddings do not exist (RoPE models compute any position)."""
+    if config.family == "gpt2" and length > config.max_len:
+        raise UserError(
+            f"{field}={length}: must be at most the model's n_positions={config.max_len} "
+            "(GPT-2 learns one embedding per position)"
+        )
+
+
 def traced_at(precision: Callable[[nn.Module], str]):
     """Decorates a module method to trace under `jax.default_matmul_precision(precision(self))`,
     so every dot inside it, and its transposes in the backward pass, carry that precision (flax's
@@ -185,6 +195,8 @@ def _gpt2(hf: dict) -> LMConfig:
             raise UnsupportedModelError(f"unsupported GPT-2 option {flag}=true")
     if not hf.get("scale_attn_weights", True):
         raise UnsupportedModelError("unsupported GPT-2 option scale_attn_weights=false")
+    if not hf.get("tie_word_embeddings", True):  # GPT2LMHeadModel's own head, stored unprefixed
+        raise UnsupportedModelError("unsupported GPT-2 option tie_word_embeddings=false")
     dim, heads = hf["n_embd"], hf["n_head"]
     return LMConfig(
         model_type="gpt2",
