@@ -32,6 +32,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Cap on windows per domain (0 = all): training, and holdout/validation scoring.
     config.data.max_train_windows = 0
     config.data.max_eval_windows = 512
+    # Which windows a cap keeps: "spread" (a seeded sample over the whole split, in stream order)
+    # or "first" (the first ones: the alphabetically first files only; runs before it existed).
+    config.data.capped_windows = "spread"
     # Where the packed TFDS datasets go ("" = <workdir>/tfds).
     config.data.tfds_dir = ""
 

@@ -23,10 +23,12 @@ from typing import Any
 import jax
 
 from fusion_jax import hf_checkpoint, merging, models
+from fusion_jax.data import domains, text
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
 from fusion_jax.models import fusion
+from fusion_jax.models.lm import LMConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,6 +332,7 @@ LM_STUDY = {
     "data.holdout_fraction": FRACTION,
     "data.max_train_windows": integer(0),
     "data.max_eval_windows": integer(0),
+    "data.capped_windows": choice("spread", "first"),
     "data.tfds_dir": TEXT,
     "model.num_layers": integer(1),
     "model.dim": integer(1),
@@ -505,6 +508,44 @@ def _lm_study_heads(config, devices) -> Problem:
     return None
 
 
+def _within_positions(seq_len_field: str):
+    """A cross rule: windows of `seq_len_field` tokens fit GPT-2's learned positions (past them
+    its position embeddings do not exist, and the outputs are NaN; RoPE models take any)."""
+
+    def rule(config, devices) -> Problem:
+        del devices
+        if seq_len_field.startswith("dam.") and config.method != "dam":
+            return None
+        first = _split(config.models)[0]
+        lm_config = LMConfig.from_hf(hf_checkpoint.read_config(first))
+        if lm_config.family == "gpt2" and lookup(config, seq_len_field) > lm_config.max_len:
+            return seq_len_field, (
+                f"at most the models' n_positions={lm_config.max_len} (GPT-2 learns one "
+                "embedding per position)"
+            )
+        return None
+
+    return rule
+
+
+def _two_documents(config, devices) -> Problem:
+    # Without a record separator each file is one document; the training and the validation
+    # split need one each. (With one, the records are counted when the text is read.)
+    if not config.data.record_separator and len(text.expand_sources(config.data.sources)) < 2:
+        return "data.sources", (
+            "2 or more files (one document each: a training and a validation split need one "
+            "each), or files split into records by config.data.record_separator"
+        )
+    return None
+
+
+def _lm_study_domains(config, devices) -> Problem:
+    # Resolved before the workdir is bound, so a typo or a missing package fails at once.
+    if len(domains.parse_domains(config.data.domains)) < 2:
+        return "data.domains", "2 or more distinct domains (one expert is trained per domain)"
+    return None
+
+
 def _lm_fuse_top_k(config, devices) -> Problem:
     n = len(_split(config.models))
     if config.fusion.top_k > n:
@@ -516,9 +557,9 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
     None: (_heads_divide_width, _fusion_fields, _prime_modulus, _both_splits, _intervals,
            _devices, _processes),
     "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
-    "lm_merge": (_lm_merge_inputs,),
-    "lm_fuse": (_lm_fuse_top_k,),
-    "lm_study": (_lm_study_heads,),
+    "lm_merge": (_lm_merge_inputs, _within_positions("dam.seq_len")),
+    "lm_fuse": (_lm_fuse_top_k, _within_positions("data.seq_len"), _two_documents),
+    "lm_study": (_lm_study_heads, _lm_study_domains),
 }  # fmt: skip
 
 # Fields a workdir's config may change, because they do not change results: "any" change,
@@ -625,6 +666,7 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
         "train.checkpoint_every_secs": 0.0,
         "model.compute_dtype": "float32",
         "model.matmul_precision": "default",
+        "data.capped_windows": "first",
     },
 }
 

@@ -5,6 +5,8 @@ workdir's config.json first (fusion_jax/workdir.py). Modes that read a trained w
 analyze, report) use its config.json; `--config` is optional there and must agree with it.
 """
 
+import os
+
 import ml_collections
 
 from fusion_jax import config_rules, runtime
@@ -107,6 +109,9 @@ def report(config, workdir: str, **_):
 def compare(config, workdir: str, workdirs: str = "", **_):
     """Overlays the curves of finished workdirs and tabulates them beside the seed's numbers."""
     del config  # Each workdir carries its own config.json.
+    if os.path.exists(os.path.join(workdir, workdir_lib.CONFIG_FILE)):
+        # Its own plots and tables would be overwritten by the comparison's.
+        raise UserError(f"--workdir={workdir} is a training workdir; give a comparison folder")
     with workdir_lib.lock(workdir):
         return compare_lib.compare([w for w in workdirs.split(",") if w], workdir)
 

@@ -2,20 +2,24 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hlo_checks import dot_precisions
 
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import modes
+from fusion_jax.data import text
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import decoding, lm, lm_fusion
+from fusion_jax.train import checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -204,6 +208,7 @@ def test_fusion_errors(tmp_path):
         "the expert checkpoints differ from those this workdir was trained with "
         f"(first difference: {os.path.abspath(experts[1])}); use a new --workdir"
     )
+    # Checked before anything is written: a corrected rerun may use the same workdir.
     one = tmp_path / "one.txt"
     one.write_text("a single document " * 20)
     config = _config(tmp_path, experts, 2)
@@ -211,9 +216,9 @@ def test_fusion_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         lm_fuse.train(config, str(tmp_path / "b"))
     assert str(e.value) == (
-        f"config.data.sources='{one}' holds 1 document(s): a training and a validation split "
-        "need 2 or more (give more files, or config.data.record_separator to split files into "
-        "records)"
+        f"config.data.sources='{one}': must be 2 or more files (one document each: a training "
+        "and a validation split need one each), or files split into records by "
+        "config.data.record_separator"
     )
     gpt2 = os.path.join(FIXTURES, "gpt2")
     config = _config(tmp_path, [gpt2, gpt2], 2)
@@ -221,10 +226,19 @@ def test_fusion_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         lm_fuse.train(config, str(tmp_path / "c"))
     assert str(e.value) == (
-        "config.data.seq_len=65: must be at most the model's n_positions=64 (GPT-2 learns one "
+        "config.data.seq_len=65: must be at most the models' n_positions=64 (GPT-2 learns one "
         "embedding per position)"
     )
-    assert not (tmp_path / "c" / "experts.json").exists()
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    # Records are counted once the text is read.
+    config = _config(tmp_path, experts, 2)
+    config.data.sources, config.data.record_separator = str(one), "%"
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(config, str(tmp_path / "d"))
+    assert str(e.value) == (
+        f"config.data.sources='{one}' holds 1 record(s) split by "
+        "config.data.record_separator='%': a training and a validation split need 2 or more"
+    )
     config = _config(tmp_path, experts, 2)
     config.generate.prompt = "x" * 60
     config.generate.max_new_tokens = 10
@@ -257,3 +271,48 @@ def test_generate_mode_reads_the_model_from_the_workdir(tmp_path, capsys):
     config.generate.max_new_tokens = 3
     out = modes.generate(config, workdir)
     assert out.startswith("the") and capsys.readouterr().out == out + "\n"
+
+
+def test_generate_stops_at_the_tokenizers_eos_and_refuses_an_empty_prompt(tmp_path, monkeypatch):
+    experts = _experts(tmp_path)
+    workdir = str(tmp_path / "w")
+    lm_fuse.train(_config(tmp_path, experts, 2), workdir)
+    calls = []
+
+    def generated(step_fn, cache, prompt, max_new_tokens, rng, temperature, eos_ids):
+        calls.append(eos_ids)
+        new = [104, 105, eos_ids[0], 106][:max_new_tokens]  # "h", "i", the end, "j"
+        return jnp.concatenate([prompt, jnp.asarray([new], prompt.dtype)], axis=1)
+
+    monkeypatch.setattr(lm_fuse.decoding, "generate", generated)
+    config = _config(tmp_path, experts, 2)
+    config.generate.prompt, config.generate.max_new_tokens = "the cat ", 4
+    assert lm_fuse.generate(config, workdir) == "the cat hi"
+    # The text was packed with the byte tokenizer's end (258), not the experts' config's (257).
+    assert calls == [(text.ByteTokenizer.eos_id,)] and text.ByteTokenizer.eos_id == 258
+    config.generate.prompt = ""
+    with pytest.raises(ValueError, match=r"^config.generate.prompt is empty$"):
+        lm_fuse.generate(config, workdir)
+
+
+def test_a_checkpoint_from_before_the_saved_loss_window_resumes(tmp_path):
+    # Written by the code before the window joined the state: step, params and opt_state.
+    experts = _experts(tmp_path)
+    straight, old = str(tmp_path / "straight"), str(tmp_path / "old")
+    lm_fuse.train(_config(tmp_path, experts, 4), straight)
+    lm_fuse.train(_config(tmp_path, experts, 2), old)
+    setup = lm_fuse.Setup(_config(tmp_path, experts, 2), old, load_data=False)
+    trainable, _ = setup.split(setup.params)
+    tx = optax.adamw(1e-2, weight_decay=_config(tmp_path, experts, 2).train.weight_decay)
+    mngr = checkpoint.manager(os.path.join(old, "checkpoints"), max_to_keep=2)
+    state = lm_fuse._restore(mngr, lm_fuse._initial_state(tx, trainable))
+    mngr.close()
+    shutil.rmtree(os.path.join(old, "checkpoints"))
+    mngr = checkpoint.manager(os.path.join(old, "checkpoints"), max_to_keep=2)
+    checkpoint.save(mngr, 2, {k: state[k] for k in ("step", "params", "opt_state")})
+    mngr.wait_until_finished()
+    mngr.close()
+    lm_fuse.train(_config(tmp_path, experts, 4), old)  # step 2 ended a log window: nothing lost
+    assert open(os.path.join(old, "metrics.jsonl")).read() == (
+        open(os.path.join(straight, "metrics.jsonl")).read()
+    )

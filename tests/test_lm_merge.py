@@ -278,17 +278,18 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path,
     assert [r["step"] for r in records] == list(range(1, 11))
     # Observed: KL 15.2 -> 8.9 in 10 steps (the batch is nearly the same every step).
     assert records[-1]["kl"] < 0.75 * records[0]["kl"], (records[0]["kl"], records[-1]["kl"])
-    # Interrupted (Ctrl-C) before step 8, between checkpoints, then rerun: the same coefficients
-    # and output.
+    # Interrupted (Ctrl-C) after step 8's update, before its log line, between checkpoints,
+    # then rerun: the state saved is step 7's (the one the log matches), and the rerun ends with
+    # the same coefficients and output.
     resumed = tmp_path / "resumed"
-    batches = lm_merge._dam_batches
+    append = lm_merge.logs.append
 
-    def interrupted(tokens, mask, batch_size, step, seed):
-        if step == 7:
+    def interrupted(path, records):
+        if records[0]["step"] == 8:
             raise KeyboardInterrupt
-        return batches(tokens, mask, batch_size, step, seed)
+        append(path, records)
 
-    monkeypatch.setattr(lm_merge, "_dam_batches", interrupted)
+    monkeypatch.setattr(lm_merge.logs, "append", interrupted)
     with pytest.raises(KeyboardInterrupt):
         lm_merge.run(_dam_config(tmp_path, experts, 10), str(resumed))
     monkeypatch.undo()
@@ -338,9 +339,20 @@ def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path
     with pytest.raises(ValueError) as e:
         lm_merge.run(config, str(tmp_path / "g"))
     assert str(e.value) == (
-        "config.dam.seq_len=65: must be at most the model's n_positions=64 (GPT-2 learns one "
+        "config.dam.seq_len=65: must be at most the models' n_positions=64 (GPT-2 learns one "
         "embedding per position)"
     )
+    assert not (tmp_path / "g").exists()
+    config.method = "weight_average"  # reads no dam.* field
+    lm_merge.run(config, str(tmp_path / "g"))
+
+
+def test_a_streamed_merge_does_not_write_into_an_input(tmp_path):
+    copy = _shifted(tmp_path, "copy", LLAMA, lambda x: x)
+    with pytest.raises(ValueError) as e:
+        lm_merge.streaming_merge("weight_average", {}, [LLAMA, copy], None, copy, progress=False)
+    assert str(e.value) == f"the output directory {copy} is one of the inputs; write elsewhere"
+    assert sorted(os.listdir(copy)) == sorted(os.listdir(LLAMA))
 
 
 def test_dam_builds_its_model_at_the_configured_matmul_precision(tmp_path, monkeypatch):

@@ -281,3 +281,15 @@ def test_loaded_data_matches_the_domains(study):
     # Disjoint alphabets: lower-case text has no upper-case byte, and the reverse.
     assert not np.any((lower >= ord("A")) & (lower <= ord("Z")))
     assert len(lower) <= config.data.max_train_windows
+
+
+def test_a_cap_keeps_a_seeded_sample_spread_over_the_split():
+    # Documents are in file order: the first windows would all come from the first files.
+    spread = lm_study._capped(1000, 8, "spread", [0, 1, 2])
+    assert spread.tolist() == sorted(set(spread.tolist())) and len(spread) == 8
+    assert spread.max() > 500 and spread.min() < 500  # from both halves of the split
+    np.testing.assert_array_equal(spread, lm_study._capped(1000, 8, "spread", [0, 1, 2]))
+    assert not np.array_equal(spread, lm_study._capped(1000, 8, "spread", [0, 1, 0]))
+    assert lm_study._capped(1000, 8, "first", [0, 1, 2]).tolist() == list(range(8))
+    for cap in (0, 1000, 2000):  # no cap, or one the split fits
+        assert lm_study._capped(1000, cap, "spread", [0]).tolist() == list(range(1000))

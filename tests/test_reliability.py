@@ -60,12 +60,16 @@ def all_configs():
 
 
 def with_inputs(config):
-    """LM configs name checkpoint directories; give them the test fixture."""
+    """LM configs name checkpoint directories and text domains; give them the test fixtures
+    (the fortunes packages may be missing)."""
     kind = config.get("experiment")
+    if kind == "lm_study":
+        config.data.domains = f"a={LLAMA}/config.json,b={LLAMA}/generation_config.json"
     if kind == "lm_merge":
         config.base, config.models = LLAMA, f"{LLAMA},{LLAMA}"
     if kind == "lm_fuse":
         config.models = f"{LLAMA},{LLAMA}"
+        config.data.sources = f"{LLAMA}/config.json,{LLAMA}/generation_config.json"
     return config
 
 
@@ -385,6 +389,17 @@ def test_the_fields_each_lm_merge_method_never_reads():
     assert len(dam_fields) == 17 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
 
 
+def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_path):
+    config = importlib.import_module("configs.lm_fusion").get_config("quick")
+    stored = json.loads(config.to_json())
+    del stored["data"]["capped_windows"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match=r"results: data.capped_windows: 'first' → 'spread'\. "):
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+    config.data.capped_windows = "first"
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+
+
 def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
     # A TIES workdir written before dam.matmul_precision existed, rerun with other unused values.
     config = importlib.import_module("configs.lm_merge").get_config()
@@ -610,6 +625,26 @@ def test_a_failed_table_call_leaves_no_output_folder_behind(tmp_path):
     with pytest.raises(UserError):
         modes.compare(None, out, workdirs=missing)
     assert os.listdir(out) == [".lock"]
+
+
+def test_compare_refuses_a_training_workdir_as_output_and_other_experiments_as_input(tmp_path):
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "config.json").write_text(tiny().to_json())
+    before = snapshot(str(trained))
+    with pytest.raises(UserError) as e:
+        modes.compare(None, str(trained), workdirs=str(trained))
+    assert str(e.value) == f"--workdir={trained} is a training workdir; give a comparison folder"
+    assert snapshot(str(trained)) == before
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "config.json").write_text(json.dumps({"experiment": "lm_study"}))
+    with pytest.raises(UserError) as e:
+        modes.compare(None, str(tmp_path / "out"), workdirs=str(study))
+    assert str(e.value) == (
+        f"{study} is a lm_study workdir: --mode=compare reads grokking training workdirs "
+        "(--mode=results tabulates the others)"
+    )
 
 
 # --- plain user errors are one line through main.py ---------------------------------------------

@@ -14,7 +14,9 @@ import pytest
 from fusion_jax import modes
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.errors import UserError
+from fusion_jax.evaluate import results
 from fusion_jax.evaluate import results_report as rr
+from fusion_jax.train import logs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join("tests", "fixtures", "results")
@@ -184,7 +186,36 @@ def test_refusals(tmp_path, monkeypatch):
         rr.write_results("", str(tmp_path / "out"), plots=False)
 
 
-def test_live_log_read_to_last_complete_line(tmp_path):
+def test_a_log_is_read_to_its_last_complete_line_and_a_resume_cuts_the_rest(tmp_path):
+    # A live run writing its next line, or a kill mid-write, leaves a line cut short.
     path = tmp_path / "metrics.jsonl"
     path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps(RECORDS[1])[:20])
-    assert rr.read_log(str(path)) == RECORDS[:1]
+    assert logs.read(str(path)) == RECORDS[:1]
+    # A resume past the first record drops the cut line, so the next append is a line of its own.
+    assert logs.truncate(str(path), RECORDS[0]["step"]) == RECORDS[:1]
+    logs.append(str(path), RECORDS[1:2])
+    assert path.read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS[:2])
+
+
+def test_final_info_of_an_unfinished_run_says_the_step_it_describes():
+    # Seed 1 has not logged step 7500 yet: every seed is read at 2500, the last step all logged.
+    info = results.task_final_info(RECORDS[:3], 7500, 0.99)
+    assert info["last_step"] == 2500
+    assert info["final_info_dict"]["final_val_acc"] == [0.5, 0.995]
+    assert info["final_info_dict"]["step_val_acc_99"] == [7500, 2500]  # seed 0: not reached
+    assert results.task_final_info(RECORDS, 7500, 0.99)["last_step"] == 7500
+
+
+def test_regenerating_a_run_folder_removes_what_its_workdir_no_longer_has(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = str(tmp_path / "results")
+    rr.write_results(FIXTURE_WORKDIRS, out, plots=False)
+    # As left by an earlier generation from a workdir that had more: gates, compute, a task.
+    stale = ["gate_analysis.json", "compute.json", "gate_heatmap_x_plus_y.png"]
+    for name in stale:
+        open(os.path.join(out, "run_0", name), "w").write("{}")
+    os.makedirs(os.path.join(out, "run_0", "x_minus_y"))
+    open(os.path.join(out, "run_0", "x_minus_y", "metrics.jsonl"), "w").write("")
+    open(os.path.join(out, "compare", "frontier.png"), "w").write("")
+    rr.write_results(FIXTURE_WORKDIRS, out, plots=False)
+    _assert_same(os.path.join(FIXTURE, "expected"), out, skip={"index.md"})

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from fusion_jax.data import text
+from fusion_jax.errors import UserError
 
 SPLITS = ("train", "holdout", "validation")
 
@@ -97,6 +98,13 @@ class TextWindows(tfds.core.GeneratorBasedBuilder):
         c = self.builder_config
         docs = text.read_documents(c.files, c.record_separator)
         parts = split_docs(docs, c.split_seed, c.val_fraction, c.holdout_fraction)
+        for split in SPLITS:
+            if not parts[split]:
+                domain = c.name.rsplit("_", 1)[0]
+                raise UserError(
+                    f"domain {domain!r} has {len(docs)} document(s), none left for its {split} "
+                    "split: give it 3 or more (files, for a name=glob domain)"
+                )
         return {name: self._generate_examples(parts[name]) for name in SPLITS}
 
     def _generate_examples(self, docs):

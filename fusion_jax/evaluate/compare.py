@@ -21,6 +21,11 @@ def load_run(workdir: str) -> dict:
         raise UserError(f"{workdir} has no config.json: is it a fusion_jax workdir?")
     with open(path) as f:
         config = json.load(f)
+    if config.get("experiment"):
+        raise UserError(
+            f"{workdir} is a {config['experiment']} workdir: --mode=compare reads grokking "
+            "training workdirs (--mode=results tabulates the others)"
+        )
     tasks = [t.strip() for t in config["tasks"].split(",") if t.strip()]
     records = results.read_task_records(workdir, tasks)
     info = results.final_info(records, config["num_steps"], config["eval"]["acc_threshold"])

@@ -1,5 +1,8 @@
 """Results in the reference's formats: final_info.json per experiment, per-run logs, plots.
 
+Each task's entry also says the step it describes (`last_step`: the last one every seed logged),
+so a report of an unfinished run cannot pass for a finished one.
+
 The reference reports `np.std(x) / len(x)` as the "stderr"; we report the true standard error of
 the mean, `std(x, ddof=1) / sqrt(n)` (0 for a single run).
 """
@@ -8,6 +11,7 @@ import json
 import os
 
 import numpy as np
+from absl import logging
 
 from fusion_jax.train import logs
 
@@ -28,8 +32,13 @@ def step_to_threshold(steps: np.ndarray, val_acc: np.ndarray, threshold: float, 
 
 
 def task_final_info(records: list[dict], num_steps: int, threshold: float) -> dict:
-    """The reference's per-task entry: means, stderrs and per-seed values."""
-    arrays = logs.to_arrays(records)
+    """The reference's per-task entry: means, stderrs and per-seed values, at `last_step`, the
+    last step every seed logged (`num_steps` when the run finished)."""
+    ends = {}
+    for r in records:
+        ends[r["seed"]] = max(ends.get(r["seed"], 0), r["step"])
+    last = min(ends.values())
+    arrays = logs.to_arrays([r for r in records if r["step"] <= last])
     per_seed = {
         "final_train_loss": arrays["train_loss"][:, -1],
         "final_val_loss": arrays["val_loss"][:, -1],
@@ -46,6 +55,7 @@ def task_final_info(records: list[dict], num_steps: int, threshold: float) -> di
         "means": {f"{k}_mean": float(np.mean(v)) for k, v in per_seed.items()},
         "stderrs": {f"{k}_stderr": stderr(v) for k, v in per_seed.items()},
         "final_info_dict": {k: v.tolist() for k, v in per_seed.items()},
+        "last_step": last,
     }
 
 
@@ -72,6 +82,12 @@ def write_report(config, workdir: str, task_records: dict[str, list[dict]]) -> d
     from fusion_jax.evaluate import plots  # matplotlib is only needed when plots are written.
 
     info = final_info(task_records, config.num_steps, config.eval.acc_threshold)
+    for task, entry in info.items():
+        if entry["last_step"] < config.num_steps:
+            logging.warning(
+                "[%s] unfinished: final_info.json describes step %d of %d (last_step)",
+                task, entry["last_step"], config.num_steps,
+            )  # fmt: skip
     write_json(os.path.join(workdir, "final_info.json"), info)
     write_json(
     os.path.join(workdir, "all_results.json"),

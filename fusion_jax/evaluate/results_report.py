@@ -87,20 +87,6 @@ def parse_workdirs(spec) -> list[tuple[str | None, str]]:
     return out
 
 
-def read_log(path: str) -> list[dict]:
-    """A metrics.jsonl, up to its last complete line (a live run may be writing the next one)."""
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break  # Being written.
-            if line.strip():
-                records.append(json.loads(line))
-    return records
-
-
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
@@ -403,6 +389,17 @@ def _copy(src: str, dst: str) -> None:
     shutil.copyfile(src, dst)
 
 
+def _mirror(workdir: str, run_dir: str, names: list[str]) -> None:
+    """Copies the files `names` the workdir has, and removes those it lacks from an earlier
+    generation of the run folder (they would describe another run)."""
+    for fname in names:
+        src, dst = os.path.join(workdir, fname), os.path.join(run_dir, fname)
+        if os.path.exists(src):
+            _copy(src, dst)
+        elif os.path.exists(dst):
+            os.remove(dst)
+
+
 def _run_info(name: str, workdir: str, config: dict, kind: str) -> dict:
     info = {
         "name": name,
@@ -432,7 +429,7 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     reference_run = config.get("reference_run")
     rerun = _read_json(RERUNS[reference_run]) if reference_run in RERUNS else {}
     tasks = _config_tasks(config)
-    task_records = {t: read_log(os.path.join(workdir, t, "metrics.jsonl")) for t in tasks}
+    task_records = {t: logs.read(os.path.join(workdir, t, "metrics.jsonl")) for t in tasks}
     table = run_table(config, task_records, seed_runs, rerun)
     for task, records in task_records.items():
         if records:
@@ -441,6 +438,8 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
                 os.path.join(run_dir, task, "metrics.jsonl"),
                 "".join(json.dumps(r) + "\n" for r in records),
             )
+        elif os.path.isdir(os.path.join(run_dir, task)):  # logged in an earlier generation only
+            shutil.rmtree(os.path.join(run_dir, task))
     # final_info.json holds the tasks logged to the config's last step (the reference's format).
     complete = {
         t: task_records[t]
@@ -451,12 +450,13 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     results.write_json(os.path.join(run_dir, "final_info.json"), info)
     results.write_json(os.path.join(run_dir, "table.json"), table)
     markdown = to_markdown(table, name)
-    for fname in ("compute.json", "gate_analysis.json"):
-        if os.path.exists(os.path.join(workdir, fname)):
-            _copy(os.path.join(workdir, fname), os.path.join(run_dir, fname))
-    for fname in sorted(os.listdir(workdir)):
-        if fname.startswith("gate_heatmap_") and fname.endswith(".png"):
-            _copy(os.path.join(workdir, fname), os.path.join(run_dir, fname))
+    heatmaps = {
+        f
+        for d in (workdir, run_dir)
+        for f in os.listdir(d)
+        if f.startswith("gate_heatmap_") and f.endswith(".png")
+    }
+    _mirror(workdir, run_dir, ["compute.json", "gate_analysis.json", *sorted(heatmaps)])
     if os.path.exists(os.path.join(workdir, "gate_analysis.json")):
         markdown += gates_markdown(_read_json(os.path.join(workdir, "gate_analysis.json")))
     _write_text(os.path.join(run_dir, "table.md"), markdown)
@@ -468,9 +468,7 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
 
 
 def write_experiment_run(workdir: str, run_dir: str) -> None:
-    for fname in COMPARISON_FILES:
-        if os.path.exists(os.path.join(workdir, fname)):
-            _copy(os.path.join(workdir, fname), os.path.join(run_dir, fname))
+    _mirror(workdir, run_dir, list(COMPARISON_FILES))
 
 
 def _run_lines(out_dir: str, name: str) -> list[str]:

@@ -49,7 +49,6 @@ class Setup:
         lm_config = dataclasses.replace(
             lm_config, dtype=config.compute_dtype, matmul_precision=config.matmul_precision
         )
-        lm.check_length(lm_config, config.data.seq_len, "config.data.seq_len")
         hc.check_inputs(os.path.join(workdir, "experts.json"), models)
         expert_params = [hc.load(m, "float32")[1] for m in models]
         f = config.fusion
@@ -75,11 +74,11 @@ class Setup:
         d = self.config.data
         docs = text.read_documents(text.expand_sources(d.sources), d.record_separator or None)
         train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
-        if not val_docs:
+        if not val_docs:  # one record in all (fewer than 2 files are refused by config_rules)
             raise UserError(
-                f"config.data.sources={d.sources!r} holds {len(docs)} document(s): a training "
-                "and a validation split need 2 or more (give more files, or "
-                "config.data.record_separator to split files into records)"
+                f"config.data.sources={d.sources!r} holds {len(docs)} record(s) split by "
+                f"config.data.record_separator={d.record_separator!r}: a training and a "
+                "validation split need 2 or more"
             )
         eos = getattr(self.tokenizer, "eos_id", None)
         pad = self.tokenizer.pad_id
@@ -116,6 +115,16 @@ def _initial_state(tx, trainable) -> dict:
         "opt_state": tx.init(trainable),
         **_empty_window(),
     }
+
+
+def _restore(mngr, state: dict) -> dict:
+    """The newest checkpoint; one written before the loss window was saved with the state (it
+    holds step, params and opt_state only) restores with an empty window."""
+    try:
+        return checkpoint.restore(mngr, state)
+    except checkpoint.ShapeMismatch:
+        legacy = {k: state[k] for k in ("step", "params", "opt_state")}
+        return {**checkpoint.restore(mngr, legacy), **_empty_window()}
 
 
 def _loss_fn(model, trainable, frozen, tokens, mask):
@@ -177,7 +186,7 @@ def train(config, workdir: str) -> dict:
     log_path = os.path.join(workdir, "metrics.jsonl")
     try:
         if mngr.latest_step() is not None:
-            state = checkpoint.restore(mngr, state)
+            state = _restore(mngr, state)
             logging.info("[lm_fuse] resumed at step %d", int(state["step"]))
         start, t0 = int(state["step"]), time.time()
         logs.truncate(log_path, start)  # lines written after the checkpoint a rerun starts from
@@ -254,7 +263,7 @@ def restore_params(setup: Setup, workdir: str):
     trainable, frozen = setup.split(setup.params)
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     try:
-        state = checkpoint.restore(mngr, _initial_state(tx, trainable))
+        state = _restore(mngr, _initial_state(tx, trainable))
     finally:
         mngr.close()
     return {**state["params"], **frozen}
@@ -267,7 +276,7 @@ def generate(config, workdir: str) -> str:
         raise UserError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
     setup = Setup(config, workdir, load_data=False)
     prompt = setup.tokenizer.encode_prompt(g.prompt)
-    if not prompt:
+    if not setup.tokenizer.encode(g.prompt):  # a prompt of special tokens only
         raise UserError("config.generate.prompt is empty")
     max_len = setup.fusion_config.expert.max_len
     if len(prompt) + g.max_new_tokens > max_len:
@@ -279,7 +288,11 @@ def generate(config, workdir: str) -> str:
     model = setup.model
     step_fn = jax.tree_util.Partial(lambda p, t, c, i: model.apply({"params": p}, t, c, i), params)
     cache = lm_fusion.init_fusion_cache(setup.fusion_config, 1, len(prompt) + g.max_new_tokens)
-    eos_ids = hc.eos_token_ids(split_list(config.models)[0])
+    # The experts' own end of sequence, or the end the configured tokenizer packed the text with.
+    if config.data.tokenizer == "model":
+        eos_ids = hc.eos_token_ids(split_list(config.models)[0])
+    else:
+        eos_ids = () if setup.tokenizer.eos_id is None else (setup.tokenizer.eos_id,)
     out = decoding.generate(
         step_fn,
         cache,

@@ -96,6 +96,9 @@ def streaming_merge(
 ) -> int:
     """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count."""
     inputs = ([base] if base else []) + models
+    if os.path.realpath(out_dir) in {os.path.realpath(d) for d in inputs}:
+        # The writer replaces the weight files there before the inputs are read.
+        raise UserError(f"the output directory {out_dir} is one of the inputs; write elsewhere")
     _, hf_config, names = hc.check_compatible(inputs)
     readers = [hc.TensorReader(d) for d in models]
     base_reader = hc.TensorReader(base) if base else None
@@ -153,9 +156,6 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
     lm_config = dataclasses.replace(
         lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
     )
-    lm.check_length(lm_config, d.seq_len, "config.dam.seq_len")
-    # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
-    hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), models)
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
     data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
     tokens, mask = [t for t, _ in data], [m for _, m in data]
@@ -164,6 +164,8 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
             f"config.dam.tokenizer gives token ids up to {max(int(t.max()) for t in tokens)} "
             f"but the models' vocab_size is {lm_config.vocab_size}"
         )
+    # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
+    hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), models)
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
     stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
     model = lm.LanguageModel(lm_config)

@@ -87,13 +87,24 @@ class Data:
         return tokens, mask, jnp.asarray([len(t) for t, _ in parts], jnp.int32)
 
 
+def _capped(n: int, cap: int, how: str, seed: list[int]) -> np.ndarray:
+    """Indices of the windows a split keeps under `cap` (0 = all): the first ones, or a seeded
+    sample spread over the whole split (documents are in file order, so the first windows come
+    from the alphabetically first files only), kept in stream order."""
+    if not cap or cap >= n:
+        return np.arange(n)
+    if how == "first":
+        return np.arange(cap)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
+
+
 def load_data(config, workdir: str) -> Data:
     d = config.data
     data_dir = os.path.expanduser(d.tfds_dir) if d.tfds_dir else os.path.join(workdir, "tfds")
     names, splits = [], {s: [] for s in text_tfds.SPLITS}
     caps = {"train": d.max_train_windows, "holdout": d.max_eval_windows,
             "validation": d.max_eval_windows}  # fmt: skip
-    for name, files, sep in domains_lib.parse_domains(d.domains):
+    for i, (name, files, sep) in enumerate(domains_lib.parse_domains(d.domains)):
         cfg = text_tfds.windows_config(
             name, files, sep, "bytes", config.model.seq_len, d.split_seed, d.val_fraction,
             d.holdout_fraction,
@@ -102,8 +113,9 @@ def load_data(config, workdir: str) -> Data:
         for split, (tokens, mask) in windows.items():
             if len(tokens) == 0:
                 raise UserError(f"domain {name!r} has no {split} windows: add text or documents")
-            cap = caps[split] or len(tokens)
-            splits[split].append((tokens[:cap], mask[:cap]))
+            seed = [d.split_seed, i, text_tfds.SPLITS.index(split)]
+            keep = _capped(len(tokens), caps[split], d.capped_windows, seed)
+            splits[split].append((tokens[keep], mask[keep]))
         names.append(name)
         logging.info("[lm_study] domain %s: %s windows", name,
                      {s: len(w[0]) for s, w in windows.items()})  # fmt: skip

@@ -19,7 +19,8 @@ def generate(step_fn, cache, prompt, max_new_tokens: int, rng, temperature=0.0, 
     (the parameters) are arguments of the compiled program, not constants folded into it.
     temperature 0 is greedy (argmax); otherwise token t is drawn from softmax(logits / T) with
     the key `fold_in(rng, t)`. A sequence that emits one of `eos_ids` has ended: its later
-    positions hold `eos_ids[0]`, as transformers pads finished sequences.
+    positions hold `eos_ids[0]` (where transformers writes its pad id; either way the text ends
+    at the first eos).
     """
     prompt_len = prompt.shape[1]
     logits, cache = step_fn(prompt, cache, 0)

@@ -92,16 +92,6 @@ class LMConfig:
         return dataclasses.replace(config, dtype=dtype) if dtype else config
 
 
-def check_length(config: LMConfig, length: int, field: str) -> None:
-    """Refuses windows of `length` tokens past GPT-2's learned positions (`n_positions`): their
-    position embeddings do not exist (RoPE models compute any position)."""
-    if config.family == "gpt2" and length > config.max_len:
-        raise UserError(
-            f"{field}={length}: must be at most the model's n_positions={config.max_len} "
-            "(GPT-2 learns one embedding per position)"
-        )
-
-
 def traced_at(precision: Callable[[nn.Module], str]):
     """Decorates a module method to trace under `jax.default_matmul_precision(precision(self))`,
     so every dot inside it, and its transposes in the backward pass, carry that precision (flax's

@@ -14,18 +14,28 @@ def append(path: str, records: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
+def _lines(path: str) -> tuple[list[str], bool]:
+    """The file's complete lines, and whether a last line was cut short (a kill mid-write, or a
+    live run writing it now): such a line is not a record yet."""
+    with open(path) as f:
+        lines = f.readlines()
+    torn = bool(lines) and not lines[-1].endswith("\n")
+    return (lines[:-1] if torn else lines), torn
+
+
 def read(path: str) -> list[dict]:
+    """The records up to the last complete line."""
     if not os.path.exists(path):
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in _lines(path)[0] if line.strip()]
 
 
 def truncate(path: str, max_step: int) -> list[dict]:
-    """Drops records past `max_step` (written after the checkpoint a resume starts from)."""
+    """Drops records past `max_step` (written after the checkpoint a resume starts from) and a
+    last line cut short, so that the next append starts on a line of its own."""
     records = read(path)
     kept = [r for r in records if r["step"] <= max_step]
-    if len(kept) < len(records) or not os.path.exists(path):
+    if len(kept) < len(records) or not os.path.exists(path) or _lines(path)[1]:
         with open(path, "w") as f:
             for r in kept:
                 f.write(json.dumps(r) + "\n")
