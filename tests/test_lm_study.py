@@ -1,5 +1,6 @@
 """The language-model study end to end on two synthetic "languages", plus its data pieces."""
 
+import json
 import math
 import os
 import re
@@ -114,6 +115,17 @@ def test_rerun_restores_every_stage_and_reproduces_the_table(study, monkeypatch)
     assert ran == []  # every stage came from its checkpoint
     for a, b in zip(out["rows"], again["rows"], strict=True):
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
+    # The control's length was fixed by the first run (Stages.once), not measured again.
+    costs = json.load(open(os.path.join(workdir, "stages", "costs.json")))
+    assert costs["control/steps"] == out["control_steps"] == again["control_steps"]
+
+
+def test_a_number_fixed_once_is_reused_by_every_rerun(tmp_path):
+    calls = []
+    first = lm_study.Stages(str(tmp_path))
+    assert first.once("control/steps", lambda: calls.append(1) or 7) == 7
+    assert lm_study.Stages(str(tmp_path)).once("control/steps", lambda: calls.append(1) or 9) == 7
+    assert calls == [1]
 
 
 def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(

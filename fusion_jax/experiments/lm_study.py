@@ -369,7 +369,9 @@ class Study:
             u, o = self.tx.update(g, s[1], s[0])
             return optax.apply_updates(s[0], u), o
 
-        steps = max(1, round(extra_flops / flops_of(one_step, state)))
+        steps = self.stages.once(
+            "control/steps", lambda: max(1, round(extra_flops / flops_of(one_step, state)))
+        )
         logging.info("[lm_study] control: %d extra base steps for %.3g FLOPs", steps, extra_flops)
         params = self.stages.run(
             "control",

@@ -65,6 +65,14 @@ class Stages:
         logging.info("[stages] %s: restored", key)
         return _uncommitted(tree)
 
+    def once(self, key: str, compute) -> float:
+        """`compute()` on the first run, kept in costs.json for every rerun: a number that must
+        not change when the run resumes elsewhere (XLA's FLOP counts differ between backends)."""
+        if key not in self.costs:
+            self.costs[key] = compute()
+            self._write_costs()
+        return self.costs[key]
+
     def _write_costs(self) -> None:
         with open(self.cost_path + ".tmp", "w") as f:
             json.dump(self.costs, f, indent=2)
