@@ -383,7 +383,8 @@ class Study:
     # -- evaluation ----------------------------------------------------------------------------
 
     def score(self, logits_fn, params, split="validation", per_domain_params=False):
-        """Bits per byte `[R, D]` of `logits_fn(params_r, tokens) -> logits` on each domain.
+        """Bits per byte `[R, D]` of `logits_fn(params_r, tokens) -> logits` on each domain, R
+        being the params' leading axis (the seeds, or 1 for one candidate of the grid).
 
         With `per_domain_params`, params carry a domain axis after the seed axis (oracle).
         """
@@ -391,8 +392,9 @@ class Study:
             self._scorers[logits_fn] = jax.jit(lambda p, t, m: bpb_sums(logits_fn(p, t), t, m))
         fn = self._scorers[logits_fn]
         size = self.config.eval.batch_size
-        out = np.zeros((len(self.seeds), len(self.names)))
-        for r in range(len(self.seeds)):
+        runs = jax.tree.leaves(params)[0].shape[0]
+        out = np.zeros((runs, len(self.names)))
+        for r in range(runs):
             p_r = take(params, r)
             for d, (tokens, mask) in enumerate(self.data.splits[split]):
                 p = take(p_r, d) if per_domain_params else p_r
