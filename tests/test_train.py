@@ -173,6 +173,7 @@ def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_resu
 def _lm_fuse_config():
     config = lm_fuse_config.get_config()
     config.models = f"{LLAMA},{LLAMA}"
+    config.data.sources = f"{LLAMA}/config.json,{LLAMA}/generation_config.json"
     return config
 
 
