@@ -530,8 +530,13 @@ def _within_positions(seq_len_field: str):
 
 def _two_documents(config, devices) -> Problem:
     # Without a record separator each file is one document; the training and the validation
-    # split need one each. (With one, the records are counted when the text is read.)
-    if not config.data.record_separator and len(text.expand_sources(config.data.sources)) < 2:
+    # split need one each. (With one, the records are counted when the text is read.) Only
+    # before training (`devices` given): generating from a workdir needs no text.
+    if (
+        devices is not None
+        and not config.data.record_separator
+        and len(text.expand_sources(config.data.sources)) < 2
+    ):
         return "data.sources", (
             "2 or more files (one document each: a training and a validation split need one "
             "each), or files split into records by config.data.record_separator"
@@ -540,8 +545,9 @@ def _two_documents(config, devices) -> Problem:
 
 
 def _lm_study_domains(config, devices) -> Problem:
-    # Resolved before the workdir is bound, so a typo or a missing package fails at once.
-    if len(domains.parse_domains(config.data.domains)) < 2:
+    # Resolved before the workdir is bound (`devices` given: about to train), so a typo or a
+    # missing package fails at once.
+    if devices is not None and len(domains.parse_domains(config.data.domains)) < 2:
         return "data.domains", "2 or more distinct domains (one expert is trained per domain)"
     return None
 

@@ -265,6 +265,7 @@ def test_generate_mode_reads_the_model_from_the_workdir(tmp_path, capsys):
     experts = _experts(tmp_path)
     workdir = str(tmp_path / "w")
     modes.train(_config(tmp_path, experts, 2), workdir)
+    shutil.rmtree(tmp_path / "docs")  # the training text is not needed to generate
     # Only the generate section is given: models, data and gate come from config.json.
     config = lm_fuse_config.get_config()
     config.generate.prompt = "the"
