@@ -155,6 +155,24 @@ def test_config_spellings_of_transformers_4_and_5_agree():
     assert lm.LMConfig.from_hf(v5).rope_theta == 500000.0
 
 
+def test_sliding_window_keys_left_out_take_transformers_defaults():
+    # MistralConfig and Qwen2Config default to sliding_window=4096 and max_window_layers=28.
+    hf = {
+        "model_type": "mistral",
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 2,
+        "intermediate_size": 8,
+    }
+    assert lm.LMConfig.from_hf(hf).sliding_windows == (4096,) * 30
+    assert lm.LMConfig.from_hf({**hf, "sliding_window": None}).sliding_windows == (None,) * 30
+    qwen2 = {**hf, "model_type": "qwen2"}
+    assert lm.LMConfig.from_hf(qwen2).sliding_windows == (None,) * 30
+    windows = lm.LMConfig.from_hf({**qwen2, "use_sliding_window": True}).sliding_windows
+    assert windows == (None,) * 28 + (4096,) * 2
+
+
 def test_llama3_rope_frequencies_match_transformers():
     # Written once by transformers' ROPE_INIT_FUNCTIONS["llama3"] for this config.
     expected = [1.0, 0.44036662578582764, 0.07940301299095154, 0.010674637742340565,

@@ -142,13 +142,14 @@ def _llama_family(hf: dict) -> LMConfig:
     model_type = hf["model_type"]
     num_layers = hf["num_hidden_layers"]
     num_heads = hf["num_attention_heads"]
-    window = hf.get("sliding_window")
+    # A key missing from config.json takes transformers' default (MistralConfig, Qwen2Config).
+    window = hf.get("sliding_window", 4096 if model_type in ("mistral", "qwen2") else None)
     if "layer_types" in hf and hf["layer_types"] is not None:
         windows = tuple(window if t == "sliding_attention" else None for t in hf["layer_types"])
     elif model_type == "mistral":
         windows = (window,) * num_layers
     elif model_type == "qwen2" and hf.get("use_sliding_window"):
-        first = hf.get("max_window_layers", num_layers)
+        first = hf.get("max_window_layers", 28)
         windows = tuple(window if i >= first else None for i in range(num_layers))
     else:
         windows = (None,) * num_layers
