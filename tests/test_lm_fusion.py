@@ -162,6 +162,14 @@ def test_fusion_trains_resumes_exactly_and_generates(tmp_path):
         a["experts"]["layers_0"]["mlp"]["up_proj"]["kernel"],
         np.stack([p["layers_0"]["mlp"]["up_proj"]["kernel"] for p in stacked]),
     )
+    config = _config(tmp_path, experts, 8)
+    config.generate.prompt = "x" * 60
+    config.generate.max_new_tokens = 10
+    with pytest.raises(ValueError) as e:
+        lm_fuse.generate(config, str(straight))
+    assert str(e.value) == (
+        "prompt (60 tokens) + config.generate.max_new_tokens (10) exceeds the experts' 64 positions"
+    )
     # Generation through the CLI: the prompt followed by 6 new bytes.
     cmd = [
         sys.executable,
@@ -239,14 +247,13 @@ def test_fusion_errors(tmp_path):
         f"config.data.sources='{one}' holds 1 record(s) split by "
         "config.data.record_separator='%': a training and a validation split need 2 or more"
     )
-    config = _config(tmp_path, experts, 2)
-    config.generate.prompt = "x" * 60
-    config.generate.max_new_tokens = 10
+    # Generation needs a trained workdir, and leaves an untrained one as it was.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
     with pytest.raises(ValueError) as e:
-        lm_fuse.generate(config, str(tmp_path / "fresh"))
-    assert str(e.value) == (
-        "prompt (60 tokens) + config.generate.max_new_tokens (10) exceeds the experts' 64 positions"
-    )
+        lm_fuse.generate(_config(tmp_path, experts, 2), str(fresh))
+    assert str(e.value) == f"{fresh} holds no trained fusion model: train it first (--mode=train)"
+    assert not os.listdir(fresh)
 
 
 def test_gate_weights_are_per_token_distributions():

@@ -274,6 +274,9 @@ def generate(config, workdir: str) -> str:
     g = config.generate
     if g.max_new_tokens < 1 or g.temperature < 0:
         raise UserError("config.generate.max_new_tokens must be >= 1 and temperature >= 0")
+    # Setup records the experts on first use; a workdir that never trained must stay untouched.
+    if not os.path.exists(os.path.join(workdir, "experts.json")):
+        raise UserError(f"{workdir} holds no trained fusion model: train it first (--mode=train)")
     setup = Setup(config, workdir, load_data=False)
     prompt = setup.tokenizer.encode_prompt(g.prompt)
     if not setup.tokenizer.encode(g.prompt):  # a prompt of special tokens only
