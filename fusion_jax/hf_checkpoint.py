@@ -233,10 +233,14 @@ def sha256_files(directory: str) -> dict[str, str]:
     return out
 
 
-def check_inputs(record: str, directories: list[str]) -> None:
-    """Records the sha256 of every file of `directories` in `record` (a JSON file) on first use;
-    later, refuses checkpoints that changed since (a resumed run would mix old and new)."""
-    now = [{"path": os.path.abspath(d), "sha256": sha256_files(d)} for d in directories]
+def input_records(directories: list[str]) -> list[dict]:
+    """`{"path", "sha256"}` of each checkpoint directory: how a workdir records its inputs."""
+    return [{"path": os.path.abspath(d), "sha256": sha256_files(d)} for d in directories]
+
+
+def check_inputs(record: str, now: list[dict]) -> None:
+    """Writes the `input_records` `now` to `record` (a JSON file) on first use; later, refuses
+    checkpoints that changed since (a resumed run would mix old and new)."""
     if not os.path.exists(record):
         os.makedirs(os.path.dirname(record), exist_ok=True)
         with open(record, "w") as f:

@@ -322,9 +322,13 @@ def test_dam_training_lowers_kl_resumes_exactly_and_trains_linear_only(tmp_path,
             assert not np.allclose(x, frozen_mean, rtol=1e-6, atol=1e-6), key
 
 
-def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path):
+def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path, monkeypatch):
     experts = _two_experts(tmp_path)
+    hashed, sha256_files = [], hc.sha256_files
+    monkeypatch.setattr(hc, "sha256_files", lambda d: hashed.append(d) or sha256_files(d))
     lm_merge.run(_dam_config(tmp_path, experts, 1), str(tmp_path / "w"))
+    assert hashed == experts  # each input read once for inputs.json and merge_info.json
+    monkeypatch.undo()
     _, params = hc.load(experts[1])
     hc.save(jax.tree.map(lambda x: x + 1, params), hc.read_config(experts[1]), experts[1])
     with pytest.raises(ValueError) as e:

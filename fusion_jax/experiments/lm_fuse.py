@@ -49,7 +49,7 @@ class Setup:
         lm_config = dataclasses.replace(
             lm_config, dtype=config.compute_dtype, matmul_precision=config.matmul_precision
         )
-        hc.check_inputs(os.path.join(workdir, "experts.json"), models)
+        hc.check_inputs(os.path.join(workdir, "experts.json"), hc.input_records(models))
         expert_params = [hc.load(m, "float32")[1] for m in models]
         f = config.fusion
         self.fusion_config = lm_fusion.fusion_config(

@@ -63,10 +63,6 @@ def _is_float(dtype) -> bool:
     return jnp.issubdtype(dtype, jnp.floating)
 
 
-def _input_record(directory: str) -> dict:
-    return {"path": os.path.abspath(directory), "sha256": hc.sha256_files(directory)}
-
-
 def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
     # The old merge_info.json goes first: a stop in between leaves no info rather than another
     # merge's beside this checkpoint.
@@ -147,8 +143,9 @@ def _dam_batches(tokens, mask, batch_size, step, seed):
     return np.stack(out_tokens), np.stack(out_mask)
 
 
-def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
-    """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model."""
+def dam_merge(config, workdir: str, models: list[str], inputs: list[dict], out_dir: str) -> dict:
+    """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model.
+    `inputs`: the models' `hc.input_records`."""
     d = config.dam
     groups = split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
@@ -165,7 +162,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> dict:
             f"but the models' vocab_size is {lm_config.vocab_size}"
         )
     # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
-    hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), models)
+    hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), inputs)
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
     stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
     model = lm.LanguageModel(lm_config)
@@ -269,9 +266,10 @@ def run(config, workdir: str) -> dict:
         shutil.rmtree(tmp_dir)  # left by an interrupted merge; nothing in it is trusted
     t0 = time.time()
     info = {"method": config.method}
+    inputs = hc.input_records(models)  # read once: gigabytes each for real checkpoints
     if config.method == "dam":
         info["hparams"] = config.dam.to_dict()
-        info["dam"] = dam_merge(config, workdir, models, tmp_dir)
+        info["dam"] = dam_merge(config, workdir, models, inputs, tmp_dir)
     else:
         hparams = method_hparams(config)
         info["hparams"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
@@ -282,8 +280,8 @@ def run(config, workdir: str) -> dict:
     info.update(
         seed=config.seed,
         dtype=config.dtype or "as stored",
-        base=_input_record(base) if base else None,
-        models=[_input_record(m) for m in models],
+        base=hc.input_records([base])[0] if base else None,
+        models=inputs,
         output=os.path.abspath(out_dir),
         seconds=round(time.time() - t0, 3),
     )
