@@ -12,6 +12,7 @@ import signal
 import sys
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
@@ -57,6 +58,16 @@ def check_devices(config) -> None:
 def is_primary() -> bool:
     """Whether this process writes the run's files (process 0)."""
     return jax.process_index() == 0
+
+
+def from_process_0(*values: int) -> tuple[int, ...]:
+    """Process 0's integers in every process. Choices made from a process's own clock (the
+    chunk length, whether a time-based save is due) must agree: every chunk is one collective
+    program and every save is collective, so a process that chose otherwise would wait forever."""
+    if jax.process_count() == 1:
+        return values
+    agreed = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64))
+    return tuple(int(v) for v in agreed)
 
 
 def wait_for_all(name: str) -> None:

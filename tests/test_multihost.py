@@ -2,6 +2,7 @@
 train to the same parameters and logs as one process with 4 devices."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -30,6 +31,21 @@ def _restore(config, workdir):
         mngr.close()
 
 
+# main.py, except that process 1's own clock would choose otherwise than process 0's: chunks of
+# one evaluation interval, and a time-based save after every chunk. Every chunk and save is
+# collective, so a process that followed its own choice would wait forever for the other.
+DIVERGENT_CLOCKS = """
+import itertools, runpy, sys, time, types
+from fusion_jax.train import loop
+if sys.argv[1] == "1":
+    loop.piece_steps = lambda *args: 5
+    clock = itertools.count(0.0, 1e6)  # 1e6 s pass between readings: a save is always due
+    loop.time = types.SimpleNamespace(perf_counter=time.perf_counter, monotonic=clock.__next__)
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     config = baseline.get_config("tiny")
     config.train.num_devices = 4
@@ -45,6 +61,9 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
         subprocess.Popen(
             [
                 sys.executable,
+                "-c",
+                DIVERGENT_CLOCKS,
+                str(i),
                 os.path.join(ROOT, "main.py"),
                 "--config=configs/baseline.py:tiny",
                 f"--workdir={two}",
@@ -65,6 +84,8 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
         assert p.returncode == 0, out[-3000:]
     assert "4 in all over 2 process(es)" in outputs[1]
 
+    # Process 1 ran process 0's chunks (log_every: a progress line at steps 10 and 20 only).
+    assert re.findall(r"\[x_plus_y\] step (\d+)/20", outputs[1]) == ["10", "20"], outputs[1][-3000:]
     # Process 0 alone wrote the log and the results; both saved the checkpoint together.
     ours = logs.to_arrays(logs.read(os.path.join(two, "x_plus_y", "metrics.jsonl")))
     theirs = logs.to_arrays(records)

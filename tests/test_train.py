@@ -148,12 +148,21 @@ def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_resu
         if step == 30:
             raise RuntimeError("killed")  # no handler saves anything, as with kill -9
 
+    saved, save = [], checkpoint.save
+
+    def recording_save(mngr, step, state):
+        save(mngr, step, state)
+        saved.append(step)
+
     monkeypatch.setattr(loop, "_progress", killed_at_30)
+    monkeypatch.setattr(checkpoint, "save", recording_save)
     workdir = str(tmp_path / "killed")
     with pytest.raises(RuntimeError, match="killed"):
         loop.train(config, workdir)
     monkeypatch.undo()
-    # Chunks 0-10 and 10-20 (log_every), then 20-25, 25-30: the time-based save of step 25.
+    # The first chunk (log_every) is timed without its compile, so the chunks shrink right after
+    # it: 0-10, then 10-15, ..., 25-30, with a time-based save after every chunk before the kill.
+    assert saved == [10, 15, 20, 25]
     assert restore_params(workdir, config).step.tolist() == [25, 25]
     loop.train(config, workdir)
 

@@ -130,14 +130,15 @@ def _records(metrics: dict, first_step: int, eval_every: int, seeds: list[int]) 
     return out
 
 
-def _progress(task, step, num_steps, metrics, rate, compiled):
+def _progress(task, step, num_steps, metrics, rate, compile_secs):
     eta = (num_steps - step) / rate if rate > 0 else float("nan")
     mean = {k: float(np.mean(metrics[k][:, -1])) for k in logs.METRICS}
+    compiled = "" if compile_secs is None else f" (compiled in {compile_secs:.0f} s)"
     logging.info(
     "[%s] step %d/%d  train_loss %.4f  train_acc %.4f  val_loss %.4f  val_acc %.4f  "
-    "(mean of %d runs)  %.1f steps/s%s  ETA %ds",
+    "(mean of %d runs)  %.1f steps/s  ETA %ds%s",
     task, step, num_steps, mean["train_loss"], mean["train_acc"], mean["val_loss"],
-    mean["val_acc"], metrics["val_acc"].shape[0], rate, " incl. compile" if compiled else "", eta,
+    mean["val_acc"], metrics["val_acc"].shape[0], rate, eta, compiled,
   )  # fmt: skip
 
 
@@ -188,8 +189,12 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
                 chunk_fns[intervals] = steps.make_chunk_fn(setup.apply_fn, setup.tx, cfg, intervals)
             tic = time.perf_counter()
             state, metrics = chunk_fns[intervals](state, data, run_keys)
+            # Dispatch is asynchronous: the call returns once the program is compiled and
+            # queued, so the speed is timed from there and a new chunk length is chosen after
+            # the first chunk, compile or not (a stop waits for the chunk under way).
+            started = time.perf_counter()
             metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-            rate = n / (time.perf_counter() - tic)
+            rate = n / max(time.perf_counter() - started, 1e-9)
             _check_finite(setup.task.name, step + n, metrics)
             new = _records(metrics, step, t.eval_every, setup.seeds)
             if log_path:
@@ -199,10 +204,12 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             # On the host: Orbax saves host arrays collectively from several processes, not the
             # per-process device arrays pmap returns.
             done_state = jax.device_get(jax.tree.map(lambda x: x[0], state))
-            _progress(setup.task.name, step, config.num_steps, metrics, rate, compiled)
-            if not compiled:
-                piece = piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every)
-            due = 0 < t.checkpoint_every_secs <= time.monotonic() - last_save
+            compile_secs = started - tic if compiled else None
+            _progress(setup.task.name, step, config.num_steps, metrics, rate, compile_secs)
+            piece, due = runtime.from_process_0(
+                piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every),
+                0 < t.checkpoint_every_secs <= time.monotonic() - last_save,
+            )
             if step % t.checkpoint_every == 0 or step == config.num_steps or due:
                 checkpoint.save(mngr, step, done_state)
                 saved_step, last_save = step, time.monotonic()
