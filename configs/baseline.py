@@ -101,6 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     return apply_variant(config, arg)
 
 
+# The CPU sizes `apply_variant` knows.
+SIZES = ("quick", "tiny")
+
+
 def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
     """Small variants for CPUs and tests, shared by every experiment config."""
     if arg in (None, ""):
@@ -129,5 +133,5 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None):
         config.eval.batch_size = 32
         config.eval.num_batches = 2
     else:
-        raise ValueError(f"Unknown config variant {arg!r}; known: quick, tiny.")
+        raise ValueError(f"Unknown config variant {arg!r}; known: {', '.join(SIZES)}.")
     return config

@@ -27,6 +27,10 @@ VARIANTS = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     names = [a for a in (arg or "").split(",") if a]
+    unknown = [n for n in names if n not in VARIANTS and n not in baseline.SIZES]
+    if unknown:
+        known = ", ".join(sorted(k for k in VARIANTS if k) + list(baseline.SIZES))
+        raise ValueError(f"Unknown config variant {unknown[0]!r}; known: {known}.")
     model_variants = [n for n in names if n in VARIANTS]
     if len(model_variants) > 1:
         raise ValueError(f"Pick one of {sorted(k for k in VARIANTS if k)}, got {model_variants}.")

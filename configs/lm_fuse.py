@@ -15,7 +15,10 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise ValueError(
+            f"configs/lm_fuse.py has no variants, got {arg!r}; set fields with --config.<field>"
+        )
     config = ml_collections.ConfigDict()
     config.experiment = "lm_fuse"
     # Expert checkpoint directories, comma-separated (at least 2).

@@ -16,7 +16,10 @@ import ml_collections
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    del arg
+    if arg:
+        raise ValueError(
+            f"configs/lm_merge.py has no variants, got {arg!r}; set fields with --config.<field>"
+        )
     config = ml_collections.ConfigDict()
     config.experiment = "lm_merge"
     # Base checkpoint directory (task_arithmetic, ties and dare merge task vectors against it).

@@ -101,6 +101,25 @@ def test_config_files_are_all_listed():
     )
 
 
+@pytest.mark.parametrize(
+    "name, arg, message",
+    [
+        ("dyn_fusion", "layer4", "Unknown config variant 'layer4'; known: heads6, layers4, "
+         "layers5, quick, tiny."),
+        ("baseline", "layers4", "Unknown config variant 'layers4'; known: quick, tiny."),
+        ("lm_merge", "quick", "configs/lm_merge.py has no variants, got 'quick'; set fields with "
+         "--config.<field>"),
+        ("lm_fuse", "tiny", "configs/lm_fuse.py has no variants, got 'tiny'; set fields with "
+         "--config.<field>"),
+    ],
+)  # fmt: skip
+def test_a_misspelt_variant_names_the_known_ones(name, arg, message):
+    module = importlib.import_module(f"configs.{name}")
+    with pytest.raises(ValueError) as e:
+        module.get_config(arg)
+    assert str(e.value) == message
+
+
 def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
     seen = {kind: set() for kind in config_rules.RULES}
     for label, config in all_configs():
