@@ -3,7 +3,7 @@
 python main.py --config=configs/dyn_fusion.py --workdir=runs/dyn_fusion
 python main.py --config=configs/baseline.py:quick --workdir=runs/quick --config.num_steps=300
 python main.py --workdir=runs/baseline --mode=eval --step=7500
-python main.py --mode=compare --workdir=runs/compare --workdirs=runs/baseline,runs/dyn_fusion
+python main.py --mode=compare --workdir=runs/cmp --workdirs=runs/baseline,runs/dyn_fusion
 
 Plain user errors (a bad flag or config value, a missing workdir, ...) print one line starting
 with `error:` and exit with status 1; other exceptions are bugs and keep their traceback. Ctrl-C
@@ -24,7 +24,7 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
 flags.DEFINE_enum("mode", "train", sorted(modes.MODES), "What to do with the config.")
-flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval (default: the latest).")
+flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval|analyze (default: the latest).")
 flags.DEFINE_string("workdirs", "", "--mode=compare|results: finished workdirs, comma-separated.")
 flags.mark_flags_as_required(["workdir"])
 
