@@ -189,6 +189,30 @@ def test_hf_tokenizer_eos_from_config_dict(tmp_path):
     assert tok.decode([3, 2, 4]) == "hello world"
 
 
+@pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>"])
+def test_hf_documents_are_packed_as_the_tokenizer_gives_them(tmp_path, template):
+    # A Llama-style post-processor puts <s> before each document; `pack` closes each with </s>
+    # unless the post-processor already did (add_eos_token), never twice.
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[("<s>", 1), ("</s>", 2)]
+    )
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    _write(tmp_path / "docs", "hello world\n%\nworld\n%\n")
+    tokenizer = text.HFTokenizer(str(tmp_path / "tok"))
+    tokens, mask = text.load_text(str(tmp_path / "docs"), tokenizer, 3, record_separator="%")
+    # Stream <s> hello world </s> <s> world </s>: 6 targets, two windows of 3.
+    np.testing.assert_array_equal(tokens, [[1, 3, 4, 2], [2, 1, 4, 2]])
+    np.testing.assert_array_equal(mask, np.ones((2, 3)))
+
+
 def test_hf_tokenizer_eos_from_config_string_and_argument(tmp_path):
     d = _save_word_tokenizer(tmp_path / "tok")
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))

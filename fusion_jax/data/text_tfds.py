@@ -112,7 +112,7 @@ class TextWindows(tfds.core.GeneratorBasedBuilder):
         tokenizer = text.load_tokenizer(c.tokenizer)
         eos = getattr(tokenizer, "eos_id", None)
         tokens, mask = text.pack(
-            [tokenizer.encode(d) for d in docs], c.seq_len, eos, tokenizer.pad_id
+            [tokenizer.encode_document(d) for d in docs], c.seq_len, eos, tokenizer.pad_id
         )
         for i in range(len(tokens)):
             yield i, {"index": i, "tokens": tokens[i], "mask": mask[i]}

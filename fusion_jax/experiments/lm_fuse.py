@@ -84,7 +84,7 @@ class Setup:
         pad = self.tokenizer.pad_id
 
         def pack(ds):
-            return text.pack([self.tokenizer.encode(x) for x in ds], d.seq_len, eos, pad)
+            return text.pack([self.tokenizer.encode_document(x) for x in ds], d.seq_len, eos, pad)
 
         self.train, self.val = pack(train_docs), pack(val_docs)
         vocab = self.fusion_config.expert.vocab_size
