@@ -37,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.record_separator = ""
     # "model" (the first expert's tokenizer.json), "bytes", or a tokenizer.json path.
     config.data.tokenizer = "model"
+    # Each document with the special tokens transformers' tokenizer adds (Llama's begin-of-
+    # sequence token), as the experts saw text in training; False: the text's own tokens only.
+    config.data.special_tokens = True
     # Tokens per training window.
     config.data.seq_len = 256
     # Fraction of documents held out for validation (split fixed by config.seed).

@@ -52,6 +52,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dam.data = ""
     # "bytes" (UTF-8 bytes as tokens), "model" (the first model's tokenizer.json) or a path.
     config.dam.tokenizer = "model"
+    # Each document with the special tokens transformers' tokenizer adds (Llama's begin-of-
+    # sequence token), as the models saw text in training; False: the text's own tokens only.
+    config.dam.special_tokens = True
     # Tokens per training window.
     config.dam.seq_len = 256
     # Windows per model per step.

@@ -270,6 +270,7 @@ LM_MERGE = {
     "max_shard_size": Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
     "dam.data": TEXT,
     "dam.tokenizer": TOKENIZER,
+    "dam.special_tokens": FLAG,
     "dam.seq_len": integer(1),
     "dam.batch_size": integer(1),
     "dam.num_steps": integer(0),
@@ -300,6 +301,7 @@ LM_FUSE = {
     "data.sources": TEXT,
     "data.record_separator": TEXT,
     "data.tokenizer": TOKENIZER,
+    "data.special_tokens": FLAG,
     "data.seq_len": integer(1),
     "data.val_fraction": FRACTION,
     "fusion.gate_dim": integer(1),
@@ -665,8 +667,12 @@ _GROKKING_ADDED = {
 ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
-    "lm_merge": {"dam.matmul_precision": "default"},
-    "lm_fuse": {"train.require_accelerator": False, "matmul_precision": "default"},
+    "lm_merge": {"dam.matmul_precision": "default", "dam.special_tokens": False},
+    "lm_fuse": {
+        "train.require_accelerator": False,
+        "matmul_precision": "default",
+        "data.special_tokens": False,
+    },
     "lm_study": {
         "train.require_accelerator": False,
         "train.checkpoint_every_secs": 0.0,

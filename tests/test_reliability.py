@@ -405,7 +405,7 @@ def test_the_fields_each_lm_merge_method_never_reads():
     for method, unused in expected.items():
         config.method = method
         assert config_rules.unused_fields(config) == unused, method
-    assert len(dam_fields) == 17 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
+    assert len(dam_fields) == 18 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
 
 
 def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_path):
@@ -419,15 +419,33 @@ def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_
     assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
 
 
+@pytest.mark.parametrize("name, field", [("lm_fuse", "data"), ("lm_merge", "dam")])
+def test_an_lm_workdir_from_before_special_tokens_keeps_the_plain_text_tokens(
+    tmp_path, name, field
+):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    if name == "lm_merge":
+        config.method = "dam"  # the one method that reads dam.*
+    stored = json.loads(config.to_json())
+    del stored[field]["special_tokens"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    message = rf"results: {field}.special_tokens: False → True\. "
+    with pytest.raises(UserError, match=message):
+        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+    config[field].special_tokens = False
+    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+
+
 def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
     # A TIES workdir written before dam.matmul_precision existed, rerun with other unused values.
     config = importlib.import_module("configs.lm_merge").get_config()
     stored = json.loads(config.to_json())
-    del stored["dam"]["matmul_precision"]
+    del stored["dam"]["matmul_precision"], stored["dam"]["special_tokens"]
     (tmp_path / "config.json").write_text(json.dumps(stored))
     config.t, config.dam.seq_len = 0.25, 64
     assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == [
         "t: 0.5 → 0.25",
+        "dam.special_tokens: False → True",
         "dam.seq_len: 256 → 64",
         "dam.matmul_precision: 'default' → 'highest'",
     ]

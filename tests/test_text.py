@@ -211,6 +211,12 @@ def test_hf_documents_are_packed_as_the_tokenizer_gives_them(tmp_path, template)
     # Stream <s> hello world </s> <s> world </s>: 6 targets, two windows of 3.
     np.testing.assert_array_equal(tokens, [[1, 3, 4, 2], [2, 1, 4, 2]])
     np.testing.assert_array_equal(mask, np.ones((2, 3)))
+    # special_tokens=False (workdirs from before): hello world </s> world </s>, padded with </s>.
+    tokens, mask = text.load_text(
+        str(tmp_path / "docs"), tokenizer, 3, record_separator="%", special_tokens=False
+    )
+    np.testing.assert_array_equal(tokens, [[3, 4, 2, 4], [4, 2, 2, 2]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
 
 
 def test_hf_tokenizer_eos_from_config_string_and_argument(tmp_path):

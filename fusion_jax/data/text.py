@@ -283,14 +283,17 @@ def load_text(
     tokenizer: ByteTokenizer | HFTokenizer,
     seq_len: int,
     record_separator: str | None = None,
+    special_tokens: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Files -> documents -> token ids -> `pack`.
+    """Files -> documents -> token ids (`encode_document`, or `encode` without special tokens)
+    -> `pack`.
 
     Returns:
       tokens: int32 [N, seq_len + 1] and mask: float32 [N, seq_len], as `pack` describes.
     """
     docs = read_documents(expand_sources(sources), record_separator)
-    token_docs = [tokenizer.encode_document(d) for d in docs]
+    encode = tokenizer.encode_document if special_tokens else tokenizer.encode
+    token_docs = [encode(d) for d in docs]
     return pack(token_docs, seq_len, tokenizer.eos_id, tokenizer.pad_id)
 
 

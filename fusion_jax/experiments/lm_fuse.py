@@ -83,8 +83,10 @@ class Setup:
         eos = getattr(self.tokenizer, "eos_id", None)
         pad = self.tokenizer.pad_id
 
+        encode = self.tokenizer.encode_document if d.special_tokens else self.tokenizer.encode
+
         def pack(ds):
-            return text.pack([self.tokenizer.encode_document(x) for x in ds], d.seq_len, eos, pad)
+            return text.pack([encode(x) for x in ds], d.seq_len, eos, pad)
 
         self.train, self.val = pack(train_docs), pack(val_docs)
         vocab = self.fusion_config.expert.vocab_size

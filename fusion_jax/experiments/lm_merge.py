@@ -154,7 +154,9 @@ def dam_merge(config, workdir: str, models: list[str], inputs: list[dict], out_d
         lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
     )
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
-    data = [text.load_text(s, tokenizer, d.seq_len) for s in sources]
+    data = [
+        text.load_text(s, tokenizer, d.seq_len, special_tokens=d.special_tokens) for s in sources
+    ]
     tokens, mask = [t for t, _ in data], [m for _, m in data]
     if max(int(t.max()) for t in tokens) >= lm_config.vocab_size:
         raise UserError(
