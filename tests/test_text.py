@@ -191,8 +191,8 @@ def test_hf_tokenizer_eos_from_config_dict(tmp_path):
 
 @pytest.mark.parametrize("template", ["<s> $A", "<s> $A </s>"])
 def test_hf_documents_are_packed_as_the_tokenizer_gives_them(tmp_path, template):
-    # A Llama-style post-processor puts <s> before each document; `pack` closes each with </s>
-    # unless the post-processor already did (add_eos_token), never twice.
+    # A Llama-style post-processor puts <s> before each document; each is closed by one </s>,
+    # also when the post-processor appends one (add_eos_token).
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}

@@ -225,13 +225,20 @@ class HFTokenizer:
         """The text's own tokens, without special tokens."""
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
-    def encode_document(self, text: str) -> list[int]:
-        """A document or prompt as transformers' tokenizer gives it: with the special tokens its
-        post-processor adds (Llama's begin-of-sequence token; none for GPT-2 or Qwen2), so that
-        pretrained experts see text as they were trained on it."""
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as transformers' tokenizer gives it: with the special tokens its
+        post-processor adds (Llama's begin-of-sequence token; none for GPT-2 or Qwen2)."""
         return self._tokenizer.encode(text).ids
 
-    encode_prompt = encode_document
+    def encode_document(self, text: str) -> list[int]:
+        """A training document as `encode_prompt` gives it, so that pretrained experts see text
+        as they were trained on it, less an end-of-sequence token the post-processor appends
+        (`add_eos_token`): `pack` closes every document with exactly one."""
+        encoding = self._tokenizer.encode(text)
+        ids = encoding.ids
+        if ids and ids[-1] == self.eos_id and encoding.special_tokens_mask[-1]:
+            ids = ids[:-1]
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Drops special tokens, as `ByteTokenizer.decode` does."""
@@ -250,10 +257,9 @@ def pack(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Packs documents into overlapping windows for next-token prediction.
 
-    The documents, each closed by `eos_id` (unless None, or the document ends with it already, as
-    a tokenizer that appends it gives it), form one stream that is cut into windows of
-    seq_len + 1 tokens at stride seq_len: consecutive windows share one token, so each token
-    after the first is a target exactly once. The last window is padded with `pad_id`.
+    The documents, each followed by `eos_id` (unless None), form one stream that is cut into
+    windows of seq_len + 1 tokens at stride seq_len: consecutive windows share one token, so each
+    token after the first is a target exactly once. The last window is padded with `pad_id`.
 
     Returns:
       tokens: int32 [N, seq_len + 1]; inputs are tokens[:, :-1], targets tokens[:, 1:].
@@ -261,13 +267,17 @@ def pack(
     """
     if seq_len < 1:
         raise UserError(f"seq_len must be >= 1, got {seq_len!r}")
-    token_docs = [d if eos_id is None or d[-1:] == [eos_id] else [*d, eos_id] for d in token_docs]
-    length = sum(len(d) for d in token_docs)
+    suffix = [] if eos_id is None else [eos_id]
+    length = sum(len(d) + len(suffix) for d in token_docs)
     if length < 2:
         raise UserError(
             f"no text to pack: the token stream has {length} token(s), at least 2 are needed"
         )
-    stream = np.fromiter(itertools.chain.from_iterable(token_docs), dtype=np.int32, count=length)
+    stream = np.fromiter(
+        itertools.chain.from_iterable(itertools.chain(d, suffix) for d in token_docs),
+        dtype=np.int32,
+        count=length,
+    )
     num_windows = -(-(length - 1) // seq_len)  # ceil: every one of the length - 1 targets
     padded = np.full(num_windows * seq_len + 1, pad_id, dtype=np.int32)
     padded[:length] = stream
