@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -177,6 +178,29 @@ def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_resu
         np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
     # A validation pass compiled into a shorter chunk may round its sum in another order.
     np.testing.assert_allclose(ours["val_loss"], theirs["val_loss"], rtol=1e-6)
+
+
+def test_a_chunk_is_timed_without_its_compile(tmp_path, monkeypatch):
+    # A 2 s "compile" inside the first call of every chunk program: the speed that chooses the
+    # next chunk length leaves it out (10 tiny updates take well under 0.5 s, so > 20 steps/s;
+    # timed with it, at most 10 / 2 = 5 steps/s).
+    make_chunk_fn, rates = steps.make_chunk_fn, []
+
+    def slow_to_compile(*args):
+        chunk_fn, calls = make_chunk_fn(*args), []
+
+        def call(*inputs):
+            if not calls:
+                time.sleep(2)
+            calls.append(1)
+            return chunk_fn(*inputs)
+
+        return call
+
+    monkeypatch.setattr(steps, "make_chunk_fn", slow_to_compile)
+    monkeypatch.setattr(loop, "piece_steps", lambda rate, *args: rates.append(rate) or args[-1])
+    loop.train(tiny(), str(tmp_path))
+    assert len(rates) == 2 and rates[0] > 20, rates
 
 
 def _lm_fuse_config():

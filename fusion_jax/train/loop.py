@@ -190,11 +190,11 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             tic = time.perf_counter()
             state, metrics = chunk_fns[intervals](state, data, run_keys)
             # Dispatch is asynchronous: the call returns once the program is compiled and
-            # queued, so the speed is timed from there and a new chunk length is chosen after
-            # the first chunk, compile or not (a stop waits for the chunk under way).
+            # queued, so a chunk that compiled is timed from there, and a new chunk length is
+            # chosen after every chunk (a stop waits for the chunk under way).
             started = time.perf_counter()
             metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-            rate = n / max(time.perf_counter() - started, 1e-9)
+            rate = n / max(time.perf_counter() - (started if compiled else tic), 1e-9)
             _check_finite(setup.task.name, step + n, metrics)
             new = _records(metrics, step, t.eval_every, setup.seeds)
             if log_path:
