@@ -143,9 +143,9 @@ def _dam_batches(tokens, mask, batch_size, step, seed):
     return np.stack(out_tokens), np.stack(out_mask)
 
 
-def dam_merge(config, workdir: str, models: list[str], inputs: list[dict], out_dir: str) -> dict:
+def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[dict, list[dict]]:
     """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model.
-    `inputs`: the models' `hc.input_records`."""
+    Returns its summary and the models' `hc.input_records` (read once: gigabytes each)."""
     d = config.dam
     groups = split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
@@ -164,6 +164,7 @@ def dam_merge(config, workdir: str, models: list[str], inputs: list[dict], out_d
             f"but the models' vocab_size is {lm_config.vocab_size}"
         )
     # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
+    inputs = hc.input_records(models)  # after the checks above, which fail fast
     hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), inputs)
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
     stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
@@ -251,7 +252,7 @@ def dam_merge(config, workdir: str, models: list[str], inputs: list[dict], out_d
         max_shard_size=config.max_shard_size,
         source=models[0],
     )
-    return {"num_steps": num_steps, "final": history[-1] if history else None}
+    return {"num_steps": num_steps, "final": history[-1] if history else None}, inputs
 
 
 @workdir_lib.claims_workdir
@@ -268,10 +269,9 @@ def run(config, workdir: str) -> dict:
         shutil.rmtree(tmp_dir)  # left by an interrupted merge; nothing in it is trusted
     t0 = time.time()
     info = {"method": config.method}
-    inputs = hc.input_records(models)  # read once: gigabytes each for real checkpoints
     if config.method == "dam":
         info["hparams"] = config.dam.to_dict()
-        info["dam"] = dam_merge(config, workdir, models, inputs, tmp_dir)
+        info["dam"], inputs = dam_merge(config, workdir, models, tmp_dir)
     else:
         hparams = method_hparams(config)
         info["hparams"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
@@ -279,6 +279,7 @@ def run(config, workdir: str) -> dict:
             config.method, hparams, models, base, tmp_dir, config.dtype or None,
             config.max_shard_size, config.seed,
         )  # fmt: skip
+        inputs = hc.input_records(models)
     info.update(
         seed=config.seed,
         dtype=config.dtype or "as stored",
