@@ -45,6 +45,10 @@ def windows_config(domain: str, files, record_separator, tokenizer, seq_len, spl
         "val_fraction": val_fraction,
         "holdout_fraction": holdout_fraction,
     }
+    if tokenizer != "bytes":
+        # Documents carry the tokenizer's special tokens (`encode_document`); byte windows were
+        # always built this way, so their caches keep their names.
+        recipe["documents"] = "encode_document"
     digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
     return WindowsConfig(
         name=f"{domain}_{digest}",
