@@ -155,8 +155,9 @@ def test_config_spellings_of_transformers_4_and_5_agree():
     assert lm.LMConfig.from_hf(v5).rope_theta == 500000.0
 
 
-def test_sliding_window_keys_left_out_take_transformers_defaults():
-    # MistralConfig and Qwen2Config default to sliding_window=4096 and max_window_layers=28.
+def test_keys_left_out_take_transformers_defaults():
+    # MistralConfig and Qwen2Config default to sliding_window=4096 and max_window_layers=28;
+    # max_position_embeddings: Llama 2048, Mistral 131072, Qwen2 32768.
     hf = {
         "model_type": "mistral",
         "vocab_size": 8,
@@ -166,11 +167,19 @@ def test_sliding_window_keys_left_out_take_transformers_defaults():
         "intermediate_size": 8,
     }
     assert lm.LMConfig.from_hf(hf).sliding_windows == (4096,) * 30
+    assert lm.LMConfig.from_hf(hf).max_len == 131072
+    assert lm.LMConfig.from_hf({**hf, "model_type": "llama"}).max_len == 2048
     assert lm.LMConfig.from_hf({**hf, "sliding_window": None}).sliding_windows == (None,) * 30
     qwen2 = {**hf, "model_type": "qwen2"}
     assert lm.LMConfig.from_hf(qwen2).sliding_windows == (None,) * 30
+    assert lm.LMConfig.from_hf(qwen2).max_len == 32768
     windows = lm.LMConfig.from_hf({**qwen2, "use_sliding_window": True}).sliding_windows
     assert windows == (None,) * 28 + (4096,) * 2
+    # Qwen2's window needs use_sliding_window, also where layer_types name sliding layers.
+    typed = {**qwen2, "layer_types": ["full_attention", "sliding_attention"] * 15}
+    assert lm.LMConfig.from_hf(typed).sliding_windows == (None,) * 30
+    windows = lm.LMConfig.from_hf({**typed, "use_sliding_window": True}).sliding_windows
+    assert windows == (None, 4096) * 15
 
 
 def test_llama3_rope_frequencies_match_transformers():

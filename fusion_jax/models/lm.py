@@ -137,18 +137,25 @@ def _check_act(hf: dict, key: str, allowed: str) -> None:
         raise UnsupportedModelError(f"unsupported {key}={hf[key]!r}; supported: {allowed!r}")
 
 
+# transformers' max_position_embeddings when config.json leaves it out.
+_DEFAULT_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768}
+
+
 def _llama_family(hf: dict) -> LMConfig:
     _check_act(hf, "hidden_act", "silu")
     model_type = hf["model_type"]
     num_layers = hf["num_hidden_layers"]
     num_heads = hf["num_attention_heads"]
-    # A key missing from config.json takes transformers' default (MistralConfig, Qwen2Config).
+    # A key missing from config.json takes transformers' default (MistralConfig, Qwen2Config);
+    # Qwen2 uses its window only with use_sliding_window, also when layer_types name it.
     window = hf.get("sliding_window", 4096 if model_type in ("mistral", "qwen2") else None)
+    if model_type == "qwen2" and not hf.get("use_sliding_window"):
+        window = None
     if "layer_types" in hf and hf["layer_types"] is not None:
         windows = tuple(window if t == "sliding_attention" else None for t in hf["layer_types"])
     elif model_type == "mistral":
         windows = (window,) * num_layers
-    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+    elif model_type == "qwen2" and window is not None:
         first = hf.get("max_window_layers", 28)
         windows = tuple(window if i >= first else None for i in range(num_layers))
     else:
@@ -165,7 +172,7 @@ def _llama_family(hf: dict) -> LMConfig:
         num_kv_heads=hf.get("num_key_value_heads") or num_heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
         mlp_dim=hf["intermediate_size"],
-        max_len=hf.get("max_position_embeddings", 2048),
+        max_len=hf.get("max_position_embeddings", _DEFAULT_POSITIONS[model_type]),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         rope_theta=theta,
