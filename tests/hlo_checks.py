@@ -10,3 +10,30 @@ def dot_precisions(fn, *args) -> list[tuple[str, str] | None]:
     dots = re.findall(r"stablehlo\.dot_general .*", jax.jit(fn).lower(*args).as_text())
     found = [re.search(r"precision = \[(\w+), (\w+)\]", d) for d in dots]
     return [m.groups() if m else None for m in found]
+
+
+def largest_constant_bytes(program_text: str) -> int:
+    """Bytes of the largest array constant of a lowered program's text (non-splat constants are
+    printed as hex blobs; 0 when there is none)."""
+    blobs = re.findall(r'dense<"0x([0-9A-Fa-f]*)">', program_text)
+    return max((len(b) // 2 for b in blobs), default=0)
+
+
+def record_programs(monkeypatch) -> list[str]:
+    """Records the lowered text of every call of a function jitted (by `jax.jit` at run time)
+    after this call, for checks on what the programs hold."""
+    programs, jit = [], jax.jit
+
+    class Recording:
+        def __init__(self, fn, **options):
+            self.jitted = jit(fn, **options)
+
+        def __call__(self, *args):
+            programs.append(self.jitted.lower(*args).as_text())
+            return self.jitted(*args)
+
+        def __getattr__(self, name):  # .lower, .trace, ... as the jitted function's
+            return getattr(self.jitted, name)
+
+    monkeypatch.setattr(jax, "jit", Recording)
+    return programs

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import hlo_checks
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -185,6 +186,16 @@ def test_fusion_trains_resumes_exactly_and_generates(tmp_path):
     ]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
     assert out.startswith("the cat") and len(out.rstrip("\n").encode()) >= len("the cat")
+
+
+def test_no_program_holds_the_experts_or_the_text_as_constants(tmp_path, monkeypatch):
+    # A jitted function's closed-over arrays are compiled into its program: the experts (430 KB
+    # each here, gigabytes for real ones) and the training windows must be arguments.
+    experts = _experts(tmp_path)
+    programs = hlo_checks.record_programs(monkeypatch)
+    lm_fuse.train(_config(tmp_path, experts, 2), str(tmp_path / "w"))
+    assert len(programs) > 3
+    assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
 
 
 def test_end_to_end_training_changes_the_experts(tmp_path):

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import hlo_checks
 import jax
 import ml_collections
 import numpy as np
@@ -349,6 +350,16 @@ def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path
     assert not (tmp_path / "g").exists()
     config.method = "weight_average"  # reads no dam.* field
     lm_merge.run(config, str(tmp_path / "g"))
+
+
+def test_no_dam_program_holds_the_models_as_constants(tmp_path, monkeypatch):
+    # A jitted function's closed-over arrays are compiled into its program: the K models must
+    # be an argument of DAM's step (K x 430 KB here, K whole models for real ones).
+    experts = _two_experts(tmp_path)
+    programs = hlo_checks.record_programs(monkeypatch)
+    lm_merge.run(_dam_config(tmp_path, experts, 2), str(tmp_path / "w"))
+    assert programs
+    assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
 
 
 def test_a_streamed_merge_does_not_write_into_an_input(tmp_path):

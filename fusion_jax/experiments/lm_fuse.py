@@ -139,20 +139,49 @@ def _loss_fn(model, trainable, frozen, tokens, mask):
     return loss + aux, loss
 
 
+# Parameters and data reach every jitted function below as arguments: arrays a jitted function
+# closes over become constants of its program, compiled into it and held twice (gigabytes for
+# real experts).
+
+
 def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
     """Mean next-token loss (nats per token) over every window of a split."""
     trainable, frozen = setup.split(params)
 
     @jax.jit
-    def batch_sums(t, m):
+    def batch_sums(trainable, frozen, t, m):
         _, loss = _loss_fn(setup.model, trainable, frozen, t, m)
         return loss * jnp.sum(m), jnp.sum(m)
 
     total, count = 0.0, 0.0
     for i in range(0, len(tokens), batch_size):
-        s, c = batch_sums(tokens[i : i + batch_size], mask[i : i + batch_size])
+        s, c = batch_sums(trainable, frozen, tokens[i : i + batch_size], mask[i : i + batch_size])
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0)
+
+
+def train_step(setup: Setup, tx, batch_size: int, key):
+    """The jitted update `(state, frozen, tokens, mask) -> state`: a batch of `batch_size`
+    windows drawn with `fold_in(key, step)` from the training split `tokens`, `mask`."""
+
+    @jax.jit
+    def step_fn(state, frozen, tokens, mask):
+        idx = jax.random.randint(
+            jax.random.fold_in(key, state["step"]), (batch_size,), 0, tokens.shape[0]
+        )
+        (_, loss), grads = jax.value_and_grad(
+            lambda p: _loss_fn(setup.model, p, frozen, tokens[idx], mask[idx]), has_aux=True
+        )(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        return {
+            "step": state["step"] + 1,
+            "params": optax.apply_updates(state["params"], updates),
+            "opt_state": opt_state,
+            "loss_sum": state["loss_sum"] + loss,
+            "loss_count": state["loss_count"] + 1,
+        }
+
+    return step_fn
 
 
 @workdir_lib.claims_workdir
@@ -164,25 +193,7 @@ def train(config, workdir: str) -> dict:
     trainable, frozen = setup.split(setup.params)
     state = _initial_state(tx, trainable)
     train_tokens, train_mask = (jnp.asarray(x) for x in setup.train)
-    key = jax.random.key(config.seed)
-
-    @jax.jit
-    def step_fn(state):
-        idx = jax.random.randint(
-            jax.random.fold_in(key, state["step"]), (t.batch_size,), 0, train_tokens.shape[0]
-        )
-        (_, loss), grads = jax.value_and_grad(
-            lambda p: _loss_fn(setup.model, p, frozen, train_tokens[idx], train_mask[idx]),
-            has_aux=True,
-        )(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        return {
-            "step": state["step"] + 1,
-            "params": optax.apply_updates(state["params"], updates),
-            "opt_state": opt_state,
-            "loss_sum": state["loss_sum"] + loss,
-            "loss_count": state["loss_count"] + 1,
-        }
+    step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed))
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")
@@ -197,7 +208,7 @@ def train(config, workdir: str) -> dict:
             for step in range(start, t.num_steps):
                 # `state` moves on only once the step's log line is written: an interrupt saves
                 # a state that the log matches.
-                new_state = step_fn(state)
+                new_state = step_fn(state, frozen, train_tokens, train_mask)
                 done = step + 1
                 if done % t.log_every == 0 or done == t.num_steps:
                     mean = float(new_state["loss_sum"]) / int(new_state["loss_count"])

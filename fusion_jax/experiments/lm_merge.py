@@ -177,8 +177,10 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     def apply_fn(params, tokens_bt):
         return model.apply({"params": params}, tokens_bt[:, :-1])
 
+    # The K models are an argument: arrays a jitted function closes over become constants of its
+    # program (K whole models compiled into it).
     @jax.jit
-    def step_fn(state, tokens_kbt, mask_kbt):
+    def step_fn(state, stacked, tokens_kbt, mask_kbt):
         (_, aux), grads = jax.value_and_grad(dam.dam_loss, has_aux=True)(
             state["coefficients"],
             stacked,
@@ -220,7 +222,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
             batch_tokens, batch_mask = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
             # `state` moves on only once the step's log line is written: an interrupt saves a
             # state that the log matches.
-            new_state, aux = step_fn(state, batch_tokens, batch_mask)
+            new_state, aux = step_fn(state, stacked, batch_tokens, batch_mask)
             done = step + 1
             if done % d.log_every == 0 or done == num_steps:
                 record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
