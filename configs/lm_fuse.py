@@ -61,6 +61,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train.num_steps = 1000
     # Windows per step.
     config.train.batch_size = 8
+    # Local devices the batch is split over (data parallelism, each device holding the whole
+    # model); 0 = all, e.g. the 8 cores of a Colab TPU. batch_size must divide by it.
+    config.train.num_devices = 0
     config.train.learning_rate = 1e-3
     config.train.weight_decay = 0.0
     config.train.log_every = 50

@@ -312,6 +312,7 @@ LM_FUSE = {
     "train.end_to_end": FLAG,
     "train.num_steps": integer(1),
     "train.batch_size": integer(1),
+    "train.num_devices": integer(0),
     "train.learning_rate": POSITIVE,
     "train.weight_decay": NON_NEGATIVE,
     "train.log_every": integer(1),
@@ -554,6 +555,21 @@ def _lm_study_domains(config, devices) -> Problem:
     return None
 
 
+def _lm_fuse_devices(config, devices) -> Problem:
+    if devices is None:
+        return None
+    if config.train.num_devices > devices:
+        return "train.num_devices", f"an integer in [0, {devices}] (the local devices; 0 = all)"
+    n = config.train.num_devices or devices
+    if config.train.batch_size % n:
+        return (
+            "train.batch_size",
+            f"divisible by the {n} devices used for data parallelism (or set "
+            "config.train.num_devices)",
+        )
+    return None
+
+
 def _lm_fuse_top_k(config, devices) -> Problem:
     n = len(_split(config.models))
     if config.fusion.top_k > n:
@@ -566,7 +582,8 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
            _devices, _processes),
     "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
     "lm_merge": (_lm_merge_inputs, _within_positions("dam.seq_len")),
-    "lm_fuse": (_lm_fuse_top_k, _within_positions("data.seq_len"), _two_documents),
+    "lm_fuse": (_lm_fuse_top_k, _lm_fuse_devices, _within_positions("data.seq_len"),
+                _two_documents),
     "lm_study": (_lm_study_heads, _lm_study_domains),
 }  # fmt: skip
 
@@ -617,6 +634,7 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
     },
     "lm_fuse": {
         "train.num_steps": "increase",
+        "train.num_devices": "any",  # the same sums, added in another order
         "train.log_every": "any",
         "train.checkpoint_every": "any",
         "train.require_accelerator": "any",
@@ -672,6 +690,7 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
         "train.require_accelerator": False,
         "matmul_precision": "default",
         "data.special_tokens": False,
+        "train.num_devices": 1,
     },
     "lm_study": {
         "train.require_accelerator": False,

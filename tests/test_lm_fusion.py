@@ -85,6 +85,7 @@ def _config(tmp_path, experts, num_steps, **train):
     config.fusion.gate_dim = 16
     config.train.num_steps = num_steps
     config.train.batch_size = 4
+    config.train.num_devices = 1
     config.train.learning_rate = 1e-2
     config.train.log_every = 2
     config.train.checkpoint_every = 4
@@ -196,6 +197,37 @@ def test_no_program_holds_the_experts_or_the_text_as_constants(tmp_path, monkeyp
     lm_fuse.train(_config(tmp_path, experts, 2), str(tmp_path / "w"))
     assert len(programs) > 3
     assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
+
+
+def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkeypatch):
+    experts = _experts(tmp_path)
+    one, four = tmp_path / "one", tmp_path / "four"
+    lm_fuse.train(_config(tmp_path, experts, 4), str(one))
+    programs = hlo_checks.record_programs(monkeypatch)
+    lm_fuse.train(_config(tmp_path, experts, 4, num_devices=4), str(four))
+    monkeypatch.undo()
+    # The update is one program over a 4-device mesh with its batch rows split along it.
+    updates = [p for p in programs if "sharding_constraint" in p]
+    assert len(updates) == 4  # one per step
+    for update in updates:
+        assert 'sdy.mesh @mesh = <["data"=4]>' in update
+        assert '<@mesh, [{"data"}, {}]> : tensor<4x33xi32>' in update  # the batch's windows
+    setup = lm_fuse.Setup(_config(tmp_path, experts, 4), str(one), load_data=False)
+    a, b = lm_fuse.restore_params(setup, str(one)), lm_fuse.restore_params(setup, str(four))
+    # The gate's key bias cancels in its softmax over experts: its true gradient is 0, so Adam
+    # turns rounding noise into +-lr steps there (as in tests/test_multidevice.py).
+    del a["fusion"]["key"]["bias"], b["fusion"]["key"]["bias"]
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+    losses = [[json.loads(x)["train_loss"] for x in open(w / "metrics.jsonl")] for w in (one, four)]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    config = _config(tmp_path, experts, 4, num_devices=3)
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(config, str(tmp_path / "three"))
+    assert str(e.value) == (
+        "config.train.batch_size=4: must be divisible by the 3 devices used for data "
+        "parallelism (or set config.train.num_devices)"
+    )
 
 
 def test_end_to_end_training_changes_the_experts(tmp_path):

@@ -10,7 +10,8 @@ checkpointed; the experts are re-read from their directories, whose sha256 are r
 `<workdir>/experts.json` and checked on every resume); `config.train.end_to_end=True` trains and
 saves everything. Orbax checkpoints under `<workdir>/checkpoints`; a rerun resumes from the latest
 and an interrupted run saves its last step on the way out. Batches are drawn with
-`fold_in(seed key, step)`, so a resumed run sees the batches of an uninterrupted one.
+`fold_in(seed key, step)`, so a resumed run sees the batches of an uninterrupted one. Each batch
+is split over `config.train.num_devices` local devices (0 = all), the model replicated on each.
 """
 
 import dataclasses
@@ -160,17 +161,24 @@ def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
-def train_step(setup: Setup, tx, batch_size: int, key):
+def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None):
     """The jitted update `(state, frozen, tokens, mask) -> state`: a batch of `batch_size`
-    windows drawn with `fold_in(key, step)` from the training split `tokens`, `mask`."""
+    windows drawn with `fold_in(key, step)` from the training split `tokens`, `mask`.
+
+    With everything else replicated over a mesh's devices, `batch_sharding` splits the batch
+    over them: XLA partitions the step by batch rows and sums the gradients across devices."""
+
+    def split(x):
+        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
     @jax.jit
     def step_fn(state, frozen, tokens, mask):
         idx = jax.random.randint(
             jax.random.fold_in(key, state["step"]), (batch_size,), 0, tokens.shape[0]
         )
+        batch_tokens, batch_mask = split(tokens[idx]), split(mask[idx])
         (_, loss), grads = jax.value_and_grad(
-            lambda p: _loss_fn(setup.model, p, frozen, tokens[idx], mask[idx]), has_aux=True
+            lambda p: _loss_fn(setup.model, p, frozen, batch_tokens, batch_mask), has_aux=True
         )(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         return {
@@ -192,8 +200,13 @@ def train(config, workdir: str) -> dict:
     tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
     trainable, frozen = setup.split(setup.params)
     state = _initial_state(tx, trainable)
-    train_tokens, train_mask = (jnp.asarray(x) for x in setup.train)
-    step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed))
+    devices = jax.local_devices()[: t.num_devices or jax.local_device_count()]
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    frozen, train_tokens, train_mask = jax.device_put((frozen, *setup.train), replicated)
+    step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed), rows)
+    logging.info("[lm_fuse] batch of %d split over %d device(s)", t.batch_size, len(devices))
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")
@@ -201,6 +214,7 @@ def train(config, workdir: str) -> dict:
         if mngr.latest_step() is not None:
             state = _restore(mngr, state)
             logging.info("[lm_fuse] resumed at step %d", int(state["step"]))
+        state = jax.device_put(state, replicated)
         start, t0 = int(state["step"]), time.time()
         logs.truncate(log_path, start)  # lines written after the checkpoint a rerun starts from
         tokens_per_step = t.batch_size * config.data.seq_len
