@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dam.seq_len = 256
     # Windows per model per step.
     config.dam.batch_size = 4
+    # Local devices each step's windows are split over (data parallelism, each device holding
+    # the K models); 0 = all. dam.batch_size must divide by it.
+    config.dam.num_devices = 0
     # Coefficient updates; 0 = one epoch over the largest model's text (as the DAM repository).
     config.dam.num_steps = 0
     config.dam.learning_rate = 1e-3

@@ -273,6 +273,7 @@ LM_MERGE = {
     "dam.special_tokens": FLAG,
     "dam.seq_len": integer(1),
     "dam.batch_size": integer(1),
+    "dam.num_devices": integer(0),
     "dam.num_steps": integer(0),
     "dam.learning_rate": POSITIVE,
     "dam.temperature": POSITIVE,
@@ -555,19 +556,29 @@ def _lm_study_domains(config, devices) -> Problem:
     return None
 
 
-def _lm_fuse_devices(config, devices) -> Problem:
-    if devices is None:
+def _data_parallel(section: str, only_if: Callable[[Any], bool] = lambda config: True):
+    """Cross rule: `<section>.num_devices` within the local devices and dividing
+    `<section>.batch_size`."""
+
+    def rule(config, devices) -> Problem:
+        if devices is None or not only_if(config):
+            return None
+        wanted = lookup(config, f"{section}.num_devices")
+        if wanted > devices:
+            return (
+                f"{section}.num_devices",
+                f"an integer in [0, {devices}] (the local devices; 0 = all)",
+            )
+        n = wanted or devices
+        if lookup(config, f"{section}.batch_size") % n:
+            return (
+                f"{section}.batch_size",
+                f"divisible by the {n} devices used for data parallelism (or set "
+                f"config.{section}.num_devices)",
+            )
         return None
-    if config.train.num_devices > devices:
-        return "train.num_devices", f"an integer in [0, {devices}] (the local devices; 0 = all)"
-    n = config.train.num_devices or devices
-    if config.train.batch_size % n:
-        return (
-            "train.batch_size",
-            f"divisible by the {n} devices used for data parallelism (or set "
-            "config.train.num_devices)",
-        )
-    return None
+
+    return rule
 
 
 def _lm_fuse_top_k(config, devices) -> Problem:
@@ -581,8 +592,9 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
     None: (_heads_divide_width, _fusion_fields, _prime_modulus, _both_splits, _intervals,
            _devices, _processes),
     "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
-    "lm_merge": (_lm_merge_inputs, _within_positions("dam.seq_len")),
-    "lm_fuse": (_lm_fuse_top_k, _lm_fuse_devices, _within_positions("data.seq_len"),
+    "lm_merge": (_lm_merge_inputs, _within_positions("dam.seq_len"),
+                 _data_parallel("dam", lambda config: config.method == "dam")),
+    "lm_fuse": (_lm_fuse_top_k, _data_parallel("train"), _within_positions("data.seq_len"),
                 _two_documents),
     "lm_study": (_lm_study_heads, _lm_study_domains),
 }  # fmt: skip
@@ -623,7 +635,12 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "train.checkpoint_every_secs": "any",
         "train.require_accelerator": "any",
     },
-    "lm_merge": {"max_shard_size": "any", "dam.log_every": "any", "dam.checkpoint_every": "any"},
+    "lm_merge": {
+        "max_shard_size": "any",
+        "dam.log_every": "any",
+        "dam.checkpoint_every": "any",
+        "dam.num_devices": "any",  # the same sums, added in another order
+    },
     # Steps per compiled chunk, when unfinished training is saved, the place of the packed
     # datasets and a start-up check only.
     "lm_study": {
@@ -685,7 +702,11 @@ _GROKKING_ADDED = {
 ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
-    "lm_merge": {"dam.matmul_precision": "default", "dam.special_tokens": False},
+    "lm_merge": {
+        "dam.matmul_precision": "default",
+        "dam.special_tokens": False,
+        "dam.num_devices": 1,
+    },
     "lm_fuse": {
         "train.require_accelerator": False,
         "matmul_precision": "default",

@@ -251,6 +251,7 @@ def _dam_config(tmp_path, experts, num_steps):
             "dam.tokenizer": "bytes",
             "dam.seq_len": 32,
             "dam.batch_size": 32,  # >= windows per source: every step sees the same batch
+            "dam.num_devices": 1,
             "dam.num_steps": num_steps,
             "dam.learning_rate": 3e-2,
             "dam.log_every": 1,
@@ -266,7 +267,7 @@ def _two_experts(tmp_path):
     def perturb(x):
         key = x.shape
         noise.setdefault(key, rng.standard_normal(key).astype(np.float32))
-        return x + np.float32(0.3) * noise[key] * rng.choice([-1, 1])
+        return x + np.float32(0.3 * rng.choice([-1, 1])) * noise[key]  # stays float32
 
     return [_shifted(tmp_path, f"e{i}", LLAMA, perturb) for i in range(2)]
 
@@ -360,6 +361,32 @@ def test_no_dam_program_holds_the_models_as_constants(tmp_path, monkeypatch):
     lm_merge.run(_dam_config(tmp_path, experts, 2), str(tmp_path / "w"))
     assert programs
     assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
+
+
+def test_dam_over_four_devices_trains_as_one_device(tmp_path):
+    experts = _two_experts(tmp_path)
+    lm_merge.run(_dam_config(tmp_path, experts, 3), str(tmp_path / "one"))
+    config = _dam_config(tmp_path, experts, 3)
+    config.dam.num_devices = 4
+    lm_merge.run(config, str(tmp_path / "four"))
+    logs = [
+        [json.loads(x)["kl"] for x in open(tmp_path / w / "dam" / "metrics.jsonl")]
+        for w in ("one", "four")
+    ]
+    np.testing.assert_allclose(logs[0], logs[1], rtol=1e-5)
+    a, b = _flat(str(tmp_path / "one" / "merged")), _flat(str(tmp_path / "four" / "merged"))
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    config.dam.num_devices = 3
+    with pytest.raises(ValueError) as e:
+        lm_merge.run(config, str(tmp_path / "three"))
+    assert str(e.value) == (
+        "config.dam.batch_size=32: must be divisible by the 3 devices used for data parallelism "
+        "(or set config.dam.num_devices)"
+    )
+    config.method = "ties"  # reads no dam.* field: the rule does not apply
+    config.base = experts[0]
+    lm_merge.run(config, str(tmp_path / "three"))
 
 
 def test_a_streamed_merge_does_not_write_into_an_input(tmp_path):

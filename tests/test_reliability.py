@@ -405,7 +405,7 @@ def test_the_fields_each_lm_merge_method_never_reads():
     for method, unused in expected.items():
         config.method = method
         assert config_rules.unused_fields(config) == unused, method
-    assert len(dam_fields) == 18 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
+    assert len(dam_fields) == 19 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
 
 
 def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_path):

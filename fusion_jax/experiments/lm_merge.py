@@ -167,7 +167,15 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     inputs = hc.input_records(models)  # after the checks above, which fail fast
     hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), inputs)
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
-    stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *[hc.load(m)[1] for m in models])
+    # Each step's windows are split over the devices (batch axis 1 of [K, B, T]), the models and
+    # coefficients replicated on each; XLA sums the coefficients' gradients across devices.
+    devices = jax.local_devices()[: d.num_devices or jax.local_device_count()]
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+    stacked = jax.device_put(
+        jax.tree.map(lambda *xs: np.stack(xs), *[hc.load(m)[1] for m in models]), replicated
+    )
     model = lm.LanguageModel(lm_config)
     trainable = jax.tree.map(
         lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
@@ -215,11 +223,13 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
         if mngr.latest_step() is not None:
             state = checkpoint.restore(mngr, state)
             logging.info("[dam] resumed at step %d of %d", int(state["step"]), num_steps)
+        state = jax.device_put(state, replicated)
         start, t0 = int(state["step"]), time.time()
         log_path = os.path.join(workdir, "dam", "metrics.jsonl")
         history = logs.truncate(log_path, start)  # drops lines past the restored checkpoint
         for step in range(start, num_steps):
-            batch_tokens, batch_mask = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
+            batch = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
+            batch_tokens, batch_mask = jax.device_put(batch, rows)
             # `state` moves on only once the step's log line is written: an interrupt saves a
             # state that the log matches.
             new_state, aux = step_fn(state, stacked, batch_tokens, batch_mask)
