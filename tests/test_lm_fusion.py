@@ -230,6 +230,33 @@ def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkey
     )
 
 
+def test_frozen_bfloat16_experts_stay_bfloat16_and_train_as_float32_copies(tmp_path, monkeypatch):
+    source = os.path.join(FIXTURES, "llama_tied_sharded")  # bfloat16
+    _, params = hc.load(source)
+    experts = []
+    for i, scale in enumerate((1.0, 0.8)):
+        experts.append(str(tmp_path / f"bf16_{i}"))
+        scaled = jax.tree.map(lambda x, s=scale: (x.astype(np.float32) * s).astype(x.dtype), params)
+        hc.save(scaled, hc.read_config(source), experts[-1])
+    config = _config(tmp_path, experts, 4)
+    setup = lm_fuse.Setup(config, str(tmp_path / "probe"), load_data=False)
+    trainable, frozen = setup.split(setup.params)
+    assert {str(x.dtype) for x in jax.tree.leaves(frozen)} == {"bfloat16"}
+    assert {str(x.dtype) for x in jax.tree.leaves(trainable)} == {"float32"}
+    lm_fuse.train(config, str(tmp_path / "stored"))
+    # The same run with the experts read as float32 (as before): the same bits.
+    load = hc.load
+    monkeypatch.setattr(hc, "load", lambda directory, dtype=None: load(directory, "float32"))
+    lm_fuse.train(config, str(tmp_path / "float32"))
+    monkeypatch.undo()
+    logs = [(tmp_path / w / "metrics.jsonl").read_text() for w in ("stored", "float32")]
+    assert logs[0] == logs[1]
+    a, b = (lm_fuse.restore_params(setup, str(tmp_path / w)) for w in ("stored", "float32"))
+    trained = [jax.tree.leaves(setup.split(p)[0]) for p in (a, b)]
+    for x, y in zip(*trained, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_end_to_end_training_changes_the_experts(tmp_path):
     experts = _experts(tmp_path)
     lm_fuse.train(_config(tmp_path, experts, 2, end_to_end=True), str(tmp_path / "w"))

@@ -51,7 +51,11 @@ class Setup:
             lm_config, dtype=config.compute_dtype, matmul_precision=config.matmul_precision
         )
         hc.check_inputs(os.path.join(workdir, "experts.json"), hc.input_records(models))
-        expert_params = [hc.load(m, "float32")[1] for m in models]
+        # Frozen experts stay in their stored dtype (half the memory of float32 for bfloat16
+        # checkpoints; each matmul casts to the compute dtype, exactly as a float32 copy would).
+        # Trained ones (end_to_end) need float32 for their updates.
+        dtype = "float32" if config.train.end_to_end else None
+        expert_params = [hc.load(m, dtype)[1] for m in models]
         f = config.fusion
         self.fusion_config = lm_fusion.fusion_config(
             lm_config,

@@ -86,8 +86,13 @@ def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
     # The experts' own heads are not part of the ensemble: the fusion head replaces them.
     bodies = [{k: v for k, v in p.items() if k != "lm_head"} for p in expert_params]
     stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *bodies)
-    head = jnp.mean(jnp.stack([expert_head(cfg.expert, p) for p in expert_params]), axis=0)
-    params = {"experts": stacked, "fusion": gate_init, "head": {"kernel": head.astype(jnp.float32)}}
+    # Averaged in float32 whatever the experts' dtype: the head trains.
+    heads = [expert_head(cfg.expert, p).astype(jnp.float32) for p in expert_params]
+    params = {
+        "experts": stacked,
+        "fusion": gate_init,
+        "head": {"kernel": jnp.mean(jnp.stack(heads), 0)},
+    }
     if jax.tree.structure(params) != jax.tree.structure(fresh):
         raise ValueError("the experts' params do not match the fusion model's expert architecture")
     return params
