@@ -202,7 +202,11 @@ def test_no_program_holds_the_experts_or_the_text_as_constants(tmp_path, monkeyp
 def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkeypatch):
     experts = _experts(tmp_path)
     one, four = tmp_path / "one", tmp_path / "four"
+    made, train_step = [], lm_fuse.train_step
+    monkeypatch.setattr(lm_fuse, "train_step", lambda *a: made.append(train_step(*a)) or made[-1])
     lm_fuse.train(_config(tmp_path, experts, 4), str(one))
+    # One compile for the run: the loss window reset at each log line is placed like the state.
+    assert made[0]._cache_size() == 1
     programs = hlo_checks.record_programs(monkeypatch)
     lm_fuse.train(_config(tmp_path, experts, 4, num_devices=4), str(four))
     monkeypatch.undo()
