@@ -60,7 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Windows per model per step.
     config.dam.batch_size = 4
     # Local devices each step's windows are split over (data parallelism, each device holding
-    # the K models); 0 = all. dam.batch_size must divide by it.
+    # the K models); 0 = all. dam.batch_size must divide by their count: on an 8-core TPU set
+    # num_devices=4 or batch_size=8 (refused at start otherwise, before any work).
     config.dam.num_devices = 0
     # Coefficient updates; 0 = one epoch over the largest model's text (as the DAM repository).
     config.dam.num_steps = 0

@@ -173,8 +173,9 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    stacked = jax.device_put(
-        jax.tree.map(lambda *xs: np.stack(xs), *[hc.load(m)[1] for m in models]), replicated
+    # One stacked leaf at a time on the host: K models there, not 2K.
+    stacked = jax.tree.map(
+        lambda *xs: jax.device_put(np.stack(xs), replicated), *[hc.load(m)[1] for m in models]
     )
     model = lm.LanguageModel(lm_config)
     trainable = jax.tree.map(
