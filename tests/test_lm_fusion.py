@@ -216,15 +216,24 @@ def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkey
     for update in updates:
         assert 'sdy.mesh @mesh = <["data"=4]>' in update
         assert '<@mesh, [{"data"}, {}]> : tensor<4x33xi32>' in update  # the batch's windows
+    # A workdir may change its device count: 2 steps on one device, resumed to 4 on four.
+    switched = tmp_path / "switched"
+    lm_fuse.train(_config(tmp_path, experts, 2), str(switched))
+    lm_fuse.train(_config(tmp_path, experts, 4, num_devices=4), str(switched))
     setup = lm_fuse.Setup(_config(tmp_path, experts, 4), str(one), load_data=False)
-    a, b = lm_fuse.restore_params(setup, str(one)), lm_fuse.restore_params(setup, str(four))
+    a = lm_fuse.restore_params(setup, str(one))
     # The gate's key bias cancels in its softmax over experts: its true gradient is 0, so Adam
     # turns rounding noise into +-lr steps there (as in tests/test_multidevice.py).
-    del a["fusion"]["key"]["bias"], b["fusion"]["key"]["bias"]
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
-    losses = [[json.loads(x)["train_loss"] for x in open(w / "metrics.jsonl")] for w in (one, four)]
-    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
+    del a["fusion"]["key"]["bias"]
+    for other in (four, switched):
+        b = lm_fuse.restore_params(setup, str(other))
+        del b["fusion"]["key"]["bias"]
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+        losses = [
+            [json.loads(x)["train_loss"] for x in open(w / "metrics.jsonl")] for w in (one, other)
+        ]
+        np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     config = _config(tmp_path, experts, 4, num_devices=3)
     with pytest.raises(ValueError) as e:
         lm_fuse.train(config, str(tmp_path / "three"))
