@@ -532,6 +532,16 @@ def _within_positions(seq_len_field: str):
     return rule
 
 
+def _compatible_checkpoints(config, devices) -> Problem:
+    # Before the workdir is bound (`devices` given: about to run), so that a run refused for
+    # mismatched inputs leaves no workdir behind and the fixed command may reuse it. The error
+    # is check_compatible's own line, naming the first field or tensor that differs.
+    if devices is not None:
+        base = [config.base] if config.get("base") else []
+        hf_checkpoint.check_compatible(base + _split(config.models))
+    return None
+
+
 def _two_documents(config, devices) -> Problem:
     # Without a record separator each file is one document; the training and the validation
     # split need one each. (With one, the records are counted when the text is read.) Only
@@ -592,10 +602,10 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
     None: (_heads_divide_width, _fusion_fields, _prime_modulus, _both_splits, _intervals,
            _devices, _processes),
     "merge_compare": (_heads_divide_width, _prime_modulus, _both_splits, _holdout),
-    "lm_merge": (_lm_merge_inputs, _within_positions("dam.seq_len"),
+    "lm_merge": (_lm_merge_inputs, _compatible_checkpoints, _within_positions("dam.seq_len"),
                  _data_parallel("dam", lambda config: config.method == "dam")),
-    "lm_fuse": (_lm_fuse_top_k, _data_parallel("train"), _within_positions("data.seq_len"),
-                _two_documents),
+    "lm_fuse": (_lm_fuse_top_k, _compatible_checkpoints, _data_parallel("train"),
+                _within_positions("data.seq_len"), _two_documents),
     "lm_study": (_lm_study_heads, _lm_study_domains),
 }  # fmt: skip
 

@@ -289,6 +289,14 @@ def test_fusion_errors(tmp_path):
         "comma-separated"
     )
     assert not (tmp_path / "a").exists()
+    # Experts of different architectures: refused before the workdir is bound.
+    tied = os.path.join(FIXTURES, "llama_tied_sharded")
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(_config(tmp_path, [experts[0], tied], 2), str(tmp_path / "a"))
+    assert str(e.value) == (
+        f"models differ in config field 'tie_embeddings': False in {experts[0]} but True in {tied}"
+    )
+    assert not (tmp_path / "a").exists()
     lm_fuse.train(_config(tmp_path, experts, 2), str(tmp_path / "w"))
     # The experts changed on disk: the workdir is refused rather than mixed.
     _, params = hc.load(experts[1])

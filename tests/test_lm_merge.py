@@ -389,6 +389,19 @@ def test_dam_over_four_devices_trains_as_one_device(tmp_path):
     lm_merge.run(config, str(tmp_path / "three"))
 
 
+def test_mismatched_inputs_are_refused_before_the_workdir_is_bound(tmp_path):
+    tied = os.path.join(FIXTURES, "llama_tied_sharded")
+    config = _config(base=LLAMA, models=f"{LLAMA},{tied}", method="ties")
+    with pytest.raises(UserError) as e:
+        lm_merge.run(config, str(tmp_path / "m"))
+    assert str(e.value) == (
+        f"models differ in config field 'tie_embeddings': False in {LLAMA} but True in {tied}"
+    )
+    assert not (tmp_path / "m").exists()
+    config.models = f"{LLAMA},{LLAMA}"  # the fixed command reuses the workdir
+    lm_merge.run(config, str(tmp_path / "m"))
+
+
 def test_a_streamed_merge_does_not_write_into_an_input(tmp_path):
     copy = _shifted(tmp_path, "copy", LLAMA, lambda x: x)
     with pytest.raises(ValueError) as e:
