@@ -400,13 +400,18 @@ class ShardWriter:
                 json.dump(index, f, indent=2)
 
 
+# Files of the source that would misdescribe a written checkpoint: its own config.json is
+# written, and the model card (README.md) and the hub's .gitattributes describe the source.
+_NOT_COPIED = {"config.json", "README.md", ".gitattributes"}
+
+
 def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copies every non-weight file except config.json (tokenizer, generation config, ...)."""
+    """Copies every non-weight file but `_NOT_COPIED` (tokenizer, generation config, ...)."""
     copied = []
     os.makedirs(dst, exist_ok=True)
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
-        if os.path.isfile(path) and name != "config.json" and not _WEIGHT_FILE.match(name):
+        if os.path.isfile(path) and name not in _NOT_COPIED and not _WEIGHT_FILE.match(name):
             shutil.copy2(path, os.path.join(dst, name))
             copied.append(name)
     return copied

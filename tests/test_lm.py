@@ -127,22 +127,33 @@ def test_load_save_load_is_bit_identical(name, tmp_path):
 def test_save_writes_sharded_layout_with_index_and_side_files(tmp_path):
     config, params = hc.load(fixture("llama_tied_sharded"))
     hf_config = hc.read_config(fixture("llama_tied_sharded"))
-    hc.save(params, hf_config, str(tmp_path), max_shard_size="60KB", source=fixture("llama"))
-    with open(tmp_path / hc.INDEX_FILE) as f:
+    source = tmp_path / "source"
+    shutil.copytree(fixture("llama"), source)
+    (source / "README.md").write_text("the model card of the source")
+    (source / "pytorch_model.bin").write_bytes(b"old weights")
+    out = tmp_path / "out"
+    hc.save(params, hf_config, str(out), max_shard_size="60KB", source=str(source))
+    # The source's tokenizer and generation files come along; its card and weights do not.
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("model")) == [
+        "config.json",
+        "generation_config.json",
+        "golden.npz",
+    ]
+    with open(out / hc.INDEX_FILE) as f:
         index = json.load(f)
     files = sorted(set(index["weight_map"].values()))
     n = len(files)
     assert n > 1 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     sizes = {}
     for name, file in index["weight_map"].items():
-        with safe_open(str(tmp_path / file), framework="numpy") as f:
+        with safe_open(str(out / file), framework="numpy") as f:
             sizes[file] = sizes.get(file, 0) + f.get_tensor(name).nbytes
     assert index["metadata"]["total_size"] == sum(sizes.values())
     # Every shard but one holding a single oversized tensor stays within the limit.
     assert all(s <= 60_000 for s in sizes.values())
     assert "lm_head.weight" not in index["weight_map"]  # tied: no stored head
-    assert (tmp_path / "generation_config.json").exists()
-    with open(tmp_path / "config.json") as f:
+    assert (out / "generation_config.json").exists()
+    with open(out / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
 
 
