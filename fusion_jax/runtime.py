@@ -18,10 +18,23 @@ from jax.experimental import multihost_utils
 
 from fusion_jax.errors import UserError
 
+# In a multi-process run: the signal (SIGINT, SIGTERM) this process has received, 0 if none.
+_received = 0
+
+
+def _record_signal(signum, frame) -> None:
+    del frame
+    global _received
+    _received = signum
+
 
 def start(config) -> None:
     """Call before any JAX computation of a training run: joins the other processes of a
-    multi-process run (config.train.num_processes), then `check_devices`."""
+    multi-process run (config.train.num_processes), then `check_devices`.
+
+    In a multi-process run, SIGINT and SIGTERM are recorded instead of raised: a process
+    stopping at once would leave the others waiting in their next collective. The training loop
+    stops every process at the same chunk end instead (`agree`)."""
     train = config.get("train") or {}
     processes = train.get("num_processes", 1)
     if processes != 1 and not jax.distributed.is_initialized():
@@ -33,6 +46,9 @@ def start(config) -> None:
             jax.distributed.initialize(
                 train.coordinator_address, num_processes=processes, process_id=train.process_id
             )
+    if jax.process_count() > 1:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, _record_signal)
     check_devices(config)
 
 
@@ -60,14 +76,16 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def from_process_0(*values: int) -> tuple[int, ...]:
-    """Process 0's integers in every process. Choices made from a process's own clock (the
-    chunk length, whether a time-based save is due) must agree: every chunk is one collective
-    program and every save is collective, so a process that chose otherwise would wait forever."""
+def agree(*values: int) -> tuple[tuple[int, ...], int]:
+    """(process 0's integers `values`, the signal any process has received or 0), the same in
+    every process. Choices made from a process's own clock (the chunk length, whether a
+    time-based save is due) and a stop must agree: every chunk and every save is collective, so
+    a process that went its own way would leave the others waiting forever. One process: its
+    values, and 0 (a signal raises KeyboardInterrupt at once there)."""
     if jax.process_count() == 1:
-        return values
-    agreed = multihost_utils.broadcast_one_to_all(np.asarray(values, np.int64))
-    return tuple(int(v) for v in agreed)
+        return values, 0
+    rows = multihost_utils.process_allgather(np.asarray([*values, _received], np.int64))
+    return tuple(int(v) for v in rows[0, :-1]), int(rows[:, -1].max())
 
 
 def wait_for_all(name: str) -> None:

@@ -3,6 +3,7 @@ train to the same parameters and logs as one process with 4 devices."""
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -46,30 +47,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
-    config = baseline.get_config("tiny")
-    config.train.num_devices = 4
-    one = str(tmp_path / "one")
-    records = loop.train(config, one)["x_plus_y"]
-
-    two = str(tmp_path / "two")
+def _two_processes(workdir, python_args, *flags):
+    """Starts main.py (after `python_args`, where "{process}" becomes the process id) as the
+    two processes of one run of the tiny baseline, 2 fake CPU devices each."""
     # The last of a repeated XLA flag wins; the rest of conftest's flags carry over.
-    flags = os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
-    env = dict(os.environ, XLA_FLAGS=flags)
+    env = dict(
+        os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
+    )
     port = _free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [
                 sys.executable,
-                "-c",
-                DIVERGENT_CLOCKS,
-                str(i),
+                *(a.format(process=i) for a in python_args),
                 os.path.join(ROOT, "main.py"),
                 "--config=configs/baseline.py:tiny",
-                f"--workdir={two}",
+                f"--workdir={workdir}",
                 "--config.train.num_processes=2",
                 f"--config.train.coordinator_address=127.0.0.1:{port}",
                 f"--config.train.process_id={i}",
+                *flags,
             ],
             cwd=ROOT,
             env=env,
@@ -79,6 +76,16 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
+    config = baseline.get_config("tiny")
+    config.train.num_devices = 4
+    one = str(tmp_path / "one")
+    records = loop.train(config, one)["x_plus_y"]
+
+    two = str(tmp_path / "two")
+    procs = _two_processes(two, ["-c", DIVERGENT_CLOCKS, "{process}"])
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -97,3 +104,27 @@ def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
     assert_params_match(
         _restore(config, two).params, _restore(config, one).params, config.model.dim
     )
+
+
+def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
+    # SIGTERM to process 1 only, once it logged its first chunk: both processes save the same
+    # chunk end and die by SIGTERM; the rerun resumes there and logs every step once.
+    flags = ["--config.num_steps=200", "--config.train.checkpoint_every=200"]
+    workdir = str(tmp_path / "two")
+    procs = _two_processes(workdir, [], *flags)
+    for line in procs[1].stdout:
+        if "[x_plus_y] step 10/200" in line:
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [-15, -15], outputs[0][-2000:] + outputs[1][-2000:]
+    (saved,) = os.listdir(os.path.join(workdir, "x_plus_y", "checkpoints"))
+    assert 10 <= int(saved) < 200 and int(saved) % 10 == 0
+    procs = _two_processes(workdir, [], *flags)
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:]
+    assert f"resuming from the checkpoint at step {saved}" in outputs[1]
+    logged = logs.read(os.path.join(workdir, "x_plus_y", "metrics.jsonl"))
+    assert [(r["step"], r["seed"]) for r in logged] == [
+        (step, seed) for step in range(5, 201, 5) for seed in (0, 1)
+    ]

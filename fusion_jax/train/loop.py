@@ -206,13 +206,15 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             done_state = jax.device_get(jax.tree.map(lambda x: x[0], state))
             compile_secs = started - tic if compiled else None
             _progress(setup.task.name, step, config.num_steps, metrics, rate, compile_secs)
-            piece, due = runtime.from_process_0(
+            (piece, due), signum = runtime.agree(
                 piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every),
                 0 < t.checkpoint_every_secs <= time.monotonic() - last_save,
             )
-            if step % t.checkpoint_every == 0 or step == config.num_steps or due:
+            if step % t.checkpoint_every == 0 or step == config.num_steps or due or signum:
                 checkpoint.save(mngr, step, done_state)
                 saved_step, last_save = step, time.monotonic()
+            if signum:  # a process of a multi-process run was stopped: all stop here, saved
+                raise KeyboardInterrupt(signum)
     except KeyboardInterrupt:
         # Keep what was logged: save the last state whose metrics are in the log, then stop.
         if step > saved_step:
