@@ -25,6 +25,8 @@ _received = 0
 def _record_signal(signum, frame) -> None:
     del frame
     global _received
+    if _received:  # a second signal: stop now, as a single process does (e.g. a hung run)
+        raise KeyboardInterrupt(signum)
     _received = signum
 
 

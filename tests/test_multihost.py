@@ -9,9 +9,11 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_multidevice import assert_params_match
 
 from configs import baseline
+from fusion_jax import runtime
 from fusion_jax.train import checkpoint, logs, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,3 +130,12 @@ def test_a_signal_to_one_process_stops_both_at_the_same_saved_step(tmp_path):
     assert [(r["step"], r["seed"]) for r in logged] == [
         (step, seed) for step in range(5, 201, 5) for seed in (0, 1)
     ]
+
+
+def test_a_second_signal_stops_a_process_of_several_at_once(monkeypatch):
+    monkeypatch.setattr(runtime, "_received", 0)
+    runtime._record_signal(signal.SIGTERM, None)  # the first is kept for the next chunk end
+    assert runtime._received == signal.SIGTERM
+    with pytest.raises(KeyboardInterrupt) as e:
+        runtime._record_signal(signal.SIGINT, None)
+    assert e.value.args == (signal.SIGINT,)
