@@ -25,8 +25,11 @@ _received = 0
 def _record_signal(signum, frame) -> None:
     del frame
     global _received
-    if _received:  # a second signal: stop now, as a single process does (e.g. a hung run)
-        raise KeyboardInterrupt(signum)
+    if _received:
+        # A second signal: die by it now (a hung run). Raising instead would send this process
+        # alone into the collective save on the way out, and wait there for the others.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
     _received = signum
 
 
@@ -92,9 +95,13 @@ def agree(*values: int) -> tuple[tuple[int, ...], int]:
 
 def wait_for_all(name: str) -> None:
     """Returns when every process of a multi-process run has reached this point, so that they
-    shut jax.distributed down together (one process exiting early times the others out)."""
+    shut jax.distributed down together (one process exiting early times the others out). A
+    signal any process received after the last chunk then ends every process by it, rather than
+    with status 0."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+        if signum := agree()[1]:
+            raise KeyboardInterrupt(signum)
 
 
 def raise_interrupt(signum, frame) -> None:

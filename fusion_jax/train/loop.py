@@ -214,7 +214,9 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
                 checkpoint.save(mngr, step, done_state)
                 saved_step, last_save = step, time.monotonic()
             if signum:  # a process of a multi-process run was stopped: all stop here, saved
-                raise KeyboardInterrupt(signum)
+                mngr.wait_until_finished()
+                # Together, none exiting while another still saves; raises KeyboardInterrupt.
+                runtime.wait_for_all(f"stop at step {step}")
     except KeyboardInterrupt:
         # Keep what was logged: save the last state whose metrics are in the log, then stop.
         if step > saved_step:
