@@ -202,3 +202,25 @@ def test_analyze_of_a_workdir_still_training_skips_tasks_without_checkpoints(tra
         gates = json.load(f)
     assert gates["x_plus_y"]["step"] == 20
     assert len(gates["x_plus_y"]["per_seed"]) == 2
+
+
+def test_analyze_keeps_earlier_entries_of_tasks_without_checkpoints(trained, tmp_path):
+    """A study carried to a fresh machine by its logs and analyses: the finished task's
+    checkpoints are gone, its gates stay; the task with checkpoints is analysed afresh."""
+    from fusion_jax.evaluate import eval_loop
+
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(trained[0], workdir)
+    config = tiny_fusion()
+    config.tasks = "x_minus_y,x_plus_y"
+    earlier = {"x_minus_y": {"step": 7, "mean": "kept"}, "x_plus_y": {"step": 3, "mean": "stale"}}
+    for name in ("gate_analysis.json", "compute.json"):
+        (tmp_path / "copy" / name).write_text(json.dumps(earlier))
+    out = eval_loop.analyze(config, workdir)
+    for name, key in (("gate_analysis.json", "gates"), ("compute.json", "compute")):
+        with open(os.path.join(workdir, name)) as f:
+            written = json.load(f)
+        assert written == out[key] and list(written) == ["x_minus_y", "x_plus_y"]
+        assert written["x_minus_y"] == earlier["x_minus_y"]
+    assert out["gates"]["x_plus_y"]["step"] == 20 and len(out["gates"]["x_plus_y"]["per_seed"]) == 2
+    assert "flops_per_example" in out["compute"]["x_plus_y"]

@@ -1,6 +1,7 @@
 """Evaluation from checkpoints: restore every task's runs and recompute metrics, no training."""
 
 import functools
+import json
 import os
 
 import jax
@@ -29,6 +30,14 @@ def _checkpoint_dir(workdir: str, task_name: str) -> str:
 def _has_checkpoints(workdir: str, task_name: str) -> bool:
     directory = _checkpoint_dir(workdir, task_name)
     return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def _earlier(workdir: str, name: str) -> dict:
+    path = os.path.join(workdir, name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
 
 
 def restore_task(config, workdir: str, task_name: str, step: int | None = None):
@@ -71,16 +80,22 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
 
     Writes `compute.json` ({task: params, FLOPs/example, examples/s}) and, for models with a
     gate, `gate_analysis.json` ({task: checkpoint step, per-seed and mean statistics}) and
-    `gate_heatmap_<task>.png` into the workdir. Without `step`, tasks that have no checkpoint
-    yet are skipped with a warning.
+    `gate_heatmap_<task>.png` into the workdir, and returns what it wrote. Without `step`, tasks
+    that have no checkpoint are skipped with a warning, and keep the entries an earlier analysis
+    wrote for them: a study carried to a fresh machine by its logs and analyses (results/) keeps
+    its finished tasks' gates while the next task trains.
     """
-    compute, gates = {}, {}
+    order = tasks_lib.parse_task_names(config.tasks)
+    skipped = [t for t in order if step is None and not _has_checkpoints(workdir, t)]
+    compute, gates = _earlier(workdir, "compute.json"), _earlier(workdir, "gate_analysis.json")
+    compute = {t: compute[t] for t in skipped if t in compute}
+    gates = {t: gates[t] for t in skipped if t in gates}
     # Every process of a multi-process run restores (collectively); process 0 writes.
     out_dir = workdir if runtime.is_primary() else None
-    for task_name in tasks_lib.parse_task_names(config.tasks):
-        if step is None and not _has_checkpoints(workdir, task_name):
-            # A workdir still training its first tasks: analyse those that have checkpoints.
-            logging.warning("[%s] no checkpoints yet: not analysed", task_name)
+    for task_name in order:
+        if task_name in skipped:
+            kept = "; its earlier analysis is kept" if task_name in {*compute, *gates} else ""
+            logging.warning("[%s] no checkpoints: not analysed%s", task_name, kept)
             continue
         setup, state, restored_step = restore_task(config, workdir, task_name, step)
         first_run = jax.tree.map(lambda x: x[0], state.params)
@@ -93,6 +108,9 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
                 **analysis.analyze_gates(setup, state.params, out_dir),
             }
             logging.info("[%s] gate (mean over seeds): %s", task_name, gates[task_name]["mean"])
+    # In the config's task order, kept entries among them.
+    compute = {t: compute[t] for t in order if t in compute}
+    gates = {t: gates[t] for t in order if t in gates}
     if out_dir is None:
         return {"compute": compute, "gates": gates}
     results.write_json(os.path.join(workdir, "compute.json"), compute)
