@@ -45,12 +45,17 @@ def start(config) -> None:
     if processes != 1 and not jax.distributed.is_initialized():
         # CPU processes reach each other's devices through gloo (no effect on GPU or TPU).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        previous = signal.getsignal(signal.SIGTERM)
         if processes == 0:  # TPU pod slices, SLURM, Open MPI: the cluster describes itself
             jax.distributed.initialize()
         else:
             jax.distributed.initialize(
                 train.coordinator_address, num_processes=processes, process_id=train.process_id
             )
+        if jax.process_count() == 1 and previous is not None:
+            # JAX's preemption notifier took SIGTERM, and a cluster of one process never asks
+            # it: SIGTERM goes back to the handler it had (main.py's, which saves and stops).
+            signal.signal(signal.SIGTERM, previous)
     if jax.process_count() > 1:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, _record_signal)

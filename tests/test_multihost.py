@@ -147,3 +147,68 @@ def test_a_second_signal_ends_a_process_of_several_at_once():
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert (done.returncode, done.stdout) == (-signal.SIGTERM, "kept True\n"), done.stderr[-2000:]
+
+
+# main.py, where process 1 receives SIGTERM just after its first task's last chunk.
+SIGNAL_AFTER_FIRST_TASK = """
+import runpy, signal, sys
+from fusion_jax import runtime
+from fusion_jax.train import loop
+if sys.argv[1] == "1":
+    train_task = loop.train_task
+
+    def then_signalled(*args):
+        records = train_task(*args)
+        runtime._record_signal(signal.SIGTERM, None)
+        return records
+
+    loop.train_task = then_signalled
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_signal_between_tasks_stops_both_before_the_next_task(tmp_path):
+    workdir = str(tmp_path / "two")
+    procs = _two_processes(
+        workdir, ["-c", SIGNAL_AFTER_FIRST_TASK, "{process}"], "--config.tasks=x_plus_y,x_minus_y"
+    )
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [-15, -15], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "20" in os.listdir(os.path.join(workdir, "x_plus_y", "checkpoints"))
+    assert not os.path.exists(os.path.join(workdir, "x_minus_y"))
+
+
+def test_sigterm_stops_a_run_on_a_cluster_of_one_process(tmp_path):
+    # num_processes=0 under Open MPI's variables, as `mpirun -n 1` sets them: JAX joins a
+    # cluster of one process, whose preemption notifier must not keep SIGTERM from main.py.
+    env = dict(
+        os.environ,
+        OMPI_MCA_orte_hnp_uri="4096.0;tcp://127.0.0.1:1",
+        OMPI_COMM_WORLD_SIZE="1",
+        OMPI_COMM_WORLD_RANK="0",
+        OMPI_COMM_WORLD_LOCAL_RANK="0",
+        JAX_COORDINATOR_PORT=str(_free_port()),
+    )
+    workdir = str(tmp_path / "one")
+    proc = subprocess.Popen(
+        [
+            sys.executable, os.path.join(ROOT, "main.py"), "--config=configs/baseline.py:tiny",
+            f"--workdir={workdir}", "--config.train.num_processes=0", "--config.num_steps=400",
+            "--config.train.checkpoint_every=400",
+        ],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "[x_plus_y] step 10/400" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + proc.communicate(timeout=300)[0]
+    watchdog.cancel()
+    assert "1 process(es)" in output and proc.returncode == -15, output[-3000:]
+    (saved,) = os.listdir(os.path.join(workdir, "x_plus_y", "checkpoints"))
+    assert 10 <= int(saved) < 400

@@ -203,6 +203,27 @@ def test_a_chunk_is_timed_without_its_compile(tmp_path, monkeypatch):
     assert len(rates) == 2 and rates[0] > 20, rates
 
 
+def test_a_chunk_that_ran_inside_its_call_is_timed_from_the_call(tmp_path, monkeypatch):
+    # Synchronous dispatch (a profiler, async dispatch off): the call returns with the results,
+    # 2 s after it began. Timed from its return, the speed would be absurd and pick the longest
+    # chunks; from the call, it is at most 10 / 2 = 5 steps/s.
+    make_chunk_fn, rates = steps.make_chunk_fn, []
+
+    def synchronous(*args):
+        chunk_fn = make_chunk_fn(*args)
+
+        def call(*inputs):
+            time.sleep(2)
+            return jax.block_until_ready(chunk_fn(*inputs))
+
+        return call
+
+    monkeypatch.setattr(steps, "make_chunk_fn", synchronous)
+    monkeypatch.setattr(loop, "piece_steps", lambda rate, *args: rates.append(rate) or args[-1])
+    loop.train(tiny(), str(tmp_path))
+    assert len(rates) == 2 and all(r <= 5 for r in rates), rates
+
+
 def _lm_fuse_config():
     config = lm_fuse_config.get_config()
     config.models = f"{LLAMA},{LLAMA}"

@@ -191,10 +191,13 @@ def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, recor
             state, metrics = chunk_fns[intervals](state, data, run_keys)
             # Dispatch is asynchronous: the call returns once the program is compiled and
             # queued, so a chunk that compiled is timed from there, and a new chunk length is
-            # chosen after every chunk (a stop waits for the chunk under way).
+            # chosen after every chunk (a stop waits for the chunk under way). Results already
+            # there mean it ran inside the call (a profiler, synchronous dispatch): from `tic`.
             started = time.perf_counter()
+            ran_in_call = jax.tree.leaves(metrics)[0].is_ready()
             metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-            rate = n / max(time.perf_counter() - (started if compiled else tic), 1e-9)
+            since = started if compiled and not ran_in_call else tic
+            rate = n / max(time.perf_counter() - since, 1e-9)
             _check_finite(setup.task.name, step + n, metrics)
             new = _records(metrics, step, t.eval_every, setup.seeds)
             if log_path:
@@ -272,7 +275,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dic
     The config is validated and bound to the workdir first (fusion_jax/workdir.py).
     """
     with workdir_lib.claim(config, workdir):
-        return {
-            name: train_task(config, workdir, name)
-            for name in tasks_lib.parse_task_names(config.tasks)
-        }
+        records = {}
+        for name in tasks_lib.parse_task_names(config.tasks):
+            # A signal that reached a process of several after the last chunk of the task before
+            # stops them all here, rather than after this task's set-up, compile and first chunk.
+            runtime.wait_for_all(f"start of {name}")
+            records[name] = train_task(config, workdir, name)
+        return records
