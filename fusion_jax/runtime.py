@@ -100,9 +100,9 @@ def agree(*values: int) -> tuple[tuple[int, ...], int]:
 
 def wait_for_all(name: str) -> None:
     """Returns when every process of a multi-process run has reached this point, so that they
-    shut jax.distributed down together (one process exiting early times the others out). A
-    signal any process received after the last chunk then ends every process by it, rather than
-    with status 0."""
+    shut jax.distributed down together (one process exiting early times the others out), or
+    start the next task together. A signal any process has received since the last chunk then
+    ends every process by it, rather than with status 0 or after the next task's first chunk."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
         if signum := agree()[1]:
