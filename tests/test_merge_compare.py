@@ -14,7 +14,7 @@ import pytest
 from configs import compare as compare_config
 from fusion_jax import merging, modes
 from fusion_jax.data import tasks
-from fusion_jax.evaluate import plots
+from fusion_jax.evaluate import comparisons, plots
 from fusion_jax.experiments import merge_compare, stages
 from fusion_jax.models.transformer import Transformer, TransformerConfig
 
@@ -70,7 +70,8 @@ def test_every_method_has_a_row_with_standard_errors(compared):
             assert row[key] == pytest.approx(np.mean(values))
             assert row[f"{key}_stderr"] == pytest.approx(np.std(values, ddof=1) / np.sqrt(2))
         assert (
-            f"| {row['method']} | {stages.mean_se(row['per_seed']['x_plus_y_acc'])} / " in markdown
+            f"| {row['method']} | {comparisons.mean_se(row['per_seed']['x_plus_y_acc'])} / "
+            in markdown
         )
         assert 0 <= row["mean_acc"] <= 1 and 0 <= row["mean_train_acc"] <= 1
         assert row["mean_loss"] > 0

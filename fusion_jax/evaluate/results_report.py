@@ -12,7 +12,9 @@ For each workdir this writes `results/<name>/`, where `<name>` is the config's `
   beside the source's numbers, with a verdict per task), and for fusion models the gate analysis
   (`gate_analysis.json`, `gate_heatmap_<task>.png`) and `compute.json`, as `--mode=analyze`
   wrote them.
-* Experiment workdirs (configs/compare.py, ...): `config.json` and the comparison files.
+* Experiment workdirs (configs/compare.py, configs/lm_study.py): `config.json` and the
+  comparison files, with `comparison.md` rendered anew from `comparison.json`
+  (fusion_jax/evaluate/comparisons.py).
 * Every folder gets `run.json` (name, title, kind, source workdir, device where known), and
   `results/index.md` lists every folder present in `results/`.
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
-from fusion_jax.evaluate import results
+from fusion_jax.evaluate import comparisons, results
 from fusion_jax.train import logs
 
 REFERENCE_DIR = os.path.dirname(compare_lib.REFERENCE)
@@ -467,8 +469,12 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     return table
 
 
-def write_experiment_run(workdir: str, run_dir: str) -> None:
+def write_experiment_run(workdir: str, run_dir: str, kind: str) -> None:
+    """The experiment's files, with comparison.md rendered anew from its comparison.json."""
     _mirror(workdir, run_dir, list(COMPARISON_FILES))
+    data, render = os.path.join(workdir, "comparison.json"), comparisons.MARKDOWN.get(kind)
+    if render and os.path.exists(data):
+        _write_text(os.path.join(run_dir, "comparison.md"), render(_read_json(data)))
 
 
 def _run_lines(out_dir: str, name: str) -> list[str]:
@@ -576,7 +582,7 @@ def write_results(
         if kind is None:
             tables[name] = write_grokking_run(name, workdir, config, run_dir, seed_runs, plots)
         else:
-            write_experiment_run(workdir, run_dir)
+            write_experiment_run(workdir, run_dir, kind)
         results.write_json(os.path.join(run_dir, "run.json"), info)
     write_index(out_dir)
     return tables

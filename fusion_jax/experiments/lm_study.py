@@ -34,7 +34,8 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
-from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take, train_in_chunks
+from fusion_jax.evaluate.comparisons import study_markdown
+from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_in_chunks
 from fusion_jax.merging import dam
 from fusion_jax.models import lm, lm_fusion
 
@@ -572,45 +573,11 @@ def run(config, workdir: str) -> dict:
     }
     results.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(comparison_markdown(out))
+        f.write(study_markdown(out))
     plot_frontier(out, os.path.join(workdir, "frontier.png"))
     plot_routing(out, os.path.join(workdir, "routing.png"))
     plot_gate_tokens(study, fusion_model, fusion_frozen, os.path.join(workdir, "gate_tokens.png"))
     return out
-
-
-def comparison_markdown(out: dict) -> str:
-    names = out["domains"]
-    lines = [
-        f"Validation bits per byte per domain (mean ± standard error over seeds {out['seeds']}); "
-        f"measured on {out['device']}. Static-merge hyper-parameters were chosen per seed on a "
-        "holdout slice of the training documents. Training FLOPs: the whole pipeline the method "
-        "needs, per seed (base, experts, its own training).",
-        "",
-        "| method | " + " | ".join(names) + " | mean | params | FLOPs/token | tokens/s "
-        "| training FLOPs |",
-        "|---|" + "---|" * (len(names) + 5),
-    ]
-    for row in out["rows"]:
-        cells = [mean_se(row["bits_per_byte"][d]) for d in names]
-        lines.append(
-            f"| {row['method']} | " + " | ".join(cells)
-            + f" | {mean_se(row['mean_bits_per_byte'])} | {row['params']} "
-            f"| {row['flops_per_token']:.3g} | {row['tokens_per_s']:.3g} "
-            f"| {row['training_flops']:.3g} |"
-        )  # fmt: skip
-    lines += ["", "Gate routing on each domain's validation text (mean gate weight per expert; "
-              "rows: text domain, columns: experts), seed mean:", ""]  # fmt: skip
-    for name, r in out["routing"].items():
-        w = np.mean(np.asarray(r["mean_gate_weight"]), 0)
-        lines += [f"**{name}** — top expert is the text's own: "
-                  f"{mean_se(r['top_is_own_expert'])} of tokens", "",
-                  "| text \\ expert | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]  # fmt: skip
-        lines += [f"| {d} | " + " | ".join(f"{x:.3f}" for x in w[i]) + " |"
-                  for i, d in enumerate(names)]  # fmt: skip
-        lines.append("")
-    return "\n".join(lines) + "\n"
 
 
 def plot_frontier(out: dict, path: str) -> None:

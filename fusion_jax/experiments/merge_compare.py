@@ -36,7 +36,8 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, plots, results
-from fusion_jax.experiments.stages import Stages, flops_of, mean_se, stack, take, train_in_chunks
+from fusion_jax.evaluate.comparisons import mean_se, merge_markdown
+from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_in_chunks
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
@@ -565,7 +566,7 @@ def report(p: Pipeline, rows, searches, coeffs) -> dict:
     workdir = os.path.dirname(p.stages.dir)
     results.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as fh:
-        fh.write(to_markdown(out))
+        fh.write(merge_markdown(out))
     plots.plot_frontier(
         [(r["method"], r["flops_per_example"], r["per_seed"]["mean_acc"]) for r in rows],
         os.path.join(workdir, "frontier.png"),
@@ -605,45 +606,6 @@ def run(config, workdir: str) -> dict:
                cost["experts"] + cost["fusion_e2e"]),
     ]  # fmt: skip
     return report(p, [score(p, m) for m in methods], searches, coeffs)
-
-
-def to_markdown(out: dict) -> str:
-    names = out["tasks"]
-    metrics = ("mean_acc", "mean_loss", "mean_train_acc")
-    header = ["method"] + [f"{n} acc / loss" for n in names] + [
-        "mean acc", "mean loss", "mean train acc", "params", "FLOPs/example", "examples/s",
-        "training FLOPs",
-    ]  # fmt: skip
-    lines = [
-        "# Static merging and DAM against dynamic fusion",
-        "",
-        f"Validation split of each task, mean ± standard error over {len(out['seeds'])} seeds "
-        f"{out['seeds']} (each seed: its own split, inits and batches; mean train acc: the "
-        f"training split without the held-out slice); measured on {out['device']}. Merge "
-        "hyper-parameters were chosen per seed on a held-out slice of the training split "
-        "(comparison.json lists the grids, the choices and every seed's values). Training "
-        "FLOPs: the method's own training per seed (for end-to-end fusion, the experts' "
-        "fine-tuning too); 0 for merges computed in closed form.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
-    for r in out["rows"]:
-        s = r["per_seed"]
-        cells = [r["method"]]
-        cells += [f"{mean_se(s[f'{n}_acc'])} / {mean_se(s[f'{n}_loss'], 3)}" for n in names]
-        cells += [mean_se(s[m], 3 if m == "mean_loss" else 4) for m in metrics]
-        cells += [str(r["params"]), f"{r['flops_per_example']:.3g}",
-                  f"{r['examples_per_s']:.3g}", f"{r['train_flops']:.3g}"]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Hyper-parameters chosen on the held-out slice, per seed:", ""]
-    for label, search in out["grid_search"].items():
-        chosen = "; ".join(
-            f"seed {seed}: " + ", ".join(f"{k}={v}" for k, v in hp.items())
-            for seed, hp in zip(out["seeds"], search["chosen"], strict=True)
-        )
-        lines.append(f"* {label}: {chosen}")
-    return "\n".join(lines) + "\n"
 
 
 def plot_dam(coeffs, nonlinearity, names, path):

@@ -28,7 +28,6 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from fusion_jax.errors import UserError
-from fusion_jax.evaluate import results
 from fusion_jax.train import checkpoint
 
 IN_PROGRESS = "in_progress"
@@ -225,11 +224,3 @@ def take(tree, i):
     """Every leaf indexed by `i` on its leading axis (an int, a slice or a list of positions)."""
     i = np.asarray(i) if isinstance(i, list) else i
     return jax.tree.map(lambda x: x[i], tree)
-
-
-def mean_se(values, digits: int = 4) -> str:
-    """`mean ± standard error` of per-seed values (just the mean for one seed)."""
-    v = np.asarray(values, float)
-    if len(v) < 2:
-        return f"{v.mean():.{digits}f}"
-    return f"{v.mean():.{digits}f} ± {results.stderr(v):.{digits}f}"
