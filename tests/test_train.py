@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -125,6 +126,23 @@ def test_interrupt_then_resume_equals_uninterrupted(trained, tmp_path, monkeypat
     assert logs.read(os.path.join(tmp_path, "x_plus_y", "metrics.jsonl")) == logs.read(
         os.path.join(trained, "x_plus_y", "metrics.jsonl")
     )
+
+
+def test_a_task_finished_by_its_log_is_not_trained_again_without_checkpoints(trained, tmp_path):
+    # A study carried to a fresh machine by its results/ folder: config.json and the logs.
+    workdir = str(tmp_path / "carried")
+    shutil.copytree(trained, workdir)
+    shutil.rmtree(os.path.join(workdir, "x_plus_y", "checkpoints"))
+    log = os.path.join(workdir, "x_plus_y", "metrics.jsonl")
+    before = open(log).read()
+    records = loop.train(tiny(), workdir)["x_plus_y"]
+    assert open(log).read() == before and records == logs.read(log)
+    assert not os.listdir(os.path.join(workdir, "x_plus_y", "checkpoints"))
+    # A log short of the last step is an unfinished task: it trains from the start.
+    with open(log, "w") as f:
+        f.writelines(line + "\n" for line in before.splitlines()[:-2])
+    loop.train(tiny(), workdir)
+    assert open(log).read() == before
 
 
 def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_results(

@@ -3,7 +3,8 @@
 Resume order (on every start): for each task, restore the newest checkpoint of
 `<workdir>/<task>/checkpoints` that restores (damaged newer ones are named in a warning and
 skipped), drop log records written after it, and continue from its step; a task whose checkpoint
-is at `num_steps` is done and skipped.
+is at `num_steps`, or that has no checkpoint but a log with every seed at `num_steps`, is done and
+skipped.
 """
 
 import dataclasses
@@ -153,6 +154,14 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"), config.train.max_to_keep)
     try:
         found = restore_runs(config, setup, mngr)
+        if found is None and _finished_by_log(config, setup, log_path):
+            # Its checkpoints are gone (a study carried to a fresh machine by its results/
+            # logs): training it again would overwrite the log of a finished task.
+            logging.warning(
+                "[%s] no checkpoint, but its log reaches step %d for every seed: done",
+                task_name, config.num_steps,
+            )  # fmt: skip
+            return logs.read(log_path) if log_path else []
         if found is None:
             state, start = setup.init_runs(), 0
         else:
@@ -167,6 +176,15 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
         mngr.wait_until_finished()
         mngr.close()
     return records
+
+
+def _finished_by_log(config, setup: TaskSetup, log_path: str | None) -> bool:
+    """Whether the task's log has every seed at `num_steps` (process 0's answer: only it keeps
+    the log, and every process must take the same branch)."""
+    logged = logs.read(log_path) if log_path else []
+    seeds = {r["seed"] for r in logged if r["step"] == config.num_steps}
+    (finished,), _ = runtime.agree(int(seeds >= set(setup.seeds)))
+    return bool(finished)
 
 
 def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, records):
