@@ -29,8 +29,7 @@ def load_run(workdir: str) -> dict:
     tasks = [t.strip() for t in config["tasks"].split(",") if t.strip()]
     records = results.read_task_records(workdir, tasks)
     info = results.final_info(records, config["num_steps"], config["eval"]["acc_threshold"])
-    compute_path = os.path.join(workdir, "compute.json")
-    compute = json.load(open(compute_path)) if os.path.exists(compute_path) else {}
+    compute = results.read_json(os.path.join(workdir, "compute.json"), {})
     return {
         "name": config["name"],
         "reference_run": config.get("reference_run"),

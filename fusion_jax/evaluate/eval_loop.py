@@ -1,7 +1,6 @@
 """Evaluation from checkpoints: restore every task's runs and recompute metrics, no training."""
 
 import functools
-import json
 import os
 
 import jax
@@ -30,14 +29,6 @@ def _checkpoint_dir(workdir: str, task_name: str) -> str:
 def _has_checkpoints(workdir: str, task_name: str) -> bool:
     directory = _checkpoint_dir(workdir, task_name)
     return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
-def _earlier(workdir: str, name: str) -> dict:
-    path = os.path.join(workdir, name)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 def restore_task(config, workdir: str, task_name: str, step: int | None = None):
@@ -87,9 +78,9 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     """
     order = tasks_lib.parse_task_names(config.tasks)
     skipped = [t for t in order if step is None and not _has_checkpoints(workdir, t)]
-    compute, gates = _earlier(workdir, "compute.json"), _earlier(workdir, "gate_analysis.json")
-    compute = {t: compute[t] for t in skipped if t in compute}
-    gates = {t: gates[t] for t in skipped if t in gates}
+    # Analysed tasks overwrite their earlier entries; the skipped keep theirs.
+    compute = results.read_json(os.path.join(workdir, "compute.json"), {})
+    gates = results.read_json(os.path.join(workdir, "gate_analysis.json"), {})
     # Every process of a multi-process run restores (collectively); process 0 writes.
     out_dir = workdir if runtime.is_primary() else None
     for task_name in order:
@@ -108,7 +99,7 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
                 **analysis.analyze_gates(setup, state.params, out_dir),
             }
             logging.info("[%s] gate (mean over seeds): %s", task_name, gates[task_name]["mean"])
-    # In the config's task order, kept entries among them.
+    # In the config's task order, entries of tasks no longer in the config dropped.
     compute = {t: compute[t] for t in order if t in compute}
     gates = {t: gates[t] for t in order if t in gates}
     if out_dir is None:

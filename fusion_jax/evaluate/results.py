@@ -67,6 +67,14 @@ def final_info(task_records: dict[str, list[dict]], num_steps: int, threshold: f
     }
 
 
+def read_json(path: str, default=None):
+    """The JSON file at `path`; `default` if it does not exist and one is given."""
+    if default is not None and not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
+
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

@@ -89,11 +89,6 @@ def parse_workdirs(spec) -> list[tuple[str | None, str]]:
     return out
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def _config_tasks(config: dict) -> list[str]:
     return [t.strip() for t in config.get("tasks", "").split(",") if t.strip()]
 
@@ -412,11 +407,11 @@ def _run_info(name: str, workdir: str, config: dict, kind: str) -> dict:
     }
     previous = os.path.join(workdir, "run.json")
     if os.path.exists(previous):  # The workdir is itself a results folder: keep its source.
-        info["source"] = _read_json(previous)["source"]
+        info["source"] = results.read_json(previous)["source"]
     device = None
     for path in (os.path.join(workdir, "compute.json"), os.path.join(workdir, "comparison.json")):
         if os.path.exists(path):
-            data = _read_json(path)
+            data = results.read_json(path)
             device = data.get("device") or next(
                 (v.get("device") for v in data.values() if isinstance(v, dict) and "device" in v),
                 None,
@@ -429,7 +424,7 @@ def _run_info(name: str, workdir: str, config: dict, kind: str) -> dict:
 
 def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) -> dict:
     reference_run = config.get("reference_run")
-    rerun = _read_json(RERUNS[reference_run]) if reference_run in RERUNS else {}
+    rerun = results.read_json(RERUNS[reference_run]) if reference_run in RERUNS else {}
     tasks = _config_tasks(config)
     task_records = {t: logs.read(os.path.join(workdir, t, "metrics.jsonl")) for t in tasks}
     table = run_table(config, task_records, seed_runs, rerun)
@@ -460,7 +455,7 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     }
     _mirror(workdir, run_dir, ["compute.json", "gate_analysis.json", *sorted(heatmaps)])
     if os.path.exists(os.path.join(workdir, "gate_analysis.json")):
-        markdown += gates_markdown(_read_json(os.path.join(workdir, "gate_analysis.json")))
+        markdown += gates_markdown(results.read_json(os.path.join(workdir, "gate_analysis.json")))
     _write_text(os.path.join(run_dir, "table.md"), markdown)
     if plots:
         from fusion_jax.evaluate import plots as plots_lib  # matplotlib only when drawing.
@@ -474,14 +469,14 @@ def write_experiment_run(workdir: str, run_dir: str, kind: str) -> None:
     _mirror(workdir, run_dir, list(COMPARISON_FILES))
     data, render = os.path.join(workdir, "comparison.json"), comparisons.MARKDOWN.get(kind)
     if render and os.path.exists(data):
-        _write_text(os.path.join(run_dir, "comparison.md"), render(_read_json(data)))
+        _write_text(os.path.join(run_dir, "comparison.md"), render(results.read_json(data)))
 
 
 def _run_lines(out_dir: str, name: str) -> list[str]:
     run_dir = os.path.join(out_dir, name)
-    info = _read_json(os.path.join(run_dir, "run.json"))
+    info = results.read_json(os.path.join(run_dir, "run.json"))
     files = sorted(os.listdir(run_dir))
-    config = _read_json(os.path.join(run_dir, "config.json"))
+    config = results.read_json(os.path.join(run_dir, "config.json"))
     lines = [
         f"## [{name}]({name}/): {info['title'] or info['kind']}",
         "",
@@ -489,7 +484,7 @@ def _run_lines(out_dir: str, name: str) -> list[str]:
         f"device: {info['device'] or 'not recorded'}",
     ]
     if os.path.exists(os.path.join(run_dir, "table.json")):
-        table = _read_json(os.path.join(run_dir, "table.json"))
+        table = results.read_json(os.path.join(run_dir, "table.json"))
         lines.append(
             f"* reference: seed_runs.json `{info['reference_run']}`"
             + (" and the published rerun" if table["has_rerun"] else "")
@@ -558,7 +553,7 @@ def write_results(
     for name, workdir in parse_workdirs(workdirs):
         if not os.path.exists(os.path.join(workdir, "config.json")):
             raise UserError(f"{workdir} has no config.json: is it a fusion_jax workdir?")
-        config = _read_json(os.path.join(workdir, "config.json"))
+        config = results.read_json(os.path.join(workdir, "config.json"))
         name = name or config.get("reference_run") or os.path.basename(os.path.normpath(workdir))
         entries.append((name, workdir, config))
     names = [e[0] for e in entries]
@@ -567,7 +562,7 @@ def write_results(
             f"two workdirs would share a results folder ({names}): "
             "name them with name=path in --workdirs"
         )
-    seed_runs = _read_json(seed_runs_path)
+    seed_runs = results.read_json(seed_runs_path)
     tables = {}
     for name, workdir, config in entries:
         run_dir = os.path.join(out_dir, name)

@@ -154,14 +154,15 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
     mngr = checkpoint.manager(os.path.join(directory, "checkpoints"), config.train.max_to_keep)
     try:
         found = restore_runs(config, setup, mngr)
-        if found is None and _finished_by_log(config, setup, log_path):
+        logged = logs.read(log_path) if log_path and found is None else []
+        if found is None and _finished_by_log(config, setup, logged):
             # Its checkpoints are gone (a study carried to a fresh machine by its results/
             # logs): training it again would overwrite the log of a finished task.
             logging.warning(
                 "[%s] no checkpoint, but its log reaches step %d for every seed: done",
                 task_name, config.num_steps,
             )  # fmt: skip
-            return logs.read(log_path) if log_path else []
+            return logged
         if found is None:
             state, start = setup.init_runs(), 0
         else:
@@ -178,10 +179,9 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
     return records
 
 
-def _finished_by_log(config, setup: TaskSetup, log_path: str | None) -> bool:
-    """Whether the task's log has every seed at `num_steps` (process 0's answer: only it keeps
-    the log, and every process must take the same branch)."""
-    logged = logs.read(log_path) if log_path else []
+def _finished_by_log(config, setup: TaskSetup, logged: list[dict]) -> bool:
+    """Whether the task's log records have every seed at `num_steps` (process 0's answer: only
+    it keeps the log, and every process must take the same branch)."""
     seeds = {r["seed"] for r in logged if r["step"] == config.num_steps}
     (finished,), _ = runtime.agree(int(seeds >= set(setup.seeds)))
     return bool(finished)
