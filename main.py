@@ -4,6 +4,7 @@ python main.py --config=configs/dyn_fusion.py --workdir=runs/dyn_fusion
 python main.py --config=configs/baseline.py:quick --workdir=runs/quick --config.num_steps=300
 python main.py --workdir=runs/baseline --mode=eval --step=7500
 python main.py --mode=compare --workdir=runs/cmp --workdirs=runs/baseline,runs/dyn_fusion
+python main.py --mode=fetch --model=smollm2
 
 Plain user errors (a bad flag or config value, a missing workdir, ...) print one line starting
 with `error:` and exit with status 1; other exceptions are bugs and keep their traceback. Ctrl-C
@@ -26,7 +27,7 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and result
 flags.DEFINE_enum("mode", "train", sorted(modes.MODES), "What to do with the config.")
 flags.DEFINE_integer("step", None, "Checkpoint step for --mode=eval|analyze (default: the latest).")
 flags.DEFINE_string("workdirs", "", "--mode=compare|results: finished workdirs, comma-separated.")
-flags.mark_flags_as_required(["workdir"])
+flags.DEFINE_string("model", None, "--mode=fetch: the pretrained model to download by name.")
 
 
 def _lines(text: str) -> list[str]:
@@ -54,13 +55,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.workdir is None and FLAGS.mode not in modes.NO_WORKDIR:
+        sys.exit(f"error: --workdir is required for --mode={FLAGS.mode}")
     # Orbax logs every save step at INFO; keep the console to our progress lines.
     logging.get_absl_handler().addFilter(lambda record: "orbax" not in record.pathname)
     signal.signal(signal.SIGTERM, runtime.raise_interrupt)
     with runtime.exit_on_interrupt(checkpoint.wait_for_saves):
         try:
             modes.MODES[FLAGS.mode](
-                FLAGS.config, FLAGS.workdir, step=FLAGS.step, workdirs=FLAGS.workdirs
+                FLAGS.config,
+                FLAGS.workdir,
+                step=FLAGS.step,
+                workdirs=FLAGS.workdirs,
+                model=FLAGS.model,
             )
         except (UserError, FileNotFoundError) as e:
             # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).

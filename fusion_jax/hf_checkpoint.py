@@ -10,7 +10,11 @@ asked for; writes go through `ShardWriter`, which plans shard boundaries up fron
 (replacing any such files already there). A folder holding both forms is read from
 `model.safetensors`, as transformers reads it.
 
-Local directories only: nothing here reaches a model hub.
+A `.gguf` file stands wherever a directory does (`read_config`, `open_tensors`, `load`,
+`check_compatible`, `copy_side_files`, ...): fusion_jax/gguf_checkpoint.py presents it under the
+same Hugging Face names and layouts, dequantized to float32.
+
+Local paths only: nothing here reaches a model hub.
 """
 
 import dataclasses
@@ -26,6 +30,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from fusion_jax import gguf_checkpoint
 from fusion_jax.errors import UserError
 from fusion_jax.models.lm import LanguageModel, LMConfig
 
@@ -154,7 +159,9 @@ def _need(path: str) -> str:
 
 
 def read_config(directory: str) -> dict:
-    """The parsed config.json of a checkpoint directory."""
+    """The parsed config.json of a checkpoint directory (made from a GGUF file's metadata)."""
+    if gguf_checkpoint.is_gguf(directory):
+        return gguf_checkpoint.open_gguf(directory).hf_config()
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
     with open(_need(os.path.join(directory, "config.json"))) as f:
@@ -164,6 +171,9 @@ def read_config(directory: str) -> dict:
 def eos_token_ids(directory: str) -> tuple[int, ...]:
     """The end-of-sequence ids generation stops at: generation_config.json's, else config.json's
     (as transformers' generate reads them); an int or a list there, () when neither names one."""
+    if gguf_checkpoint.is_gguf(directory):
+        eos = read_config(directory).get("eos_token_id")
+        return () if eos is None else (eos,)
     for name in ("generation_config.json", "config.json"):
         path = os.path.join(directory, name)
         if os.path.exists(path):
@@ -219,11 +229,22 @@ class TensorReader:
             return f.get_tensor(name)
 
 
+def open_tensors(path: str):
+    """The lazy tensor reader of a checkpoint directory (`TensorReader`) or GGUF file (its
+    `GGUFFile`, which reads the same way)."""
+    if gguf_checkpoint.is_gguf(path):
+        return gguf_checkpoint.open_gguf(path)
+    return TensorReader(path)
+
+
 def sha256_files(directory: str) -> dict[str, str]:
-    """sha256 of every regular file directly in `directory`, by file name."""
+    """sha256 of every regular file directly in `directory` (or of the file `directory`), by
+    file name."""
     out = {}
-    for name in sorted(os.listdir(directory)):
-        path = os.path.join(directory, name)
+    is_file = os.path.isfile(directory)
+    names = [os.path.basename(directory)] if is_file else sorted(os.listdir(directory))
+    for name in names:
+        path = directory if is_file else os.path.join(directory, name)
         if os.path.isfile(path):
             h = hashlib.sha256()
             with open(path, "rb") as f:
@@ -290,7 +311,7 @@ def parameter_names(directory: str) -> tuple[LMConfig, Layout, dict[str, tuple[s
     Every problem (missing, unexpected, wrong shape) is collected and reported in one error.
     """
     config = LMConfig.from_hf(read_config(directory))
-    reader = TensorReader(directory)
+    reader = open_tensors(directory)
     layout = layout_for(config, reader.files)
     expected = abstract_params(config)
     found, errors = {}, []
@@ -325,7 +346,7 @@ def load(directory: str, dtype: str | None = None) -> tuple[LMConfig, dict]:
     """(config, params) of a checkpoint directory; params as NumPy arrays in the stored dtype,
     or cast to `dtype` ("float32", "bfloat16", "float16")."""
     config, _, names = parameter_names(directory)
-    reader = TensorReader(directory)
+    reader = open_tensors(directory)
     flat = {}
     for path, (name, kind) in names.items():
         x = reader.get(name)
@@ -406,9 +427,16 @@ _NOT_COPIED = {"config.json", "README.md", ".gitattributes"}
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:
-    """Copies every non-weight file but `_NOT_COPIED` (tokenizer, generation config, ...)."""
+    """Copies every non-weight file but `_NOT_COPIED` (tokenizer, generation config, ...); from
+    a GGUF file, writes the tokenizer files that its metadata describes."""
     copied = []
     os.makedirs(dst, exist_ok=True)
+    if gguf_checkpoint.is_gguf(src):
+        for name, content in gguf_checkpoint.open_gguf(src).side_files().items():
+            with open(os.path.join(dst, name), "w", encoding="utf-8") as f:
+                f.write(content if isinstance(content, str) else json.dumps(content, indent=2))
+            copied.append(name)
+        return copied
     for name in sorted(os.listdir(src)):
         path = os.path.join(src, name)
         if os.path.isfile(path) and name not in _NOT_COPIED and not _WEIGHT_FILE.match(name):
@@ -472,7 +500,7 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
     first, rest = directories[0], directories[1:]
     config, _, _ = parameter_names(first)
     hf_config = read_config(first)
-    reader = TensorReader(first)
+    reader = open_tensors(first)
     names = list(reader.files)
     shapes = {n: reader.shape_dtype(n)[0] for n in names}
     for other in rest:
@@ -486,7 +514,7 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
                     f"models differ in config field {field.name!r}: {a!r} in {first} "
                     f"but {b!r} in {other}"
                 )
-        r = TensorReader(other)
+        r = open_tensors(other)
         for name in names:
             if name not in r.files:
                 raise UserError(f"models differ: tensor {name!r} is in {first} but not in {other}")

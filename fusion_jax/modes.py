@@ -9,7 +9,7 @@ import os
 
 import ml_collections
 
-from fusion_jax import config_rules, runtime
+from fusion_jax import config_rules, pretrained, runtime
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
@@ -147,7 +147,21 @@ def generate(config, workdir: str, **_):
     return lm_fuse.generate(config, workdir)
 
 
+def fetch(config, workdir, model: str | None = None, **_):
+    """Downloads a pretrained model by name (fusion_jax/pretrained.py) and prints its path."""
+    del config, workdir  # The model goes to the cache, whatever the workdir.
+    if not model:
+        raise UserError(f"--mode=fetch needs --model: one of {', '.join(pretrained.MODELS)}")
+    path = pretrained.fetch(model)
+    print(path)
+    return path
+
+
+# Modes that need no --workdir.
+NO_WORKDIR = ("fetch",)
+
 MODES = {
+    "fetch": fetch,
     "train": train,
     "eval": evaluate,
     "analyze": analyze,

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from fusion_jax import gguf_checkpoint
 from fusion_jax.errors import UserError
 
 # fortune(6) writes a binary `.dat` index beside every text file; it is never text.
@@ -181,6 +182,10 @@ class ByteTokenizer:
         data = bytes(i for i in map(int, ids) if 0 <= i < 256)
         return data.decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> np.ndarray:
+        """`[V]` UTF-8 bytes that each token id stands for: 1 for a byte, 0 for a special."""
+        return (np.arange(self.vocab_size) < 256).astype(np.int32)
+
 
 def _config_eos_token(directory: str) -> str | None:
     """The "eos_token" of a tokenizer_config.json in `directory`, if there is one."""
@@ -207,13 +212,18 @@ class HFTokenizer:
     def __init__(self, path: str, eos_token: str | None = None):
         from tokenizers import Tokenizer  # Imported here: the byte tokenizer does not need it.
 
-        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"no tokenizer.json at {path!r}")
-        self._tokenizer = Tokenizer.from_file(file)
+        if gguf_checkpoint.is_gguf(path):  # the tokenizer its metadata describes
+            source = gguf_checkpoint.open_gguf(path)
+            self._tokenizer = source.tokenizer()
+            eos_token = eos_token or source.special_token("eos_token_id")
+        else:
+            file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"no tokenizer.json at {path!r}")
+            self._tokenizer = Tokenizer.from_file(file)
+            if eos_token is None:
+                eos_token = _config_eos_token(os.path.dirname(os.path.abspath(file)))
         self.vocab_size = self._tokenizer.get_vocab_size()
-        if eos_token is None:
-            eos_token = _config_eos_token(os.path.dirname(os.path.abspath(file)))
         self.eos_id = None
         if eos_token is not None:
             self.eos_id = self._tokenizer.token_to_id(eos_token)
@@ -243,6 +253,10 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         """Drops special tokens, as `ByteTokenizer.decode` does."""
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def token_bytes(self) -> np.ndarray:
+        """`[V]` UTF-8 bytes that each token id stands for (0 for special tokens)."""
+        return gguf_checkpoint.token_bytes(self._tokenizer)
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

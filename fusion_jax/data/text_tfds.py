@@ -63,11 +63,15 @@ def windows_config(domain: str, files, record_separator, tokenizer, seq_len, spl
 
 
 def _file_sha(spec: str) -> str | None:
+    """sha256 of a tokenizer.json (or of the GGUF file whose metadata holds the tokenizer)."""
     path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
         return None
+    h = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def split_docs(docs, seed, val_fraction, holdout_fraction) -> dict[str, list[str]]:

@@ -96,8 +96,8 @@ def streaming_merge(
         # The writer replaces the weight files there before the inputs are read.
         raise UserError(f"the output directory {out_dir} is one of the inputs; write elsewhere")
     _, hf_config, names = hc.check_compatible(inputs)
-    readers = [hc.TensorReader(d) for d in models]
-    base_reader = hc.TensorReader(base) if base else None
+    readers = [hc.open_tensors(d) for d in models]
+    base_reader = hc.open_tensors(base) if base else None
     ref = base_reader or readers[0]
     # Only the merges that use a base read it (a base given to weight_average is just checked).
     merge_base = base_reader if method in merging.NEEDS_BASE else None
