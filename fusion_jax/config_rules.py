@@ -22,12 +22,12 @@ from typing import Any
 
 import jax
 
-from fusion_jax import hf_checkpoint, merging, models
+from fusion_jax import hf_checkpoint, merging, models, pretrained
 from fusion_jax.data import domains, text
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
-from fusion_jax.models import fusion
+from fusion_jax.models import fusion, lm_fusion
 from fusion_jax.models.lm import LMConfig
 
 
@@ -338,6 +338,8 @@ LM_STUDY = {
     "data.max_eval_windows": integer(0),
     "data.capped_windows": choice("spread", "first"),
     "data.tfds_dir": TEXT,
+    "data.expert_domains": TEXT,
+    "model.base": TEXT,
     "model.num_layers": integer(1),
     "model.dim": integer(1),
     "model.num_heads": integer(1),
@@ -351,6 +353,7 @@ LM_STUDY = {
     "train.base_steps": integer(1),
     "train.expert_steps": integer(1),
     "train.expert_learning_rate": POSITIVE,
+    "train.experts_in_sequence": FLAG,
     "train.fusion_steps": integer(1),
     "train.fusion_learning_rate": POSITIVE,
     "train.log_every": integer(1),
@@ -358,11 +361,26 @@ LM_STUDY = {
     "train.require_accelerator": FLAG,
     "fusion.gate_dim": integer(1),
     "fusion.balance_weight": NON_NEGATIVE,
+    "fusion.mix": choice(*lm_fusion.MIXES),
+    "fusion.train_head": FLAG,
+    "fusion.head_decay": NON_NEGATIVE,
+    "fusion.select_windows": integer(0),
     "dam.num_steps": integer(1),
     "dam.batch_size": integer(1),
     "dam.learning_rate": POSITIVE,
+    "dam.inits": Rule(
+        lambda v: (
+            isinstance(v, str)
+            and bool(_split(v))
+            and set(_split(v)) <= set(dam.INITS)
+            and len(set(_split(v))) == len(_split(v))
+        ),
+        f"distinct comma-separated DAM starts among {', '.join(dam.INITS)}",
+    ),
     **MERGE_GRIDS,
     "eval.batch_size": integer(1),
+    "eval.sample_tokens": integer(0),
+    **{f"eval.prompts.{d}": TEXT for d in domains.DOMAINS},
 }
 
 RULES: dict[str | None, dict[str, Rule]] = {
@@ -566,6 +584,22 @@ def _lm_study_domains(config, devices) -> Problem:
     return None
 
 
+def _lm_study_base(config, devices) -> Problem:
+    # A pretrained base is fetched or read before the workdir is bound (`devices` given): a
+    # missing file fails at once, and the windows must fit its positions.
+    if devices is None or not config.model.base:
+        return None
+    base = pretrained.resolve(config.model.base)
+    lm_config = LMConfig.from_hf(hf_checkpoint.read_config(base))
+    if config.model.seq_len > lm_config.max_len:
+        return "model.seq_len", f"at most the base's {lm_config.max_len} positions"
+    experts = _split(config.data.expert_domains)
+    names = [name for name, _, _ in domains.parse_domains(config.data.domains)]
+    if experts and (len(experts) < 2 or not set(experts) <= set(names)):
+        return "data.expert_domains", "'' or 2 or more of the names in config.data.domains"
+    return None
+
+
 def _data_parallel(section: str, only_if: Callable[[Any], bool] = lambda config: True):
     """Cross rule: `<section>.num_devices` within the local devices and dividing
     `<section>.batch_size`."""
@@ -606,7 +640,7 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
                  _data_parallel("dam", lambda config: config.method == "dam")),
     "lm_fuse": (_lm_fuse_top_k, _compatible_checkpoints, _data_parallel("train"),
                 _within_positions("data.seq_len"), _two_documents),
-    "lm_study": (_lm_study_heads, _lm_study_domains),
+    "lm_study": (_lm_study_heads, _lm_study_domains, _lm_study_base),
 }  # fmt: skip
 
 # Fields a workdir's config may change, because they do not change results: "any" change,
@@ -658,6 +692,9 @@ SAFE_CHANGES: dict[str | None, dict[str, str]] = {
         "train.checkpoint_every_secs": "any",
         "data.tfds_dir": "any",
         "train.require_accelerator": "any",
+        # Only the samples table, generated anew by every run.
+        "eval.sample_tokens": "any",
+        **{f"eval.prompts.{d}": "any" for d in domains.DOMAINS},
     },
     "lm_fuse": {
         "train.num_steps": "increase",
@@ -729,6 +766,16 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
         "model.compute_dtype": "float32",
         "model.matmul_precision": "default",
         "data.capped_windows": "first",
+        "data.expert_domains": "",
+        "model.base": "",
+        "train.experts_in_sequence": False,
+        "fusion.mix": "states",
+        "fusion.train_head": True,
+        "fusion.head_decay": 0.0,
+        "fusion.select_windows": 0,
+        "dam.inits": "repository",
+        "eval.sample_tokens": 0,
+        **{f"eval.prompts.{d}": "" for d in domains.DOMAINS},
     },
 }
 

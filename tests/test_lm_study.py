@@ -13,6 +13,7 @@ import pytest
 from configs import lm_fusion as lm_fusion_config
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
+from fusion_jax.experiments.stages import stack
 
 METHODS = [
     "base model (mixture)",
@@ -23,8 +24,10 @@ METHODS = [
     "task arithmetic",
     "TIES",
     "DARE (linear)",
+    "DARE (TIES)",
     "SLERP (lower, upper)",
     "DAM",
+    "DAM, repository init (c = 1/K)",
     "dynamic fusion, frozen experts",
     "dynamic fusion, end to end",
 ]
@@ -133,7 +136,8 @@ def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
 ):
     """Killed three times, after time-based saves: in the experts (domains x seeds, step 10 of
     30), in the frozen-expert fusion (its optimizer skips the frozen experts, step 10 of 60), then
-    in DAM (it skips the experts it merges, step 10 of 20). Each rerun restores the finished
+    in DAM from the average (it skips the experts it merges, step 10 of 20). Each rerun restores
+    the finished
     stages and resumes the stopped one; every bits-per-byte number equals the uninterrupted
     run's, exactly. A stage's end is saved by the stage itself only."""
     config, _, out = study
@@ -155,21 +159,21 @@ def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
     assert saves == [("experts", 20), ("fusion_frozen", 10)]
     assert os.listdir(in_progress) == ["fusion_frozen"]
 
-    saves, resumes = record_progress(stop_after=("dam", 10))
+    saves, resumes = record_progress(stop_after=("dam_average", 10))
     with pytest.raises(KeyboardInterrupt):
         lm_study.run(config, workdir)
     assert resumes == [("fusion_frozen", 10)]
     assert saves == (
         [("fusion_frozen", s) for s in range(20, 60, 10)]
         + [("control", s) for s in range(10, out["control_steps"], 10)]
-        + [("dam", 10)]
+        + [("dam_average", 10)]
     )
-    assert os.listdir(in_progress) == ["dam"]
+    assert os.listdir(in_progress) == ["dam_average"]
 
     saves, resumes = record_progress()
     again = lm_study.run(config, workdir)
-    assert resumes == [("dam", 10)]
-    assert saves == [("fusion_e2e", s) for s in range(10, 60, 10)]
+    assert resumes == [("dam_average", 10)]
+    assert saves == [("dam", 10)] + [("fusion_e2e", s) for s in range(10, 60, 10)]
     assert os.listdir(in_progress) == []
     assert again["control_steps"] == out["control_steps"]
     for a, b in zip(out["rows"], again["rows"], strict=True):
@@ -181,7 +185,9 @@ def test_bits_per_byte_on_a_hand_example():
     tokens = jnp.asarray([[65, 66, text.ByteTokenizer.eos_id, 67, 0]])
     mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])  # the last target is padding
     logits = jnp.zeros((1, 4, v))  # uniform: every target costs ln(v) nats
-    nll, count = lm_study.bpb_sums(logits, tokens, mask)
+    nll, count = lm_study.bpb_sums(
+        logits, tokens, mask, jnp.asarray(text.ByteTokenizer().token_bytes())
+    )
     # Three counted targets (66, EOS, 67); EOS covers no byte, so two bytes.
     assert float(count) == 2.0
     assert math.isclose(float(nll), 3 * math.log(v), rel_tol=1e-6)
@@ -305,3 +311,101 @@ def test_a_cap_keeps_a_seeded_sample_spread_over_the_split():
     assert lm_study._capped(1000, 8, "first", [0, 1, 2]).tolist() == list(range(8))
     for cap in (0, 1000, 2000):  # no cap, or one the split fits
         assert lm_study._capped(1000, cap, "spread", [0]).tolist() == list(range(1000))
+
+
+SPM_GGUF = os.path.join(os.path.dirname(__file__), "fixtures", "gguf_spm", "tokenizer.gguf")
+
+
+def _pretrained_base(tmp_path) -> str:
+    """A tiny random Llama with the 600-piece SentencePiece vocabulary, as a GGUF file."""
+    from fusion_jax import gguf_checkpoint
+    from fusion_jax import hf_checkpoint as hc
+    from fusion_jax.models import lm
+
+    hf = {"model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": True}  # fmt: skip
+    model = lm.LanguageModel(lm.LMConfig.from_hf(hf))
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    folder = str(tmp_path / "base")
+    hc.save(params, hf, folder)
+    path = str(tmp_path / "base.gguf")
+    gguf_checkpoint.write_gguf(path, hc.read_config(folder), hc.open_tensors(folder),
+                               tokenizer_source=SPM_GGUF)  # fmt: skip
+    return path
+
+
+def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
+    tmp_path, record_progress
+):
+    """model.base: a GGUF file with its own tokenizer. The base is not trained (its row scores
+    the file's weights); experts train one after another for the expert domains only, and a kill
+    inside the second resumes it to the same bits; the scored-only domain gets the base as its
+    oracle; samples come from each domain's prompt."""
+    config = _config(tmp_path)
+    lower, upper = (d.split("=")[1] for d in _languages(tmp_path / "text").split(","))
+    config.data.domains = f"en={lower},de={upper},mixed={lower}|{upper}"
+    config.data.expert_domains = "en,de"
+    config.model.base = _pretrained_base(tmp_path)
+    config.train.experts_in_sequence = True
+    config.train.checkpoint_every_secs = 1e-9
+    config.num_seeds = 1
+    workdir = str(tmp_path / "w")
+    saves, _ = record_progress(stop_after=("experts/de", 20))
+    with pytest.raises(KeyboardInterrupt):
+        lm_study.run(config, workdir)
+    assert saves == [("experts/en", 10), ("experts/en", 20), ("experts/en", 30),
+                     ("experts/de", 10), ("experts/de", 20)]  # fmt: skip
+    saves, resumes = record_progress()
+    out = lm_study.run(config, workdir)
+    assert resumes[:2] == [("experts/en", 30), ("experts/de", 20)]
+    assert saves[0] == ("experts/de", 30)
+
+    study = lm_study.Study(config, str(tmp_path / "fresh"))
+    assert study.tokenizer.vocab_size == 600 and study.expert_domain == [0, 1]
+    rows = {r["method"]: r for r in out["rows"]}
+    base = rows["base model (pretrained, untouched)"]
+    from fusion_jax import hf_checkpoint as hc
+
+    _, params = hc.load(config.model.base)
+    direct = study.score(study.plain_logits, stack([params]))[0]
+    np.testing.assert_allclose([base["bits_per_byte"][d][0] for d in study.names], direct)
+    oracle = rows["own expert per domain (oracle routing); the base for mixed"]
+    assert oracle["bits_per_byte"]["mixed"] == base["bits_per_byte"]["mixed"]
+    assert oracle["bits_per_byte"]["en"][0] < base["bits_per_byte"]["en"][0]
+    # Uninterrupted experts equal the resumed ones.
+    fresh_experts = study.experts(study.base())
+    again = lm_study.Study(config, workdir)
+    resumed = again.experts(again.base())
+    for a, b in zip(jax.tree.leaves(fresh_experts), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert set(out["samples"]) == {"en", "de"}  # "mixed" has no prompt
+    assert set(out["samples"]["de"]["continuations"]) == {
+        "base", "expert en", "expert de", "DAM", "TIES", "fusion, frozen experts",
+        "fusion, end to end"}  # fmt: skip
+    routing = np.asarray(out["routing"]["frozen"]["mean_gate_weight"])
+    assert routing.shape == (1, 3, 2)  # seeds, text domains, experts
+
+
+def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path):
+    from fusion_jax import config_rules
+    from fusion_jax.errors import UserError
+
+    config = _config(tmp_path)
+    config.model.base = _pretrained_base(tmp_path)
+    config.model.seq_len = 100
+    with pytest.raises(UserError) as e:
+        config_rules.validate(config, devices=1)
+    assert str(e.value) == "config.model.seq_len=100: must be at most the base's 64 positions"
+    config.model.seq_len = 32
+    config.data.expert_domains = "lower"
+    with pytest.raises(UserError) as e:
+        config_rules.validate(config, devices=1)
+    assert str(e.value) == (
+        "config.data.expert_domains='lower': must be '' or 2 or more of the names in "
+        "config.data.domains"
+    )
+    config.model.base = str(tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        config_rules.validate(config, devices=1)

@@ -55,14 +55,22 @@ def merge_markdown(out: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell: pipes escaped, line breaks shown as ⏎."""
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
+
+
 def study_markdown(out: dict) -> str:
-    """comparison.md of configs/lm_study.py from its comparison.json."""
+    """comparison.md of configs/lm_fusion.py from its comparison.json."""
     names = out["domains"]
+    experts = out.get("experts", names)
+    base = out.get("base", "trained here")
     lines = [
         f"Validation bits per byte per domain (mean ± standard error over seeds {out['seeds']}); "
-        f"measured on {out['device']}. Static-merge hyper-parameters were chosen per seed on a "
-        "holdout slice of the training documents. Training FLOPs: the whole pipeline the method "
-        "needs, per seed (base, experts, its own training).",
+        f"measured on {out['device']}. Base: {base}. Static-merge hyper-parameters were chosen "
+        "per seed on a holdout slice of the training documents. Training FLOPs: the whole "
+        "pipeline the method needs, per seed (base, experts, its own training; a pretrained "
+        "base's pretraining is not counted).",
         "",
         "| method | " + " | ".join(names) + " | mean | params | FLOPs/token | tokens/s "
         "| training FLOPs |",
@@ -76,16 +84,34 @@ def study_markdown(out: dict) -> str:
             f"| {row['flops_per_token']:.3g} | {row['tokens_per_s']:.3g} "
             f"| {row['training_flops']:.3g} |"
         )  # fmt: skip
+    chosen = [r for r in out["rows"] if r.get("hparams")]
+    if chosen:
+        lines += ["", "Hyper-parameters chosen on the holdout slice, per seed:", ""]
+        for r in chosen:
+            per_seed = [", ".join(f"{k}={v}" for k, v in hp.items()) for hp in r["hparams"]]
+            lines.append(f"* {r['method']}: " + "; ".join(per_seed))
     lines += ["", "Gate routing on each domain's validation text (mean gate weight per expert; "
               "rows: text domain, columns: experts), seed mean:", ""]  # fmt: skip
     for name, r in out["routing"].items():
         w = np.mean(np.asarray(r["mean_gate_weight"]), 0)
         lines += [f"**{name}** — top expert is the text's own: "
                   f"{mean_se(r['top_is_own_expert'])} of tokens", "",
-                  "| text \\ expert | " + " | ".join(names) + " |",
-                  "|---|" + "---|" * len(names)]  # fmt: skip
+                  "| text \\ expert | " + " | ".join(experts) + " |",
+                  "|---|" + "---|" * len(experts)]  # fmt: skip
         lines += [f"| {d} | " + " | ".join(f"{x:.3f}" for x in w[i]) + " |"
                   for i, d in enumerate(names)]  # fmt: skip
+        lines.append("")
+    for name, c in out.get("fusion_selection", {}).items():
+        curve = np.asarray(c["holdout_bits_per_byte"], float)
+        kept = [c["steps"][int(np.nanargmin(seed))] for seed in curve]
+        lines += [f"Fusion ({name}) on the holdout selection slice, seed mean, by step: "
+                  + ", ".join(f"{s}: {v:.4f}" for s, v in zip(c["steps"], curve.mean(0),
+                                                              strict=True))
+                  + f"; step kept per seed: {kept}", ""]  # fmt: skip
+    for domain, sample in out.get("samples", {}).items():
+        lines += [f"Greedy continuations on {domain} (seed 0) of: {_cell(sample['prompt'])}", "",
+                  "| model | continuation |", "|---|---|"]  # fmt: skip
+        lines += [f"| {label} | {_cell(t)} |" for label, t in sample["continuations"].items()]
         lines.append("")
     return "\n".join(lines) + "\n"
 

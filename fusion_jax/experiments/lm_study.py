@@ -1,19 +1,27 @@
 """Language-model study: domain experts fused per token against every merge, DAM and ensembles.
 
     python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick
+    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2
 
-Stages (Orbax, `<workdir>/stages/<name>`; a rerun restores finished ones), every one training all
-seeds as one vmapped program (the experts: all domains x seeds at once):
-  base (byte-level Llama on the mixture of domains) -> experts (one per domain, fine-tuned from
-  the base) -> fusion_frozen (gated fusion over the frozen experts) -> control (the base trained
-  on for the FLOPs the experts and the frozen fusion cost) -> dam (coefficients) -> fusion_e2e
-  (gated fusion, experts trained too).
+The base is either trained here (a byte-level Llama on the mixture of domains, `model.base=""`)
+or a pretrained checkpoint (`model.base`: a folder, a .gguf file or a name that
+fusion_jax/pretrained.py fetches, e.g. "smollm2"), loaded and not trained, with its own
+tokenizer. Stages (Orbax, `<workdir>/stages/<name>`; a rerun restores finished ones):
+  base (trained, or loaded) -> experts (one per domain of `data.expert_domains`, fine-tuned from
+  the base; all at once as one vmapped program, or one after another with
+  `train.experts_in_sequence` when K models with Adam state do not fit) -> fusion_frozen (gated
+  fusion over the frozen experts) -> control (the base trained on for the FLOPs the experts and
+  the frozen fusion cost) -> dam_average / dam (DAM coefficients from the weight average, and
+  from the DAM repository's start) -> fusion_e2e (gated fusion, experts trained too).
 Training inside a stage (DAM's included) is saved every `train.checkpoint_every_secs` and on
-Ctrl-C (SIGTERM), and a rerun resumes it to the same bits. Then every method is scored on each
-domain's validation windows in bits per byte; static-merge hyper-parameters are chosen per seed
-on a holdout slice of the training documents. Writes `comparison.{md,json}`, `frontier.png`,
-`routing.png` (mean gate weight per expert on each domain) and `gate_tokens.png` (the gate over a
-paragraph that switches domain half way).
+Ctrl-C (SIGTERM), and a rerun resumes it to the same bits. Fusion keeps, per seed, the step whose
+parameters score best on a slice of the holdout text (step 0, its start, included). Then every
+method is scored on each domain's validation windows in bits per byte (summed NLL over the UTF-8
+bytes the target tokens stand for, so BPE and byte models compare); static-merge
+hyper-parameters are chosen per seed on the holdout slice of the training documents. Writes
+`comparison.{md,json}` (with greedy samples per domain), `frontier.png`, `routing.png` (mean gate
+weight per expert on each domain), `gate_tokens.png` (the gate over a paragraph that switches
+domain half way) and `fusion_selection.png` (fusion's holdout curve).
 """
 
 import dataclasses
@@ -29,7 +37,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import merging
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax import merging, pretrained
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
@@ -37,7 +46,7 @@ from fusion_jax.evaluate import results
 from fusion_jax.evaluate.comparisons import study_markdown
 from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_in_chunks
 from fusion_jax.merging import dam
-from fusion_jax.models import lm, lm_fusion
+from fusion_jax.models import decoding, lm, lm_fusion
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -45,6 +54,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fusion_jax.errors import UserError
 
 BYTES = text.ByteTokenizer()
+
+
+def split_list(value: str) -> list[str]:
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def model_config(c) -> lm.LMConfig:
@@ -99,7 +112,8 @@ def _capped(n: int, cap: int, how: str, seed: list[int]) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).permutation(n)[:cap])
 
 
-def load_data(config, workdir: str) -> Data:
+def load_data(config, workdir: str, tokenizer: str = "bytes") -> Data:
+    """Every domain's windows, tokenized by `tokenizer` ("bytes" or a checkpoint's)."""
     d = config.data
     data_dir = os.path.expanduser(d.tfds_dir) if d.tfds_dir else os.path.join(workdir, "tfds")
     names, splits = [], {s: [] for s in text_tfds.SPLITS}
@@ -107,7 +121,7 @@ def load_data(config, workdir: str) -> Data:
             "validation": d.max_eval_windows}  # fmt: skip
     for i, (name, files, sep) in enumerate(domains_lib.parse_domains(d.domains)):
         cfg = text_tfds.windows_config(
-            name, files, sep, "bytes", config.model.seq_len, d.split_seed, d.val_fraction,
+            name, files, sep, tokenizer, config.model.seq_len, d.split_seed, d.val_fraction,
             d.holdout_fraction,
         )  # fmt: skip
         windows = text_tfds.load_windows(cfg, data_dir)
@@ -145,15 +159,20 @@ def sample_mixture(tokens, mask, sizes, key, batch_size):
 
 
 def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg, tokens_per_step,
-          progress, lead_axes=1):  # fmt: skip
-    """Trains `params` (leaves with `lead_axes` leading run axes, keys likewise) for `num_steps`
-    Adam steps; one compiled chunk of `train_cfg.log_every` steps at a time. Returns (params,
-    FLOPs per run).
+          progress, lead_axes=1, save_at_end=False, select=None):  # fmt: skip
+    """Trains `params` (leaves with `lead_axes` leading run axes, 0 for one run; keys likewise)
+    for `num_steps` Adam steps; one compiled chunk of `train_cfg.log_every` steps at a time.
+    Returns (params, FLOPs per run, curve).
 
     `loss_fn(params, batch...)`, `sample_fn(*data, key) -> batch`; batches use
     `fold_in(run key, step)`, so the result does not depend on the chunking. `progress` is
     `Stages.progress` for this training: it resumes from there, and saves there every
-    `train_cfg.checkpoint_every_secs` and when interrupted (`stages.train_in_chunks`).
+    `train_cfg.checkpoint_every_secs`, when interrupted (`stages.train_in_chunks`) and, with
+    `save_at_end` (one part of a stage), once it is done.
+
+    `select(params) -> [runs]` (held-out bits per byte, lower is better), when given, scores the
+    runs before training and after every chunk; each run then returns its best parameters (its
+    start included) and `curve` `[runs, chunks + 1]` holds the scores (None without `select`).
     """
 
     def one_run_chunk(state, run_data, key, n):
@@ -167,34 +186,63 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
         return jax.lax.scan(body, state, None, length=n)
 
     data_axes = 0 if lead_axes == 2 else None  # experts: one domain's data per expert
-    fn = one_run_chunk
+    fn, init = one_run_chunk, tx.init
     for axis in range(lead_axes):
         # The innermost vmap runs over domains when each expert has its own domain's data.
         fn = jax.vmap(fn, in_axes=(0, data_axes if axis == 0 else None, 0, None))
+        init = jax.vmap(init)
     compiled = jax.jit(fn, static_argnums=3)
 
     single = jax.tree.map(lambda x: x[(0,) * lead_axes], params)
     one_data = jax.tree.map(lambda x: x[0], data) if data_axes == 0 else data
     step_state = (single, tx.init(single), jnp.zeros((), jnp.int32))
     step_flops = flops_of(lambda s: one_run_chunk(s, one_data, jax.random.key(0), 1), step_state)
-    init = jax.vmap(tx.init) if lead_axes == 1 else jax.vmap(jax.vmap(tx.init))
     state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
+    chunk = train_cfg.log_every
 
-    def log(losses, done, rate):
+    def step_of(s):
+        return int(np.asarray((s["run"] if select is not None else s)[2]).flat[0])
+
+    def plain_chunk(s, n):
+        return compiled(s, data, keys, n)
+
+    def selecting_chunk(s, n):
+        run, losses = compiled(s["run"], data, keys, n)
+        score = jnp.asarray(select(run[0]), jnp.float32)
+        better = score < s["best_score"]
+
+        def keep(best, new):
+            return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new,
+                             best)  # fmt: skip
+
+        point = -(-int(np.asarray(run[2]).flat[0]) // chunk)
+        return {"run": run, "best": jax.tree.map(keep, s["best"], run[0]),
+                "best_score": jnp.minimum(score, s["best_score"]),
+                "curve": s["curve"].at[..., point].set(score)}, (losses, score)  # fmt: skip
+
+    if select is not None:
+        first = jnp.asarray(select(params), jnp.float32)
+        curve = jnp.full((*keys.shape, -(-num_steps // chunk) + 1), jnp.nan).at[..., 0].set(first)
+        state = {"run": state, "best": params, "best_score": first, "curve": curve}
+
+    def log(metrics, done, rate):
+        losses, score = metrics if select is not None else (metrics, None)
+        held_out = "" if score is None else f"  holdout bpb {float(jnp.mean(score)):.4f}"
         logging.info(
-            "[lm_study] %s step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
-            tag, done, num_steps, float(jnp.mean(losses[..., -1])),
+            "[lm_study] %s step %d/%d  loss %.4f%s  %.0f tokens/s  ETA %.0f s",
+            tag, done, num_steps, float(jnp.mean(losses[..., -1])), held_out,
             rate * tokens_per_step * math.prod(keys.shape), (num_steps - done) / rate,
         )  # fmt: skip
 
-    # Each stage is one training, saved by Stages.run as it ends: no progress save at the end.
     state = train_in_chunks(
-        f"[lm_study] {tag}", lambda s, n: compiled(s, data, keys, n), state, num_steps,
-        chunk=train_cfg.log_every, progress=progress,
-        every_secs=train_cfg.checkpoint_every_secs, step_of=lambda s: int(np.asarray(s[2]).flat[0]),
-        log=log, save_at_end=False,
+        f"[lm_study] {tag}", plain_chunk if select is None else selecting_chunk, state,
+        num_steps, chunk=chunk, progress=progress,
+        every_secs=train_cfg.checkpoint_every_secs, step_of=step_of, log=log,
+        save_at_end=save_at_end,
     )  # fmt: skip
-    return state[0], step_flops * num_steps
+    if select is None:
+        return state[0], step_flops * num_steps, None
+    return state["best"], step_flops * num_steps, state["curve"]
 
 
 def frozen_part(tx, params, frozen_key: str):
@@ -209,9 +257,37 @@ class Study:
 
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
-        self.data = load_data(config, workdir)
+        m = config.model
+        self.base_path = pretrained.resolve(m.base) if m.base else None
+        if self.base_path:
+            loaded = lm.LMConfig.from_hf(hc.read_config(self.base_path))
+            self.cfg = dataclasses.replace(
+                loaded, dtype=m.compute_dtype, matmul_precision=m.matmul_precision
+            )
+        else:
+            self.cfg = model_config(m)
+        spec = self.base_path or "bytes"
+        self.tokenizer = text.load_tokenizer(spec)
+        self.data = load_data(config, workdir, spec)
         self.names = self.data.names
-        self.cfg = model_config(config.model)
+        # The domains that get an expert (all by default); the others are scored only.
+        experts = split_list(config.data.expert_domains) or self.names
+        unknown = sorted(set(experts) - set(self.names))
+        if unknown:
+            raise UserError(f"config.data.expert_domains names {unknown}, not in data.domains")
+        self.expert_names = experts
+        self.expert_domain = [self.names.index(n) for n in experts]
+        largest = max(int(t.max()) for t, _ in self.data.splits["train"])
+        if largest >= self.cfg.vocab_size:
+            raise UserError(
+                f"the tokenizer gives ids up to {largest}, past the model's vocab_size "
+                f"{self.cfg.vocab_size}"
+            )
+        # Bytes of text each target token stands for: the denominator of bits per byte.
+        table = np.zeros(self.cfg.vocab_size, np.float32)
+        token_bytes = self.tokenizer.token_bytes()[: self.cfg.vocab_size]
+        table[: len(token_bytes)] = token_bytes
+        self.token_bytes = jnp.asarray(table)
         self.model = lm.LanguageModel(self.cfg)
         self.seeds = [config.seed + r for r in range(config.num_seeds)]
         self.keys = jax.vmap(jax.random.key)(jnp.asarray(self.seeds))
@@ -223,10 +299,10 @@ class Study:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _progress(self, stage: str):
+    def _progress(self, stage: str, part: str | None = None, seeds=None):
         """Where stage `stage` (the name given to `Stages.run`, which clears it once the stage
-        is saved) keeps its unfinished training."""
-        return functools.partial(self.stages.progress, stage, None, self.seeds)
+        is saved) keeps its unfinished training (of `part` for `seeds`, when in parts)."""
+        return functools.partial(self.stages.progress, stage, part, seeds or self.seeds)
 
     def _init_params(self):
         def one(key):
@@ -239,10 +315,21 @@ class Study:
         t = self.config.train
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, stream))(self.keys)
-        return train(stage, params, self.loss, sample, self.data.padded("train"), keys, num_steps,
-                     self.tx, t, self.tokens_per_step, self._progress(stage))  # fmt: skip
+        trained, flops, _ = train(stage, params, self.loss, sample, self.data.padded("train"),
+                                  keys, num_steps, self.tx, t, self.tokens_per_step,
+                                  self._progress(stage))  # fmt: skip
+        return trained, flops
 
     def base(self):
+        """The base per seed `[R, ...]`: trained on the mixture, or the pretrained checkpoint
+        (the same for every seed; its file's sha256 is bound to the workdir)."""
+        if self.base_path:
+            hc.check_inputs(os.path.join(self.workdir, "base.json"),
+                            hc.input_records([self.base_path]))  # fmt: skip
+            self.stages.once("base", lambda: 0.0)  # pretraining is not counted here
+            _, params = hc.load(self.base_path, "float32")
+            runs = len(self.seeds)
+            return jax.tree.map(lambda x: jnp.broadcast_to(x, (runs, *x.shape)), params)
         abstract = jax.eval_shape(self._init_params)
         return self.stages.run(
             "base",
@@ -250,83 +337,143 @@ class Study:
             abstract,
         )
 
-    def experts(self, base):
-        """Stacked experts: leaves `[R, K, ...]` (seed, domain)."""
-        k = len(self.names)
-        t = self.config.train
+    def _expert_keys(self):
+        """`[R, K]` keys: seed r's stream 2, folded with the expert's index."""
+        experts = jnp.arange(len(self.expert_names))
 
-        def run():
+        def of_seed(key):
+            return jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(key, 2), d))(experts)
+
+        return jax.vmap(of_seed)(self.keys)
+
+    def experts(self, base):
+        """Stacked experts: leaves `[R, K, ...]` (seed, expert domain)."""
+        k = len(self.expert_names)
+        t = self.config.train
+        tx = optax.adam(t.expert_learning_rate)
+        sample = functools.partial(sample_domain, batch_size=t.batch_size)
+
+        def together():
             params = jax.tree.map(
                 lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], k) + x.shape[1:]), base
             )
-            keys = jax.vmap(
-                lambda s: jax.vmap(lambda d: jax.random.fold_in(jax.random.fold_in(s, 2), d))(
-                    jnp.arange(k)
-                )
-            )(self.keys)
-            sample = functools.partial(sample_domain, batch_size=t.batch_size)
-            return train("experts", params, self.loss, sample, self.data.padded("train"), keys,
-                         t.expert_steps, optax.adam(t.expert_learning_rate), t,
-                         self.tokens_per_step, self._progress("experts"), lead_axes=2)  # fmt: skip
+            tokens, mask, sizes = self.data.padded("train")
+            rows = jnp.asarray(self.expert_domain)
+            trained, flops, _ = train("experts", params, self.loss, sample,
+                                      (tokens[rows], mask[rows], sizes[rows]), self._expert_keys(),
+                                      t.expert_steps, tx, t, self.tokens_per_step,
+                                      self._progress("experts"), lead_axes=2)  # fmt: skip
+            return trained, flops
+
+        def in_sequence():
+            # One expert at a time (K models with Adam state need not fit), each one part of the
+            # stage, saved when done: a rerun restores the finished ones.
+            keys, runs, flops = self._expert_keys(), [], 0.0
+            for r, seed in enumerate(self.seeds):
+                row = []
+                for i, d in enumerate(self.expert_domain):
+                    tokens, mask = self.data.splits["train"][d]
+                    data = (jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(len(tokens)))
+                    name = self.expert_names[i]
+                    params, flops, _ = train(
+                        f"experts/{name} (seed {seed})", take(base, r), self.loss, sample, data,
+                        keys[r, i], t.expert_steps, tx, t, self.tokens_per_step,
+                        self._progress("experts", name, [seed]), lead_axes=0, save_at_end=True,
+                    )  # fmt: skip
+                    row.append(params)
+                runs.append(stack(row))
+            return stack(runs), flops
 
         abstract = jax.eval_shape(lambda: jax.tree.map(
             lambda x: jnp.zeros((x.shape[0], k) + x.shape[1:], x.dtype), base))  # fmt: skip
-        return self.stages.run("experts", run, abstract)
+        return self.stages.run("experts", in_sequence if t.experts_in_sequence else together,
+                               abstract)  # fmt: skip
+
+    def fusion_model(self):
+        f = self.config.fusion
+        fcfg = lm_fusion.fusion_config(self.cfg, len(self.expert_names), gate_dim=f.gate_dim,
+                                       balance_weight=f.balance_weight,
+                                       force_gate=f.mix == "probs")  # fmt: skip
+        return lm_fusion.LMFusion(fcfg, mix=f.mix)
 
     def fusion(self, experts, end_to_end: bool):
-        """Fusion params per seed `[R, ...]` trained on the mixture."""
+        """(fusion params per seed `[R, ...]` trained on the mixture, the model, and the holdout
+        curve `[R, chunks + 1]` of the selection, or None without one)."""
         f = self.config.fusion
-        fcfg = lm_fusion.fusion_config(self.cfg, len(self.names), gate_dim=f.gate_dim,
-                                       balance_weight=f.balance_weight)  # fmt: skip
-        model = lm_fusion.LMFusion(fcfg)
+        model = self.fusion_model()
         name = "fusion_e2e" if end_to_end else "fusion_frozen"
+        # What does not train: the experts unless end to end, and a fusion head ("states") unless
+        # fusion.train_head.
+        head = f.mix == "states" and not f.train_head
+        frozen_keys = ([] if end_to_end else ["experts"]) + (["head"] if head else [])
 
         def init(r):
-            experts_r = [take(take(experts, r), d) for d in range(len(self.names))]
+            experts_r = [take(take(experts, r), d) for d in range(len(self.expert_names))]
             return lm_fusion.init_from_experts(model, jax.random.key(self.seeds[r]), experts_r)
+
+        def logits_fn(params, tokens):
+            return model.apply({"params": params}, tokens[:, :-1])
+
+        def frozen_params(frozen):  # the frozen part less the head's anchor
+            return {k: v for k, v in frozen.items() if k != "head_init"}
+
+        def whole(p):  # the fusion params from the trainable and the frozen part
+            return {**p["t"], **frozen_params(p["f"])}
 
         def run():
             params = stack([init(r) for r in range(len(self.seeds))])
             t = self.config.train
+            frozen = {k: params[k] for k in frozen_keys}
+            if f.mix == "states" and f.train_head and f.head_decay:
+                frozen["head_init"] = params["head"]  # weight decay pulls the head back to it
 
-            def loss_fn(trainable, frozen, tokens, mask):
-                p = {**trainable, **jax.lax.stop_gradient(frozen)}
-                logits, extra = model.apply({"params": p}, tokens[:, :-1], mutable=["aux_loss"])
+            def loss_fn(p, tokens, mask):
+                full = {**p["t"], **jax.lax.stop_gradient(frozen_params(p["f"]))}
+                logits, extra = model.apply({"params": full}, tokens[:, :-1], mutable=["aux_loss"])
                 nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
                 aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros(()))
+                if "head_init" in p["f"]:
+                    drift = p["t"]["head"]["kernel"] - p["f"]["head_init"]["kernel"]
+                    aux = aux + f.head_decay * jnp.sum(drift * drift)
                 return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) + aux
 
-            if end_to_end:
-                trained, flops = self._train_fusion(name, params, lambda p, *b: loss_fn(p, {}, *b),
-                                                    t.fusion_steps)  # fmt: skip
-                return trained, flops
-            frozen = {"experts": params["experts"]}
-            trainable = {k: v for k, v in params.items() if k != "experts"}
-            # The frozen experts ride along as data of each run (vmapped with their seed).
-            trained, flops = self._train_fusion(
-                name, {"t": trainable, "f": frozen},
-                lambda p, *b: loss_fn(p["t"], p["f"], *b), t.fusion_steps, frozen_key="f",
+            select = None
+            if f.select_windows:
+
+                def select(p):  # noqa: E306 - mean holdout bits per byte of each seed
+                    return self.score(logits_fn, whole(p), "holdout", f.select_windows).mean(1)
+
+            parts = {"t": {k: v for k, v in params.items() if k not in frozen_keys}, "f": frozen}
+            tx = frozen_part(optax.adam(t.fusion_learning_rate), parts, "f")
+            sample = functools.partial(sample_mixture, batch_size=t.batch_size)
+            keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
+            trained, flops, curve = train(
+                name, parts, loss_fn, sample, self.data.padded("train"),
+                keys, t.fusion_steps, tx, t, self.tokens_per_step, self._progress(name),
+                select=select,
             )  # fmt: skip
-            return {**trained["t"], **frozen}, flops
+            out = whole(trained)
+            return ({"params": out, "curve": curve} if select else out), flops
 
-        abstract = jax.eval_shape(lambda: stack([init(r) for r in range(len(self.seeds))]))
-        return self.stages.run(name, run, abstract), model
+        def shapes():
+            out = stack([init(r) for r in range(len(self.seeds))])
+            if not f.select_windows:
+                return out
+            points = -(-self.config.train.fusion_steps // self.config.train.log_every) + 1
+            return {"params": out, "curve": jnp.zeros((len(self.seeds), points), jnp.float32)}
 
-    def _train_fusion(self, stage, params, loss_fn, num_steps, frozen_key=None):
-        t = self.config.train
-        tx = optax.adam(t.fusion_learning_rate)
-        if frozen_key:
-            tx = frozen_part(tx, params, frozen_key)
-        sample = functools.partial(sample_mixture, batch_size=t.batch_size)
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
-        return train(stage, params, loss_fn, sample, self.data.padded("train"), keys, num_steps, tx,
-                     t, self.tokens_per_step, self._progress(stage))  # fmt: skip
+        tree = self.stages.run(name, run, jax.eval_shape(shapes))
+        if f.select_windows:
+            return tree["params"], model, tree["curve"]
+        return tree, model, None
 
-    def dam(self, experts):
-        """DAM coefficients per seed `[R, ...]`: each seed's merge of its own experts, trained on
-        every domain's batch for that domain's expert (the experts ride along, frozen)."""
+    def dam(self, experts, init: str):
+        """DAM coefficients per seed `[R, ...]` from `init` (dam.INITS): each seed's merge of its
+        own experts, trained on every expert domain's batch for that domain's expert (the
+        experts ride along, frozen). Stage "dam_average", or "dam" for the repository's start."""
         d = self.config.dam
-        k = len(self.names)
+        k = len(self.expert_names)
+        value = dam.initial_value(k, init, "tanh")
         one_coeffs = jax.eval_shape(dam.init_coefficients, take(experts, 0))
         trainable = jax.tree.map(lambda g: g == "linear", dam.coefficient_groups(one_coeffs))
 
@@ -344,18 +491,25 @@ class Study:
             one = functools.partial(sample_domain, batch_size=d.batch_size)
             return jax.vmap(one)(tables, masks, sizes, jax.random.split(key, k))
 
+        def coefficients():
+            return jax.vmap(lambda e: dam.init_coefficients(e, value))(experts)
+
+        name = "dam" if init == "repository" else f"dam_{init}"
+
         def run():
-            params = {"coefficients": jax.vmap(dam.init_coefficients)(experts), "experts": experts}
+            params = {"coefficients": coefficients(), "experts": experts}
             tx = frozen_part(optax.adam(d.learning_rate), params, "experts")
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 4))(self.keys)
-            trained, flops = train("dam", params, loss_fn, sample, self.data.padded("train"), keys,
-                                   d.num_steps, tx, self.config.train,
-                                   d.batch_size * k * self.config.model.seq_len,
-                                   self._progress("dam"))  # fmt: skip
+            tokens, mask, sizes = self.data.padded("train")
+            rows = jnp.asarray(self.expert_domain)
+            trained, flops, _ = train(name, params, loss_fn, sample,
+                                      (tokens[rows], mask[rows], sizes[rows]), keys, d.num_steps,
+                                      tx, self.config.train,
+                                      d.batch_size * k * self.config.model.seq_len,
+                                      self._progress(name))  # fmt: skip
             return trained["coefficients"], flops
 
-        abstract = jax.eval_shape(lambda: jax.vmap(dam.init_coefficients)(experts))
-        return self.stages.run("dam", run, abstract)
+        return self.stages.run(name, run, jax.eval_shape(coefficients))
 
     def control(self, base, extra_flops):
         """The base trained on the mixture for `extra_flops` more (per seed)."""
@@ -383,25 +537,30 @@ class Study:
 
     # -- evaluation ----------------------------------------------------------------------------
 
-    def score(self, logits_fn, params, split="validation", per_domain_params=False):
-        """Bits per byte `[R, D]` of `logits_fn(params_r, tokens) -> logits` on each domain, R
-        being the params' leading axis (the seeds, or 1 for one candidate of the grid).
+    def score(self, logits_fn, params, split="validation", limit=0, per_domain_params=None):
+        """Bits per byte `[R, D]` of `logits_fn(params_r, tokens) -> logits` on each domain's
+        windows of `split` (the first `limit` of them, 0: all), R being the params' leading
+        axis (the seeds, or 1 for one candidate of the grid).
 
-        With `per_domain_params`, params carry a domain axis after the seed axis (oracle).
+        `per_domain_params(r, d)`, when given, replaces `params` by the model that scores domain
+        d for seed r (the oracle: each domain's own expert).
         """
         if logits_fn not in self._scorers:  # one compiled scorer per model kind, not per call
-            self._scorers[logits_fn] = jax.jit(lambda p, t, m: bpb_sums(logits_fn(p, t), t, m))
+            self._scorers[logits_fn] = jax.jit(
+                lambda p, t, m: bpb_sums(logits_fn(p, t), t, m, self.token_bytes)
+            )
         fn = self._scorers[logits_fn]
         size = self.config.eval.batch_size
-        runs = jax.tree.leaves(params)[0].shape[0]
+        runs = len(self.seeds) if params is None else jax.tree.leaves(params)[0].shape[0]
         out = np.zeros((runs, len(self.names)))
         for r in range(runs):
-            p_r = take(params, r)
+            p_r = None if params is None else take(params, r)
             for d, (tokens, mask) in enumerate(self.data.splits[split]):
-                p = take(p_r, d) if per_domain_params else p_r
+                p = per_domain_params(r, d) if per_domain_params else p_r
+                n = min(limit, len(tokens)) if limit else len(tokens)
                 nll = count = 0.0
-                for i in range(0, len(tokens), size):
-                    a, b = fn(p, tokens[i : i + size], mask[i : i + size])
+                for i in range(0, n, size):
+                    a, b = fn(p, tokens[i : min(i + size, n)], mask[i : min(i + size, n)])
                     nll, count = nll + float(a), count + float(b)
                 out[r, d] = text.bits_per_byte(nll, count)
         return out
@@ -435,9 +594,8 @@ class Study:
         flops = flops_of(logits_fn, p, tokens[:1]) / length
         jax.block_until_ready(fn(p, tokens))
         t0 = time.perf_counter()
-        for _ in range(3):
-            jax.block_until_ready(fn(p, tokens))
-        rate = 3 * tokens.shape[0] * length / (time.perf_counter() - t0)
+        jax.block_until_ready(fn(p, tokens))
+        rate = tokens.shape[0] * length / (time.perf_counter() - t0)
         return int(sum(x.size for x in jax.tree.leaves(p))), flops, rate
 
     def gate(self, model, params, tokens):
@@ -447,33 +605,59 @@ class Study:
 
     def routing(self, model, params):
         """Mean gate weight per expert on each domain's validation text `[R, D, K]`, and the
-        share of tokens whose top expert is that domain's own expert `[R]`."""
+        share of the tokens of domains with an expert whose top expert is theirs `[R]`."""
         fn = jax.jit(lambda p, t: model.apply({"params": p}, t[:, :-1], method="fused")[0])
         size = self.config.eval.batch_size
-        k = len(self.names)
-        weights = np.zeros((len(self.seeds), k, k))
+        k = len(self.expert_names)
+        weights = np.zeros((len(self.seeds), len(self.names), k))
         hits = np.zeros(len(self.seeds))
-        total = 0.0
         for r in range(len(self.seeds)):
             total = 0.0
             for d, (tokens, mask) in enumerate(self.data.splits["validation"]):
+                own = self.expert_domain.index(d) if d in self.expert_domain else None
                 for i in range(0, len(tokens), size):
                     w = np.asarray(fn(take(params, r), tokens[i : i + size]))
                     m = mask[i : i + size][..., None]
                     weights[r, d] += (w * m).sum((0, 1))
-                    hits[r] += float(((w.argmax(-1) == d) * m[..., 0]).sum())
-                    total += float(m.sum())
+                    if own is not None:
+                        hits[r] += float(((w.argmax(-1) == own) * m[..., 0]).sum())
+                        total += float(m.sum())
                 weights[r, d] /= max(float(self.data.splits["validation"][d][1].sum()), 1.0)
             hits[r] /= max(total, 1.0)
         return weights, hits
 
+    def samples(self, models: dict) -> dict:
+        """Greedy continuations of each domain's `eval.prompts` entry by seed 0 of every model
+        in `models` ({label: (step function, cache)}), `eval.sample_tokens` tokens, cut at the
+        end-of-sequence token: {domain: {"prompt": text, "continuations": {label: text}}}."""
+        e = self.config.eval
+        eos = () if self.tokenizer.eos_id is None else (self.tokenizer.eos_id,)
+        out = {}
+        for domain in self.names:
+            prompt = e.prompts.get(domain, "") if "prompts" in e else ""
+            if not prompt or not e.sample_tokens:
+                continue
+            ids = self.tokenizer.encode_prompt(prompt)
+            continuations = {}
+            for label, (step_fn, make_cache) in models.items():
+                tokens = decoding.generate(
+                    step_fn, make_cache(len(ids) + e.sample_tokens), jnp.asarray([ids], jnp.int32),
+                    e.sample_tokens, jax.random.key(0), 0.0, eos,
+                )  # fmt: skip
+                new = np.asarray(tokens[0, len(ids) :]).tolist()
+                new = new[: new.index(eos[0])] if eos and eos[0] in new else new
+                continuations[label] = self.tokenizer.decode(new)
+            out[domain] = {"prompt": prompt, "continuations": continuations}
+            logging.info("[lm_study] samples for %s: %d models", domain, len(models))
+        return out
 
-def bpb_sums(logits, tokens, mask):
-    """(sum of next-token NLL in nats, number of byte targets) over the mask; EOS targets count
-    in the NLL (the model must predict them) but cover no bytes."""
+
+def bpb_sums(logits, tokens, mask, token_bytes):
+    """(sum of next-token NLL in nats, bytes of text the targets stand for) over the mask;
+    `token_bytes [V]` is each token's UTF-8 byte count (special tokens, EOS among them, count
+    in the NLL, since the model must predict them, but cover no bytes)."""
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    is_byte = (tokens[:, 1:] < 256).astype(mask.dtype)
-    return jnp.sum(nll * mask), jnp.sum(mask * is_byte)
+    return jnp.sum(nll * mask), jnp.sum(mask * token_bytes[tokens[:, 1:]])
 
 
 def _grid_points(config) -> dict[str, list[dict]]:
@@ -482,23 +666,31 @@ def _grid_points(config) -> dict[str, list[dict]]:
         "task_arithmetic": [{"lam": lam} for lam in g.lams],
         "ties": [{"density": d, "lam": lam} for d in g.densities for lam in g.lams],
         "dare": [{"drop_rate": p, "lam": lam} for p in g.drop_rates for lam in g.lams],
+        "dare_ties": [
+            {"drop_rate": p, "lam": lam, "combine": "ties"} for p in g.drop_rates for lam in g.lams
+        ],  # fmt: skip
         "slerp": [{"t": t} for t in g.slerp_ts],
     }
+
+
+# DAM's starting points (dam.INITS) as the table names them.
+DAM_ROWS = {"average": "DAM", "repository": "DAM, repository init (c = 1/K)"}
 
 
 @workdir_lib.claims_workdir
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
     study = Study(config, workdir)
-    k, seeds = len(study.names), study.seeds
+    k, seeds = len(study.expert_names), study.seeds
     base = study.base()
     experts = study.experts(base)
-    fusion_frozen, fusion_model = study.fusion(experts, end_to_end=False)
+    fusion_frozen, fusion_model, frozen_curve = study.fusion(experts, end_to_end=False)
     costs = study.stages.costs
     control_extra = k * costs["experts"] + costs["fusion_frozen"]
     control, control_steps = study.control(base, control_extra)
-    coeffs = study.dam(experts)
-    fusion_e2e, _ = study.fusion(experts, end_to_end=True)
+    inits = split_list(config.dam.inits)
+    coeffs = {init: study.dam(experts, init) for init in inits}
+    fusion_e2e, _, e2e_curve = study.fusion(experts, end_to_end=True)
     costs = study.stages.costs
 
     plain = study.plain_logits
@@ -517,16 +709,18 @@ def run(config, workdir: str) -> dict:
 
     grid = _grid_points(config)
     rng = jax.random.key(config.seed)
+    first_two = f"{study.expert_names[0]}, {study.expert_names[1]}"
     makers = {
         "task arithmetic": (
             "task_arithmetic", lambda e, b, hp: merging.task_arithmetic(e, b, **hp)),
         "TIES": ("ties", lambda e, b, hp: merging.ties(e, b, **hp)),
         "DARE (linear)": ("dare", lambda e, b, hp: merging.dare(e, b, rng, **hp)),
-        f"SLERP ({study.names[0]}, {study.names[1]})": (
+        "DARE (TIES)": ("dare_ties", lambda e, b, hp: merging.dare(e, b, rng, **hp)),
+        f"SLERP ({first_two})": (
             "slerp", lambda e, b, hp: merging.slerp(take(e, slice(0, 2)), **hp)),
     }  # fmt: skip
     base_flops, expert_flops = costs["base"], costs["base"] + k * costs["experts"]
-    rows = []
+    rows, merged_by = [], {}
 
     def add(method, params, logits_fn, flops, scores=None, hparams=None):
         scores = study.score(logits_fn, params) if scores is None else scores
@@ -540,10 +734,20 @@ def run(config, workdir: str) -> dict:
         })  # fmt: skip
         logging.info("[lm_study] %s: mean bits per byte %.4f", method, scores.mean())
 
-    add("base model (mixture)", base, plain, base_flops)
-    oracle = study.score(plain, experts, per_domain_params=True)
-    add("own expert per domain (oracle routing)", take(experts, (slice(None), 0)), plain,
-        expert_flops, scores=oracle)  # fmt: skip
+    pretrained_base = study.base_path is not None
+    add("base model (pretrained, untouched)" if pretrained_base else "base model (mixture)",
+        base, plain, base_flops)  # fmt: skip
+
+    def own_model(r, d):  # each domain's own expert; the base where a domain has none
+        if d in study.expert_domain:
+            return take(take(experts, r), study.expert_domain.index(d))
+        return take(base, r)
+
+    oracle = study.score(plain, None, per_domain_params=own_model)
+    no_expert = [n for i, n in enumerate(study.names) if i not in study.expert_domain]
+    oracle_label = "own expert per domain (oracle routing)" + (
+        f"; the base for {', '.join(no_expert)}" if no_expert else "")  # fmt: skip
+    add(oracle_label, take(experts, (slice(None), 0)), plain, expert_flops, scores=oracle)
     add(f"control: base + {control_steps} steps (experts' + fusion's FLOPs)", control, plain,
         base_flops + costs["control"])  # fmt: skip
     add("output ensemble (mean logits)", experts, ensemble("logits"), expert_flops)
@@ -551,9 +755,13 @@ def run(config, workdir: str) -> dict:
     add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
     for label, (key, make) in makers.items():
         merged, chosen = study.grid(make, grid[key], experts, base)
+        merged_by[label] = merged
         add(label, merged, plain, expert_flops, hparams=chosen)
-    dam_merged = jax.vmap(lambda c, e: dam.merge(c, e))(coeffs, experts)
-    add("DAM", dam_merged, plain, expert_flops + costs["dam"])
+    dam_merged = {}
+    for init in inits:
+        stage = "dam" if init == "repository" else f"dam_{init}"
+        dam_merged[init] = jax.vmap(lambda c, e: dam.merge(c, e))(coeffs[init], experts)
+        add(DAM_ROWS[init], dam_merged[init], plain, expert_flops + costs[stage])
     add("dynamic fusion, frozen experts", fusion_frozen, fusion_logits,
         expert_flops + costs["fusion_frozen"])  # fmt: skip
     add("dynamic fusion, end to end", fusion_e2e, fusion_logits,
@@ -565,19 +773,61 @@ def run(config, workdir: str) -> dict:
         routing[name] = {"mean_gate_weight": weights.tolist(), "top_is_own_expert": hits.tolist()}
     out = {
         "domains": study.names,
+        "experts": study.expert_names,
+        "base": os.path.basename(study.base_path) if pretrained_base else "trained here",
         "seeds": seeds,
         "device": jax.devices()[0].platform,
         "control_steps": control_steps,
         "rows": rows,
         "routing": routing,
     }
+    chunk = config.train.log_every
+    steps = [min(i * chunk, config.train.fusion_steps)
+             for i in range(-(-config.train.fusion_steps // chunk) + 1)]  # fmt: skip
+    curves = {"frozen": frozen_curve, "end_to_end": e2e_curve}
+    out["fusion_selection"] = {
+        name: {"steps": steps, "holdout_bits_per_byte": np.asarray(c).tolist()}
+        for name, c in curves.items() if c is not None
+    }  # fmt: skip
+    out["samples"] = study.samples(_sample_models(
+        study, base, experts, dam_merged[inits[0]], merged_by["TIES"], fusion_model,
+        fusion_frozen, fusion_e2e))  # fmt: skip
     results.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(study_markdown(out))
     plot_frontier(out, os.path.join(workdir, "frontier.png"))
     plot_routing(out, os.path.join(workdir, "routing.png"))
     plot_gate_tokens(study, fusion_model, fusion_frozen, os.path.join(workdir, "gate_tokens.png"))
+    if out["fusion_selection"]:
+        plot_selection(out, os.path.join(workdir, "fusion_selection.png"))
     return out
+
+
+def _sample_models(study, base, experts, dam_merged, ties_merged, fusion_model, frozen, e2e):
+    """{label: (step function, cache maker)} of the models the samples table shows (seed 0)."""
+
+    def plain_step(p, t, c, i):
+        return study.model.apply({"params": p}, t, c, i)
+
+    def fusion_step(p, t, c, i):
+        return fusion_model.apply({"params": p}, t, c, i)
+
+    def plain(params):
+        return jax.tree_util.Partial(plain_step, take(params, 0)), functools.partial(
+            lm.init_cache, study.cfg, 1)  # fmt: skip
+
+    def fused(params):
+        return jax.tree_util.Partial(fusion_step, take(params, 0)), functools.partial(
+            lm_fusion.init_fusion_cache, fusion_model.config, 1)  # fmt: skip
+
+    models = {"base": plain(base)}
+    for i, name in enumerate(study.expert_names):
+        models[f"expert {name}"] = plain(take(experts, (slice(None), i)))
+    models["DAM"] = plain(dam_merged)
+    models["TIES"] = plain(ties_merged)
+    models["fusion, frozen experts"] = fused(frozen)
+    models["fusion, end to end"] = fused(e2e)
+    return models
 
 
 def plot_frontier(out: dict, path: str) -> None:
@@ -597,20 +847,37 @@ def plot_frontier(out: dict, path: str) -> None:
 
 
 def plot_routing(out: dict, path: str) -> None:
-    names = out["domains"]
+    names, experts = out["domains"], out.get("experts", out["domains"])
     fig, axes = plt.subplots(1, len(out["routing"]), figsize=(5 * len(out["routing"]), 4))
     for ax, (name, r) in zip(np.atleast_1d(axes), out["routing"].items(), strict=True):
-        w = np.mean(np.asarray(r["mean_gate_weight"]), 0)
+        w = np.mean(np.asarray(r["mean_gate_weight"]), 0)  # [text domain, expert]
         im = ax.imshow(w, vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks(range(len(names)), names)
+        ax.set_xticks(range(len(experts)), experts)
         ax.set_yticks(range(len(names)), names)
         ax.set_xlabel("expert")
         ax.set_ylabel("text domain")
         ax.set_title(f"mean gate weight ({name})")
         for i in range(len(names)):
-            for j in range(len(names)):
+            for j in range(len(experts)):
                 ax.text(j, i, f"{w[i, j]:.2f}", ha="center", va="center", color="w", fontsize=7)
         fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_selection(out: dict, path: str) -> None:
+    """Fusion's holdout bits per byte at every chunk (seed mean), and the step each seed kept."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, c in out["fusion_selection"].items():
+        curve = np.asarray(c["holdout_bits_per_byte"], float)
+        ax.plot(c["steps"], curve.mean(0), marker="o", label=f"fusion, {name}")
+        kept = [c["steps"][int(np.nanargmin(seed))] for seed in curve]
+        ax.scatter(kept, [np.nanmin(seed) for seed in curve], marker="*", s=120, zorder=3)
+    ax.set_xlabel("fusion training step")
+    ax.set_ylabel("holdout bits per byte (selection slice)")
+    ax.set_title("Fusion on held-out text; stars: the step kept")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -628,10 +895,10 @@ def switching_paragraph(study: Study) -> np.ndarray:
 def plot_gate_tokens(study: Study, model, params, path: str) -> None:
     tokens = switching_paragraph(study)
     w = study.gate(model, params, tokens)[0]  # [L, K]
-    chars = [chr(t) if 32 <= t < 127 else "·" for t in tokens[0, :-1]]
+    chars = [study.tokenizer.decode([int(t)]).strip()[:6] or "·" for t in tokens[0, :-1]]
     fig, ax = plt.subplots(figsize=(max(8, len(chars) / 10), 2.5))
     ax.imshow(w.T, aspect="auto", cmap="viridis", vmin=0, vmax=1)
-    ax.set_yticks(range(len(study.names)), study.names)
+    ax.set_yticks(range(len(study.expert_names)), study.expert_names)
     step = max(1, len(chars) // 64)
     ax.set_xticks(range(0, len(chars), step), chars[::step], fontsize=6)
     ax.axvline(study.config.model.seq_len // 2 - 0.5, color="r")

@@ -71,10 +71,26 @@ def coefficient_groups(coefficients) -> dict:
     return jax.tree.map_with_path(group, coefficients)
 
 
+# Where DAM's coefficients start: "average" makes f(c) = 1/K, so the merged model starts as the
+# weight average; "repository" sets c = 1/K as the DAM repository does (under tanh every layer
+# then starts at K tanh(1/K) of the average: 0.96 for K = 3).
+INITS = ("average", "repository")
+_INVERSE = {"tanh": jnp.arctanh, "sigmoid": jax.scipy.special.logit, "none": lambda c: c}
+
+
+def initial_value(k: int, init: str = "repository", nonlinearity: str = "tanh") -> float:
+    """The starting coefficient for K experts under `init` (one of `INITS`)."""
+    if init not in INITS:
+        raise ValueError(f"unknown DAM init {init!r}; known: {', '.join(INITS)}")
+    if init == "repository" or nonlinearity == "relu":  # relu is the identity at 1/K > 0
+        return 1.0 / k
+    return float(_INVERSE[nonlinearity](jnp.float32(1.0 / k)))
+
+
 def init_coefficients(stacked, init=None):
     """A coefficient tree for `stacked` (shapes in the module docstring), every entry `init`.
 
-    `init` defaults to 1/K.
+    `init` defaults to 1/K (`initial_value` gives the other starting points).
     """
     k = num_experts(stacked)
     value = 1.0 / k if init is None else float(init)

@@ -467,7 +467,11 @@ class LanguageModel(nn.Module):
             return self.embed.attend(hidden).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
 
-    def __call__(self, tokens, cache=None, index=0):
+    def features_and_logits(self, tokens, cache=None, index=0):
+        """(final hidden states `[B, T, D]`, logits `[B, T, V]`, the updated cache)."""
         hidden, new_cache = self.features(tokens, cache, index)
-        logits = self.logits(hidden)
+        return hidden, self.logits(hidden), new_cache
+
+    def __call__(self, tokens, cache=None, index=0):
+        _, logits, new_cache = self.features_and_logits(tokens, cache, index)
         return logits if cache is None else (logits, new_cache)

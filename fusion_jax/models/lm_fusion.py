@@ -1,12 +1,17 @@
-"""Dynamic fusion of K language models: one vmapped module, a per-token gate, a fusion head.
+"""Dynamic fusion of K language models: one vmapped module, a per-token gate over the experts.
 
 The K experts (same architecture and tokenizer) are `nn.vmap(LanguageModel)`, so their
 parameters are one tree with leaves `[K, ...]`, exactly what the checkpoint loader stacks and the
 merges consume. At every token, `GatedFusionAttention` (shared with the grokking fusion model)
-weighs the experts' final hidden states by the context (the mean expert state), and a fusion head
-`[D, V]` predicts the next token. `init_from_experts` starts the head as the mean of the
-experts' heads and the gate's context projection as the identity, so before training the model
-predicts from the mean expert state through the mean head.
+weighs the experts by the context (the mean expert state). What it weighs is `mix`:
+* "states": the experts' final hidden states, mixed and gated with the context, then read by a
+  fusion head `[D, V]`. `init_from_experts` starts the head as the mean of the experts' heads
+  and the context projection as the identity: before training, the mean state through the mean
+  head.
+* "probs": the experts' next-token distributions, each from its own head (a mixture of experts
+  per token, as DEMix mixes domain experts): log p = logsumexp_k(log w_k + log p_k), returned as
+  the logits. The gate alone trains over frozen experts; with uniform weights it is the
+  probability ensemble, and a gate that picks one expert gives that expert exactly.
 """
 
 import flax.linen as nn
@@ -26,9 +31,14 @@ class LMFusion(nn.Module):
     """`tokens [B, T] -> logits [B, T, V]` (and the stacked cache when one is passed)."""
 
     config: FusionConfig  # config.expert is an LMConfig
+    mix: str = "states"  # see the module docstring; "probs" needs config.force_gate
 
     def setup(self):
         cfg = self.config
+        if self.mix not in MIXES:
+            raise ValueError(f"mix must be one of {MIXES}, got {self.mix!r}")
+        if self.mix == "probs" and not cfg.force_gate:
+            raise ValueError("mix='probs' weighs distributions: build it with force_gate=True")
         self.experts = nn.vmap(
             LanguageModel,
             variable_axes={"params": 0},
@@ -36,12 +46,13 @@ class LMFusion(nn.Module):
             in_axes=(None, 0, None),
             out_axes=0,
             axis_size=cfg.num_experts,
-            methods=["features"],
+            methods=["features", "features_and_logits"],
         )(cfg.expert, name="experts")
         self.fusion = GatedFusionAttention(cfg, name="fusion")
-        self.head = nn.Dense(
-            cfg.expert.vocab_size, use_bias=False, dtype=cfg.expert.dtype, name="head"
-        )
+        if self.mix == "states":
+            self.head = nn.Dense(
+                cfg.expert.vocab_size, use_bias=False, dtype=cfg.expert.dtype, name="head"
+            )
 
     @_experts_precision
     def fused(self, tokens, cache=None, index=0):
@@ -52,9 +63,21 @@ class LMFusion(nn.Module):
 
     @_experts_precision
     def __call__(self, tokens, cache=None, index=0):
-        _, mixed, new_cache = self.fused(tokens, cache, index)
-        logits = self.head(mixed).astype(jnp.float32)
+        if self.mix == "states":
+            _, mixed, new_cache = self.fused(tokens, cache, index)
+            logits = self.head(mixed).astype(jnp.float32)
+        else:
+            hidden, expert_logits, new_cache = self.experts.features_and_logits(
+                tokens, cache, index
+            )
+            weights, _ = self.fusion(hidden, jnp.mean(hidden, axis=0))
+            log_p = jax.nn.log_softmax(expert_logits, axis=-1)  # [K, B, T, V]
+            log_w = jnp.log(jnp.maximum(jnp.moveaxis(weights, -1, 0), 1e-30))[..., None]
+            logits = jax.nn.logsumexp(log_w + log_p, axis=0)
         return logits if cache is None else (logits, new_cache)
+
+
+MIXES = ("states", "probs")
 
 
 def fusion_config(expert: LMConfig, num_experts: int, **gate) -> FusionConfig:
@@ -71,8 +94,9 @@ def expert_head(config: LMConfig, params) -> np.ndarray:
 
 
 def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
-    """Fusion params around the given experts' params: stacked experts, a fresh gate, the mean
-    head, and an identity context projection."""
+    """Fusion params around the given experts' params: stacked experts and a fresh gate; with
+    mix "states" also the mean head and an identity context projection (the experts' own
+    heads are left out: the fusion head replaces them)."""
     cfg = model.config
     if len(expert_params) != cfg.num_experts:
         raise ValueError(f"expected {cfg.num_experts} experts' params, got {len(expert_params)}")
@@ -83,16 +107,19 @@ def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
     if "context_proj" in gate_init:
         d = cfg.expert.dim
         gate_init["context_proj"] = {"kernel": jnp.eye(d), "bias": jnp.zeros((d,))}
-    # The experts' own heads are not part of the ensemble: the fusion head replaces them.
-    bodies = [{k: v for k, v in p.items() if k != "lm_head"} for p in expert_params]
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *bodies)
-    # Averaged in float32 whatever the experts' dtype: the head trains.
-    heads = [expert_head(cfg.expert, p).astype(jnp.float32) for p in expert_params]
-    params = {
-        "experts": stacked,
-        "fusion": gate_init,
-        "head": {"kernel": jnp.mean(jnp.stack(heads), 0)},
-    }
+    if model.mix == "probs":
+        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *expert_params)
+        params = {"experts": stacked, "fusion": gate_init}
+    else:
+        bodies = [{k: v for k, v in p.items() if k != "lm_head"} for p in expert_params]
+        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *bodies)
+        # Averaged in float32 whatever the experts' dtype: the head trains.
+        heads = [expert_head(cfg.expert, p).astype(jnp.float32) for p in expert_params]
+        params = {
+            "experts": stacked,
+            "fusion": gate_init,
+            "head": {"kernel": jnp.mean(jnp.stack(heads), 0)},
+        }
     if jax.tree.structure(params) != jax.tree.structure(fresh):
         raise ValueError("the experts' params do not match the fusion model's expert architecture")
     return params
