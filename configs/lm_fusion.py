@@ -100,6 +100,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.fusion.train_head = False
     # When the head trains: weight of the squared distance to its start, added to the loss.
     config.fusion.head_decay = 0.0
+    # Windows per batch of end-to-end fusion, which trains K experts with Adam state at once
+    # (0 = train.batch_size).
+    config.fusion.e2e_batch_size = 0
+    # Learning rate of the experts in end-to-end fusion (0 = train.fusion_learning_rate, the
+    # gate's): pretrained experts need a fine-tuning rate, not a fresh gate's.
+    config.fusion.e2e_expert_learning_rate = 0.0
     # Windows per domain of the holdout text on which each chunk's fusion is scored; each seed
     # keeps its best step (step 0 included). 0: keep the last step.
     config.fusion.select_windows = 16
@@ -165,13 +171,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.data.max_eval_windows = 24
             config.train.batch_size = 4
             config.train.expert_steps = 64
-            config.train.fusion_steps = 64
-            config.train.log_every = 16
+            config.train.fusion_steps = 32
+            config.train.log_every = 8
             config.train.checkpoint_every_secs = 300.0
-            config.fusion.select_windows = 8
+            config.fusion.select_windows = 6
+            # Four 135M experts with Adam state and their logits fit 24 GB at one window each.
+            config.fusion.e2e_batch_size = 1
+            config.fusion.e2e_expert_learning_rate = 1e-4
             config.dam.num_steps = 32
             config.dam.batch_size = 1
-            config.eval.batch_size = 8
+            # Four experts' logits of a 49,152-token vocabulary: 0.4 GB per 2 windows.
+            config.eval.batch_size = 2
             config.grid.lams = (0.5, 1.0)
             config.grid.densities = (0.5,)
             config.grid.drop_rates = (0.5,)
@@ -184,6 +194,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.train.fusion_steps = 500
             config.train.log_every = 50
             config.fusion.select_windows = 32
+            config.fusion.e2e_expert_learning_rate = 1e-4
             config.dam.num_steps = 300
             config.dam.batch_size = 4
             config.eval.batch_size = 16

@@ -1,4 +1,4 @@
-"""Merge Hugging Face language-model checkpoints (local directories) into one checkpoint.
+"""Merge Hugging Face language-model checkpoints (local folders or .gguf files) into one.
 
     python main.py --config=configs/lm_merge.py --workdir=runs/m \
         --config.base=BASE_DIR --config.models=DIR_A,DIR_B,DIR_C \
@@ -7,9 +7,15 @@
     python main.py --config=configs/lm_merge.py --workdir=runs/dam --config.method=dam \
         --config.models=DIR_A,DIR_B,DIR_C --config.dam.data='a/*.txt;b/*.txt;c/*.txt'
 
+    # A GGUF file to a transformers folder, or a folder to GGUF: one model, averaged alone.
+    python main.py --config=configs/lm_merge.py --workdir=runs/convert \
+        --config.method=weight_average --config.models=MODEL.gguf --config.output_format=both
+
 Writes `<workdir>/merged/` (config.json, safetensors, tokenizer files; loads in transformers and
-vLLM) and `<workdir>/merge_info.json` (method, hyper-parameters, inputs with sha256 per file).
-Methods: weight_average, task_arithmetic, ties, dare, slerp (streamed tensor by tensor) and dam.
+vLLM; with output_format gguf or both also model.gguf) and `<workdir>/merge_info.json` (method,
+hyper-parameters, inputs with sha256 per file). Methods: weight_average, task_arithmetic, ties,
+dare, slerp (streamed tensor by tensor) and dam. Inputs may be .gguf files: quantized tensors are
+dequantized to float32 (or config.dtype).
 """
 
 import ml_collections
@@ -45,6 +51,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dtype = ""
     # Largest safetensors shard; more tensors go to further shards with an index.
     config.max_shard_size = "2GB"
+    # What <workdir>/merged holds: "safetensors" (config.json, shards, tokenizer files),
+    # "gguf" (model.gguf, llama.cpp's format, with the tokenizer in its metadata, beside the
+    # tokenizer and config files) or "both".
+    config.output_format = "safetensors"
+    # The GGUF file's tensor type ("" = as config.dtype, else float32): float32, float16,
+    # bfloat16 or q8_0 (8-bit blocks; norms stay float32).
+    config.gguf_type = ""
 
     config.dam = ml_collections.ConfigDict()
     # Each model's own local text: one source per model, separated by ';' (each source is

@@ -22,7 +22,7 @@ from typing import Any
 
 import jax
 
-from fusion_jax import hf_checkpoint, merging, models, pretrained
+from fusion_jax import gguf_checkpoint, hf_checkpoint, merging, models, pretrained
 from fusion_jax.data import domains, text
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
@@ -106,15 +106,20 @@ def _task_list(v) -> bool:
     return bool(names) and len(set(names)) == len(names) and set(names) <= set(tasks_lib.TASKS)
 
 
+def _is_checkpoint(path: str) -> bool:
+    """An existing checkpoint directory or GGUF file."""
+    return os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))
+
+
 def _directories(minimum: int) -> Rule:
     def ok(v):
         return (
-            isinstance(v, str)
-            and len(_split(v)) >= minimum
-            and all(os.path.isdir(d) for d in _split(v))
+            isinstance(v, str) and len(_split(v)) >= minimum and all(map(_is_checkpoint, _split(v)))
         )
 
-    return Rule(ok, f"{minimum} or more existing checkpoint directories, comma-separated")
+    return Rule(
+        ok, f"{minimum} or more existing checkpoint directories or .gguf files, comma-separated"
+    )
 
 
 def _tokenizer(v) -> bool:
@@ -254,8 +259,8 @@ TOKENIZER = Rule(_tokenizer, "'model', 'bytes' or an existing tokenizer.json fil
 LM_MERGE = {
     "experiment": choice("lm_merge"),
     "base": Rule(
-        lambda v: isinstance(v, str) and (v == "" or os.path.isdir(v)),
-        "'' or an existing checkpoint directory",
+        lambda v: isinstance(v, str) and (v == "" or _is_checkpoint(v)),
+        "'' or an existing checkpoint directory or .gguf file",
     ),
     "models": _directories(1),
     "method": choice(*merging.MERGES, "dam"),
@@ -268,6 +273,8 @@ LM_MERGE = {
     "seed": SEED,
     "dtype": choice("", *hf_checkpoint.DTYPES),
     "max_shard_size": Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
+    "output_format": choice("safetensors", "gguf", "both"),
+    "gguf_type": choice("", *gguf_checkpoint.WRITE_TYPES),
     "dam.data": TEXT,
     "dam.tokenizer": TOKENIZER,
     "dam.special_tokens": FLAG,
@@ -365,6 +372,8 @@ LM_STUDY = {
     "fusion.train_head": FLAG,
     "fusion.head_decay": NON_NEGATIVE,
     "fusion.select_windows": integer(0),
+    "fusion.e2e_batch_size": integer(0),
+    "fusion.e2e_expert_learning_rate": NON_NEGATIVE,
     "dam.num_steps": integer(1),
     "dam.batch_size": integer(1),
     "dam.learning_rate": POSITIVE,
@@ -750,6 +759,8 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
     None: _GROKKING_ADDED,
     "merge_compare": {f: v for f, v in _GROKKING_ADDED.items() if f not in NOT_IN_MERGE_COMPARE},
     "lm_merge": {
+        "output_format": "safetensors",
+        "gguf_type": "",
         "dam.matmul_precision": "default",
         "dam.special_tokens": False,
         "dam.num_devices": 1,
@@ -773,6 +784,8 @@ ADDED_FIELDS: dict[str | None, dict[str, Any]] = {
         "fusion.train_head": True,
         "fusion.head_decay": 0.0,
         "fusion.select_windows": 0,
+        "fusion.e2e_batch_size": 0,
+        "fusion.e2e_expert_learning_rate": 0.0,
         "dam.inits": "repository",
         "eval.sample_tokens": 0,
         **{f"eval.prompts.{d}": "" for d in domains.DOMAINS},

@@ -71,3 +71,29 @@ def record_progress(monkeypatch):
         return saves, resumes
 
     return record
+
+
+@pytest.fixture
+def tiny_gguf(tmp_path):
+    """A tiny random Llama (1 layer, width 32, tied head) with the 600-piece SentencePiece
+    vocabulary of tests/fixtures/gguf_spm, as a GGUF file written by fusion_jax."""
+    import jax
+    import jax.numpy as jnp
+
+    from fusion_jax import gguf_checkpoint
+    from fusion_jax import hf_checkpoint as hc
+    from fusion_jax.models import lm
+
+    hf = {"model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+          "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": True}  # fmt: skip
+    model = lm.LanguageModel(lm.LMConfig.from_hf(hf))
+    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
+    folder = str(tmp_path / "tiny_base")
+    hc.save(params, hf, folder)
+    path = str(tmp_path / "tiny_base.gguf")
+    spm = os.path.join(os.path.dirname(__file__), "fixtures", "gguf_spm", "tokenizer.gguf")
+    gguf_checkpoint.write_gguf(path, hc.read_config(folder), hc.open_tensors(folder),
+                               tokenizer_source=spm)  # fmt: skip
+    return path

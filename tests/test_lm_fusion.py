@@ -285,8 +285,8 @@ def test_fusion_errors(tmp_path):
     with pytest.raises(ValueError) as e:
         lm_fuse.train(_config(tmp_path, experts[:1], 2), str(tmp_path / "a"))
     assert str(e.value) == (
-        f"config.models='{experts[0]}': must be 2 or more existing checkpoint directories, "
-        "comma-separated"
+        f"config.models='{experts[0]}': must be 2 or more existing checkpoint directories or "
+        ".gguf files, comma-separated"
     )
     assert not (tmp_path / "a").exists()
     # Experts of different architectures: refused before the workdir is bound.

@@ -265,7 +265,7 @@ def test_bfloat16_study_computes_in_bfloat16_and_stays_near_float32(tmp_path):
         base = s.base()
         tokens, mask = s.data.splits["train"][0]
         one = jax.tree.map(lambda x: x[0], base)
-        hlo = jax.jit(jax.grad(s.loss)).lower(one, tokens[:4], mask[:4]).as_text()
+        hlo = jax.jit(jax.grad(s.loss)).lower(one, {}, tokens[:4], mask[:4]).as_text()
         dots = re.findall(r"stablehlo\.dot_general .*", hlo)
         assert len(dots) > 10  # forward, input gradients, weight gradients
         assert {t for d in dots for t in re.findall(r"tensor<[\dx]*x(\w+)>", d)} == {
@@ -313,31 +313,8 @@ def test_a_cap_keeps_a_seeded_sample_spread_over_the_split():
         assert lm_study._capped(1000, cap, "spread", [0]).tolist() == list(range(1000))
 
 
-SPM_GGUF = os.path.join(os.path.dirname(__file__), "fixtures", "gguf_spm", "tokenizer.gguf")
-
-
-def _pretrained_base(tmp_path) -> str:
-    """A tiny random Llama with the 600-piece SentencePiece vocabulary, as a GGUF file."""
-    from fusion_jax import gguf_checkpoint
-    from fusion_jax import hf_checkpoint as hc
-    from fusion_jax.models import lm
-
-    hf = {"model_type": "llama", "vocab_size": 600, "hidden_size": 32, "intermediate_size": 64,
-          "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-          "max_position_embeddings": 64, "rms_norm_eps": 1e-5,
-          "tie_word_embeddings": True}  # fmt: skip
-    model = lm.LanguageModel(lm.LMConfig.from_hf(hf))
-    params = model.init(jax.random.key(1), jnp.zeros((1, 4), jnp.int32))["params"]
-    folder = str(tmp_path / "base")
-    hc.save(params, hf, folder)
-    path = str(tmp_path / "base.gguf")
-    gguf_checkpoint.write_gguf(path, hc.read_config(folder), hc.open_tensors(folder),
-                               tokenizer_source=SPM_GGUF)  # fmt: skip
-    return path
-
-
 def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
-    tmp_path, record_progress
+    tmp_path, record_progress, tiny_gguf
 ):
     """model.base: a GGUF file with its own tokenizer. The base is not trained (its row scores
     the file's weights); experts train one after another for the expert domains only, and a kill
@@ -347,7 +324,7 @@ def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
     lower, upper = (d.split("=")[1] for d in _languages(tmp_path / "text").split(","))
     config.data.domains = f"en={lower},de={upper},mixed={lower}|{upper}"
     config.data.expert_domains = "en,de"
-    config.model.base = _pretrained_base(tmp_path)
+    config.model.base = tiny_gguf
     config.train.experts_in_sequence = True
     config.train.checkpoint_every_secs = 1e-9
     config.num_seeds = 1
@@ -388,12 +365,12 @@ def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
     assert routing.shape == (1, 3, 2)  # seeds, text domains, experts
 
 
-def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path):
+def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny_gguf):
     from fusion_jax import config_rules
     from fusion_jax.errors import UserError
 
     config = _config(tmp_path)
-    config.model.base = _pretrained_base(tmp_path)
+    config.model.base = tiny_gguf
     config.model.seq_len = 100
     with pytest.raises(UserError) as e:
         config_rules.validate(config, devices=1)

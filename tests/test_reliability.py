@@ -136,10 +136,10 @@ def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
 
 @pytest.mark.parametrize(
     "kind, message",
-    [("lm_fuse", "config.models='': must be 2 or more existing checkpoint directories, "
-      "comma-separated"),
-     ("lm_merge", "config.models='': must be 1 or more existing checkpoint directories, "
-      "comma-separated"),
+    [("lm_fuse", "config.models='': must be 2 or more existing checkpoint directories or "
+      ".gguf files, comma-separated"),
+     ("lm_merge", "config.models='': must be 1 or more existing checkpoint directories or "
+      ".gguf files, comma-separated"),
      ("lm_study", "config.seed=-1: must be an integer >= 0"),
      ("merge_compare", "config.seed=-1: must be an integer >= 0")],
 )  # fmt: skip
@@ -205,7 +205,7 @@ BAD_VALUES = [
     ("lm_merge", {"max_shard_size": "2 parsecs"}, "config.max_shard_size='2 parsecs': must be a "
      "size like '2GB', '500MB', '100KB' or bytes >= 1"),
     ("lm_merge", {"models": "/no/such/model"}, "config.models='/no/such/model': must be 1 or "
-     "more existing checkpoint directories, comma-separated"),
+     "more existing checkpoint directories or .gguf files, comma-separated"),
     ("lm_fuse", {"fusion.top_k": 3}, "config.fusion.top_k=3: must be <= the 2 experts in "
      "config.models (0 = all experts)"),
     ("lm_fuse", {"generate.temperature": -1.0}, "config.generate.temperature=-1.0: must be a "

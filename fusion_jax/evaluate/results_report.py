@@ -66,6 +66,7 @@ COMPARISON_FILES = (
     "dam_coefficients.png",
     "routing.png",
     "gate_tokens.png",
+    "fusion_selection.png",
 )
 NOT_RUN, UNFINISHED, FULL = "not run", "unfinished", "full length"
 SHORTENED, OTHER_SETUP = "shortened", "different setup"

@@ -30,8 +30,8 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
+from fusion_jax import gguf_checkpoint, merging
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import merging
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
@@ -61,6 +61,23 @@ def method_hparams(config) -> dict:
 def _is_float(dtype) -> bool:
     # jnp's test knows bfloat16 (NumPy sees ml_dtypes' bfloat16 as kind "V").
     return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _export_gguf(config, folder: str, source: str) -> dict:
+    """Writes `folder`'s checkpoint as `folder/model.gguf` (the tokenizer from `source`: a GGUF
+    input's metadata, else the folder's tokenizer.json); with output_format "gguf" the
+    safetensors weights are then removed. Returns write_gguf's summary."""
+    out_type = config.gguf_type or config.dtype or "float32"
+    reader = hc.open_tensors(folder)
+    tokenizer = source if gguf_checkpoint.is_gguf(source) else folder
+    path = os.path.join(folder, "model.gguf")
+    summary = gguf_checkpoint.write_gguf(path, hc.read_config(folder), reader, out_type, tokenizer)
+    if config.output_format == "gguf":
+        for name in set(reader.files.values()) | {os.path.join(folder, hc.INDEX_FILE)}:
+            if os.path.exists(name):
+                os.remove(name)
+    logging.info("[lm_merge] wrote model.gguf (%s, tokenizer: %s)", out_type, summary["tokenizer"])
+    return {"file": "model.gguf", "type": out_type, **summary}
 
 
 def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
@@ -293,6 +310,8 @@ def run(config, workdir: str) -> dict:
             config.max_shard_size, config.seed,
         )  # fmt: skip
         inputs = hc.input_records(models)
+    if config.output_format != "safetensors":
+        info["gguf"] = _export_gguf(config, tmp_dir, base or models[0])
     info.update(
         seed=config.seed,
         dtype=config.dtype or "as stored",

@@ -137,8 +137,9 @@ def load_data(config, workdir: str, tokenizer: str = "bytes") -> Data:
     return Data(names, splits)
 
 
-def lm_loss(model, params, tokens, mask):
-    """Mean next-token cross-entropy over the mask of `tokens [B, L+1]`."""
+def lm_loss(model, params, frozen, tokens, mask):
+    """Mean next-token cross-entropy over the mask of `tokens [B, L+1]` (`frozen` unused)."""
+    del frozen
     logits = model.apply({"params": params}, tokens[:, :-1])
     nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -158,28 +159,40 @@ def sample_mixture(tokens, mask, sizes, key, batch_size):
     return tokens[dom, idx], mask[dom, idx]
 
 
+def _shapes(tree, lead: int):
+    """The leaves' shapes and dtypes without their `lead` leading axes (nothing allocated)."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), tree)
+
+
 def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg, tokens_per_step,
-          progress, lead_axes=1, save_at_end=False, select=None):  # fmt: skip
+          progress, lead_axes=1, save_at_end=False, select=None, frozen=None,
+          hand_over=False):  # fmt: skip
     """Trains `params` (leaves with `lead_axes` leading run axes, 0 for one run; keys likewise)
     for `num_steps` Adam steps; one compiled chunk of `train_cfg.log_every` steps at a time.
     Returns (params, FLOPs per run, curve).
 
-    `loss_fn(params, batch...)`, `sample_fn(*data, key) -> batch`; batches use
-    `fold_in(run key, step)`, so the result does not depend on the chunking. `progress` is
-    `Stages.progress` for this training: it resumes from there, and saves there every
+    `loss_fn(params, frozen, batch...)`, `sample_fn(*data, key) -> batch`; batches use
+    `fold_in(run key, step)`, so the result does not depend on the chunking. `frozen` (leaves
+    with the same run axes; None: nothing) is an argument of every step, never updated nor
+    saved: models the training reads but does not change. `progress` is `Stages.progress` for
+    this training: it resumes from there, and saves there every
     `train_cfg.checkpoint_every_secs`, when interrupted (`stages.train_in_chunks`) and, with
     `save_at_end` (one part of a stage), once it is done.
 
     `select(params) -> [runs]` (held-out bits per byte, lower is better), when given, scores the
     runs before training and after every chunk; each run then returns its best parameters (its
     start included) and `curve` `[runs, chunks + 1]` holds the scores (None without `select`).
-    """
 
-    def one_run_chunk(state, run_data, key, n):
+    The training state is donated to each chunk (new parameters and moments are written over
+    the old); `params` is copied first unless `hand_over` (the caller no longer uses them).
+    """
+    frozen = {} if frozen is None else frozen
+
+    def one_run_chunk(state, frozen, run_data, key, n):
         def body(state, _):
             params, opt_state, step = state
             batch = sample_fn(*run_data, jax.random.fold_in(key, step))
-            loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, *batch)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state, step + 1), loss
 
@@ -189,14 +202,18 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     fn, init = one_run_chunk, tx.init
     for axis in range(lead_axes):
         # The innermost vmap runs over domains when each expert has its own domain's data.
-        fn = jax.vmap(fn, in_axes=(0, data_axes if axis == 0 else None, 0, None))
+        fn = jax.vmap(fn, in_axes=(0, 0, data_axes if axis == 0 else None, 0, None))
         init = jax.vmap(init)
-    compiled = jax.jit(fn, static_argnums=3)
+    # The state is donated: each chunk writes the new parameters and moments over the old.
+    compiled = jax.jit(fn, static_argnums=4, donate_argnums=0)
 
-    single = jax.tree.map(lambda x: x[(0,) * lead_axes], params)
-    one_data = jax.tree.map(lambda x: x[0], data) if data_axes == 0 else data
-    step_state = (single, tx.init(single), jnp.zeros((), jnp.int32))
-    step_flops = flops_of(lambda s: one_run_chunk(s, one_data, jax.random.key(0), 1), step_state)
+    single = _shapes(params, lead_axes)
+    step_state = (single, jax.eval_shape(tx.init, single), jax.ShapeDtypeStruct((), jnp.int32))
+    one_data = _shapes(data, 1) if data_axes == 0 else data
+    step_flops = flops_of(lambda s, f, d: one_run_chunk(s, f, d, jax.random.key(0), 1),
+                          step_state, _shapes(frozen, lead_axes), one_data)  # fmt: skip
+    if not hand_over:  # donating the state must not invalidate the caller's arrays
+        params = jax.tree.map(jnp.copy, params)
     state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
     chunk = train_cfg.log_every
 
@@ -204,10 +221,10 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
         return int(np.asarray((s["run"] if select is not None else s)[2]).flat[0])
 
     def plain_chunk(s, n):
-        return compiled(s, data, keys, n)
+        return compiled(s, frozen, data, keys, n)
 
     def selecting_chunk(s, n):
-        run, losses = compiled(s["run"], data, keys, n)
+        run, losses = compiled(s["run"], frozen, data, keys, n)
         score = jnp.asarray(select(run[0]), jnp.float32)
         better = score < s["best_score"]
 
@@ -223,7 +240,8 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     if select is not None:
         first = jnp.asarray(select(params), jnp.float32)
         curve = jnp.full((*keys.shape, -(-num_steps // chunk) + 1), jnp.nan).at[..., 0].set(first)
-        state = {"run": state, "best": params, "best_score": first, "curve": curve}
+        best = jax.tree.map(jnp.copy, params)  # the state's own params are donated
+        state = {"run": state, "best": best, "best_score": first, "curve": curve}
 
     def log(metrics, done, rate):
         losses, score = metrics if select is not None else (metrics, None)
@@ -243,13 +261,6 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     if select is None:
         return state[0], step_flops * num_steps, None
     return state["best"], step_flops * num_steps, state["curve"]
-
-
-def frozen_part(tx, params, frozen_key: str):
-    """`tx` for every entry of the dict `params` but `frozen_key`, which is never updated (and
-    holds no optimizer state); its gradient is zero already (the loss stops it)."""
-    labels = {k: ("frozen" if k == frozen_key else "train") for k in params}
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 class Study:
@@ -398,74 +409,91 @@ class Study:
 
     def fusion(self, experts, end_to_end: bool):
         """(fusion params per seed `[R, ...]` trained on the mixture, the model, and the holdout
-        curve `[R, chunks + 1]` of the selection, or None without one)."""
+        curve `[R, chunks + 1]` of the selection, or None without one).
+
+        The stage saves what the fusion changes: its own params (the gate; the head for mix
+        "states") and, end to end, the experts; frozen experts come from the experts stage. End
+        to end, `experts` is handed over to the training (it starts from them and writes over
+        them): pass a tree the caller does not use again."""
         f = self.config.fusion
         model = self.fusion_model()
         name = "fusion_e2e" if end_to_end else "fusion_frozen"
-        # What does not train: the experts unless end to end, and a fusion head ("states") unless
-        # fusion.train_head.
-        head = f.mix == "states" and not f.train_head
-        frozen_keys = ([] if end_to_end else ["experts"]) + (["head"] if head else [])
+        runs = len(self.seeds)
+        train_head = f.mix == "states" and f.train_head
+        if f.mix == "states":  # the fusion head replaces the experts' own
+            experts = {k: v for k, v in experts.items() if k != "lm_head"}
 
-        def init(r):
-            experts_r = [take(take(experts, r), d) for d in range(len(self.expert_names))]
-            return lm_fusion.init_from_experts(model, jax.random.key(self.seeds[r]), experts_r)
+        def own(r):  # seed r's fresh gate (and, for "states", the experts' mean head)
+            head = None
+            if f.mix == "states":
+                heads = {k: v for k, v in experts.items() if k in ("embed_tokens", "wte")}
+                head = lm_fusion.mean_head(self.cfg, take(heads, r))
+            return lm_fusion.init_gate(model, jax.random.key(self.seeds[r]), head)
+
+        def saved_shapes():
+            tree = stack([own(r) for r in range(runs)])
+            if end_to_end:
+                tree["experts"] = experts
+            if not f.select_windows:
+                return tree
+            points = -(-self.config.train.fusion_steps // self.config.train.log_every) + 1
+            return {"params": tree, "curve": jnp.zeros((runs, points), jnp.float32)}
 
         def logits_fn(params, tokens):
             return model.apply({"params": params}, tokens[:, :-1])
 
-        def frozen_params(frozen):  # the frozen part less the head's anchor
-            return {k: v for k, v in frozen.items() if k != "head_init"}
-
-        def whole(p):  # the fusion params from the trainable and the frozen part
-            return {**p["t"], **frozen_params(p["f"])}
+        def model_params(p, frozen):  # what the model reads: less the head's anchor
+            return {**p, **{k: v for k, v in frozen.items() if k != "head_init"}}
 
         def run():
-            params = stack([init(r) for r in range(len(self.seeds))])
             t = self.config.train
-            frozen = {k: params[k] for k in frozen_keys}
-            if f.mix == "states" and f.train_head and f.head_decay:
-                frozen["head_init"] = params["head"]  # weight decay pulls the head back to it
+            params, frozen = stack([own(r) for r in range(runs)]), {}
+            if end_to_end:
+                params["experts"] = experts
+            else:
+                frozen["experts"] = experts
+            if "head" in params and not train_head:
+                frozen["head"] = params.pop("head")
+            if train_head and f.head_decay:
+                frozen["head_init"] = params["head"]  # the decay pulls the head back to it
 
-            def loss_fn(p, tokens, mask):
-                full = {**p["t"], **jax.lax.stop_gradient(frozen_params(p["f"]))}
+            def loss_fn(p, fr, tokens, mask):
+                full = model_params(p, jax.lax.stop_gradient(fr))
                 logits, extra = model.apply({"params": full}, tokens[:, :-1], mutable=["aux_loss"])
                 nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
                 aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros(()))
-                if "head_init" in p["f"]:
-                    drift = p["t"]["head"]["kernel"] - p["f"]["head_init"]["kernel"]
+                if "head_init" in fr:
+                    drift = p["head"]["kernel"] - fr["head_init"]["kernel"]
                     aux = aux + f.head_decay * jnp.sum(drift * drift)
                 return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) + aux
 
-            select = None
-            if f.select_windows:
+            def select(p):  # mean holdout bits per byte of each seed
+                return self.score(logits_fn, model_params(p, frozen), "holdout",
+                                  f.select_windows).mean(1)  # fmt: skip
 
-                def select(p):  # noqa: E306 - mean holdout bits per byte of each seed
-                    return self.score(logits_fn, whole(p), "holdout", f.select_windows).mean(1)
-
-            parts = {"t": {k: v for k, v in params.items() if k not in frozen_keys}, "f": frozen}
-            tx = frozen_part(optax.adam(t.fusion_learning_rate), parts, "f")
-            sample = functools.partial(sample_mixture, batch_size=t.batch_size)
+            tx = optax.adam(t.fusion_learning_rate)
+            if end_to_end and f.e2e_expert_learning_rate:  # the experts at their own rate
+                labels = {k: "experts" if k == "experts" else "fusion" for k in params}
+                tx = optax.multi_transform(
+                    {"fusion": tx, "experts": optax.adam(f.e2e_expert_learning_rate)}, labels
+                )
+            batch = (end_to_end and f.e2e_batch_size) or t.batch_size
+            sample = functools.partial(sample_mixture, batch_size=batch)
             keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
             trained, flops, curve = train(
-                name, parts, loss_fn, sample, self.data.padded("train"),
-                keys, t.fusion_steps, tx, t, self.tokens_per_step, self._progress(name),
-                select=select,
+                name, params, loss_fn, sample, self.data.padded("train"), keys, t.fusion_steps,
+                tx, t, batch * self.config.model.seq_len,
+                self._progress(name),
+                select=select if f.select_windows else None, frozen=frozen,
+                hand_over=end_to_end,
             )  # fmt: skip
-            out = whole(trained)
-            return ({"params": out, "curve": curve} if select else out), flops
+            if "head" in frozen:
+                trained["head"] = frozen["head"]
+            return ({"params": trained, "curve": curve} if f.select_windows else trained), flops
 
-        def shapes():
-            out = stack([init(r) for r in range(len(self.seeds))])
-            if not f.select_windows:
-                return out
-            points = -(-self.config.train.fusion_steps // self.config.train.log_every) + 1
-            return {"params": out, "curve": jnp.zeros((len(self.seeds), points), jnp.float32)}
-
-        tree = self.stages.run(name, run, jax.eval_shape(shapes))
-        if f.select_windows:
-            return tree["params"], model, tree["curve"]
-        return tree, model, None
+        tree = self.stages.run(name, run, jax.eval_shape(saved_shapes))
+        tree, curve = (tree["params"], tree["curve"]) if f.select_windows else (tree, None)
+        return ({**tree} if end_to_end else {**tree, "experts": experts}), model, curve
 
     def dam(self, experts, init: str):
         """DAM coefficients per seed `[R, ...]` from `init` (dam.INITS): each seed's merge of its
@@ -480,9 +508,9 @@ class Study:
         def apply_fn(params, tokens):
             return self.model.apply({"params": params}, tokens[:, :-1])
 
-        def loss_fn(p, tokens, mask):
+        def loss_fn(coefficients, frozen, tokens, mask):
             loss, _ = dam.dam_loss(
-                p["coefficients"], jax.lax.stop_gradient(p["experts"]), apply_fn, tokens,
+                coefficients, jax.lax.stop_gradient(frozen["experts"]), apply_fn, tokens,
                 mask_per_expert=mask, similarity_granularity="per_layer", trainable=trainable,
             )  # fmt: skip
             return loss
@@ -497,17 +525,16 @@ class Study:
         name = "dam" if init == "repository" else f"dam_{init}"
 
         def run():
-            params = {"coefficients": coefficients(), "experts": experts}
-            tx = frozen_part(optax.adam(d.learning_rate), params, "experts")
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 4))(self.keys)
             tokens, mask, sizes = self.data.padded("train")
             rows = jnp.asarray(self.expert_domain)
-            trained, flops, _ = train(name, params, loss_fn, sample,
-                                      (tokens[rows], mask[rows], sizes[rows]), keys, d.num_steps,
-                                      tx, self.config.train,
-                                      d.batch_size * k * self.config.model.seq_len,
-                                      self._progress(name))  # fmt: skip
-            return trained["coefficients"], flops
+            trained, flops, _ = train(
+                name, coefficients(), loss_fn, sample, (tokens[rows], mask[rows], sizes[rows]),
+                keys, d.num_steps, optax.adam(d.learning_rate), self.config.train,
+                d.batch_size * k * self.config.model.seq_len, self._progress(name),
+                frozen={"experts": experts},
+            )  # fmt: skip
+            return trained, flops
 
         return self.stages.run(name, run, jax.eval_shape(coefficients))
 
@@ -520,7 +547,7 @@ class Study:
                  jnp.ones((t.batch_size, self.config.model.seq_len)))  # fmt: skip
 
         def one_step(s):
-            loss, g = jax.value_and_grad(self.loss)(s[0], *batch)
+            loss, g = jax.value_and_grad(self.loss)(s[0], {}, *batch)
             u, o = self.tx.update(g, s[1], s[0])
             return optax.apply_updates(s[0], u), o
 
@@ -540,30 +567,28 @@ class Study:
     def score(self, logits_fn, params, split="validation", limit=0, per_domain_params=None):
         """Bits per byte `[R, D]` of `logits_fn(params_r, tokens) -> logits` on each domain's
         windows of `split` (the first `limit` of them, 0: all), R being the params' leading
-        axis (the seeds, or 1 for one candidate of the grid).
+        axis (the seeds, or 1 for one candidate of the grid). The runs are scored as one
+        vmapped program: no run's parameters are copied out of the stack.
 
-        `per_domain_params(r, d)`, when given, replaces `params` by the model that scores domain
-        d for seed r (the oracle: each domain's own expert).
+        `per_domain_params(d)`, when given, replaces `params` by the model `[R, ...]` that
+        scores domain d (the oracle: each domain's own expert).
         """
         if logits_fn not in self._scorers:  # one compiled scorer per model kind, not per call
-            self._scorers[logits_fn] = jax.jit(
-                lambda p, t, m: bpb_sums(logits_fn(p, t), t, m, self.token_bytes)
-            )
+            self._scorers[logits_fn] = jax.jit(jax.vmap(
+                lambda p, t, m: bpb_sums(logits_fn(p, t), t, m, self.token_bytes),
+                in_axes=(0, None, None)))  # fmt: skip
         fn = self._scorers[logits_fn]
         size = self.config.eval.batch_size
-        runs = len(self.seeds) if params is None else jax.tree.leaves(params)[0].shape[0]
-        out = np.zeros((runs, len(self.names)))
-        for r in range(runs):
-            p_r = None if params is None else take(params, r)
-            for d, (tokens, mask) in enumerate(self.data.splits[split]):
-                p = per_domain_params(r, d) if per_domain_params else p_r
-                n = min(limit, len(tokens)) if limit else len(tokens)
-                nll = count = 0.0
-                for i in range(0, n, size):
-                    a, b = fn(p, tokens[i : min(i + size, n)], mask[i : min(i + size, n)])
-                    nll, count = nll + float(a), count + float(b)
-                out[r, d] = text.bits_per_byte(nll, count)
-        return out
+        out = []
+        for d, (tokens, mask) in enumerate(self.data.splits[split]):
+            p = per_domain_params(d) if per_domain_params else params
+            n = min(limit, len(tokens)) if limit else len(tokens)
+            nll = count = 0.0
+            for i in range(0, n, size):
+                a, b = fn(p, tokens[i : min(i + size, n)], mask[i : min(i + size, n)])
+                nll, count = nll + np.asarray(a, np.float64), count + np.asarray(b, np.float64)
+            out.append([text.bits_per_byte(x, c) for x, c in zip(nll, count, strict=True)])
+        return np.asarray(out).T
 
     def plain_logits(self, params, tokens):
         return self.model.apply({"params": params}, tokens[:, :-1])
@@ -571,13 +596,20 @@ class Study:
     def grid(self, make, points: list[dict], experts, base):
         """Per seed, the grid point with the lowest mean holdout bits per byte.
 
+        `make(experts, base, hp, leaf)` merges one parameter (trees holding that one leaf,
+        `leaf` its index): a model is merged a parameter at a time, so the merge's working
+        memory is one tensor's K task vectors, not the whole model's.
         Returns (merged params `[R, ...]`, chosen point per seed)."""
+        leaves, treedef = jax.tree.flatten(experts)
+        base_leaves = treedef.flatten_up_to(base)
         merged, chosen = [], []
         for r in range(len(self.seeds)):
-            e_r, b_r = take(experts, r), take(base, r)
             best = None
             for hp in points:
-                m = make(e_r, b_r, hp)
+                m = treedef.unflatten([
+                    make({"w": e[r]}, {"w": b[r]}, hp, i)["w"]
+                    for i, (e, b) in enumerate(zip(leaves, base_leaves, strict=True))
+                ])  # fmt: skip
                 s = self.score(self.plain_logits, stack([m]), "holdout")[0].mean()
                 if best is None or s < best[0]:
                     best = (s, m, hp)
@@ -690,7 +722,12 @@ def run(config, workdir: str) -> dict:
     control, control_steps = study.control(base, control_extra)
     inits = split_list(config.dam.inits)
     coeffs = {init: study.dam(experts, init) for init in inits}
-    fusion_e2e, _, e2e_curve = study.fusion(experts, end_to_end=True)
+    # End to end, K experts train with Adam state: the experts in memory are let go meanwhile
+    # (the training gets its own copy, restored from the experts stage) and restored after.
+    del experts, fusion_frozen
+    fusion_e2e, _, e2e_curve = study.fusion(study.experts(base), end_to_end=True)
+    experts = study.experts(base)
+    fusion_frozen, _, _ = study.fusion(experts, end_to_end=False)
     costs = study.stages.costs
 
     plain = study.plain_logits
@@ -710,14 +747,18 @@ def run(config, workdir: str) -> dict:
     grid = _grid_points(config)
     rng = jax.random.key(config.seed)
     first_two = f"{study.expert_names[0]}, {study.expert_names[1]}"
+    # (grid, merge of one parameter): `Study.grid` merges a model a parameter at a time; DARE
+    # draws each parameter's masks from fold_in(key, its index).
     makers = {
         "task arithmetic": (
-            "task_arithmetic", lambda e, b, hp: merging.task_arithmetic(e, b, **hp)),
-        "TIES": ("ties", lambda e, b, hp: merging.ties(e, b, **hp)),
-        "DARE (linear)": ("dare", lambda e, b, hp: merging.dare(e, b, rng, **hp)),
-        "DARE (TIES)": ("dare_ties", lambda e, b, hp: merging.dare(e, b, rng, **hp)),
+            "task_arithmetic", lambda e, b, hp, i: merging.task_arithmetic(e, b, **hp)),
+        "TIES": ("ties", lambda e, b, hp, i: merging.ties(e, b, **hp)),
+        "DARE (linear)": (
+            "dare", lambda e, b, hp, i: merging.dare(e, b, jax.random.fold_in(rng, i), **hp)),
+        "DARE (TIES)": (
+            "dare_ties", lambda e, b, hp, i: merging.dare(e, b, jax.random.fold_in(rng, i), **hp)),
         f"SLERP ({first_two})": (
-            "slerp", lambda e, b, hp: merging.slerp(take(e, slice(0, 2)), **hp)),
+            "slerp", lambda e, b, hp, i: merging.slerp(take(e, slice(0, 2)), **hp)),
     }  # fmt: skip
     base_flops, expert_flops = costs["base"], costs["base"] + k * costs["experts"]
     rows, merged_by = [], {}
@@ -738,10 +779,10 @@ def run(config, workdir: str) -> dict:
     add("base model (pretrained, untouched)" if pretrained_base else "base model (mixture)",
         base, plain, base_flops)  # fmt: skip
 
-    def own_model(r, d):  # each domain's own expert; the base where a domain has none
+    def own_model(d):  # each domain's own expert `[R, ...]`; the base where a domain has none
         if d in study.expert_domain:
-            return take(take(experts, r), study.expert_domain.index(d))
-        return take(base, r)
+            return take(experts, (slice(None), study.expert_domain.index(d)))
+        return base
 
     oracle = study.score(plain, None, per_domain_params=own_model)
     no_expert = [n for i, n in enumerate(study.names) if i not in study.expert_domain]
@@ -755,8 +796,10 @@ def run(config, workdir: str) -> dict:
     add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
     for label, (key, make) in makers.items():
         merged, chosen = study.grid(make, grid[key], experts, base)
-        merged_by[label] = merged
+        if label == "TIES":  # kept for the samples; the other merges are let go once scored
+            merged_by[label] = merged
         add(label, merged, plain, expert_flops, hparams=chosen)
+        del merged
     dam_merged = {}
     for init in inits:
         stage = "dam" if init == "repository" else f"dam_{init}"

@@ -180,6 +180,11 @@ def train_in_chunks(tag: str, run_chunk, state, num_steps: int, *, chunk: int, p
         # The newest state: a jitted chunk returns before it has run, so an interrupt usually
         # comes while the host waits for that chunk, and device_get waits for it to end (its
         # metrics are then neither logged nor checked).
+        if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
+            # Donated to a chunk that the interrupt stopped before it returned its new state:
+            # the last save is the newest state there is.
+            logging.warning("%s interrupted inside a chunk: resuming from step %d", tag, saved)
+            raise
         host = jax.device_get(state)
         if (step := step_of(host)) > saved:
             logging.warning("%s interrupted: saving step %d before exiting", tag, step)

@@ -93,14 +93,17 @@ def expert_head(config: LMConfig, params) -> np.ndarray:
     return jnp.asarray(params["lm_head"]["kernel"])
 
 
-def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
-    """Fusion params around the given experts' params: stacked experts and a fresh gate; with
-    mix "states" also the mean head and an identity context projection (the experts' own
-    heads are left out: the fusion head replaces them)."""
+def mean_head(config: LMConfig, stacked) -> jnp.ndarray:
+    """The mean of K stacked experts' output projections `[D, V]`, in float32 whatever their
+    dtype (the fusion head it starts trains)."""
+    heads = jax.vmap(lambda p: expert_head(config, p))(stacked)
+    return jnp.mean(heads.astype(jnp.float32), 0)
+
+
+def init_gate(model: LMFusion, rng, head=None) -> dict:
+    """The fusion's own params: a fresh gate (its context projection the identity) and, for
+    mix "states", the head `head [D, V]` (`mean_head` of the experts)."""
     cfg = model.config
-    if len(expert_params) != cfg.num_experts:
-        raise ValueError(f"expected {cfg.num_experts} experts' params, got {len(expert_params)}")
-    fresh = jax.eval_shape(model.init, rng, jnp.zeros((1, 1), jnp.int32))["params"]
     gate_init = GatedFusionAttention(cfg).init(
         rng, jnp.zeros((cfg.num_experts, 1, 1, cfg.expert.dim)), jnp.zeros((1, 1, cfg.expert.dim))
     )["params"]
@@ -108,18 +111,29 @@ def init_from_experts(model: LMFusion, rng, expert_params: list) -> dict:
         d = cfg.expert.dim
         gate_init["context_proj"] = {"kernel": jnp.eye(d), "bias": jnp.zeros((d,))}
     if model.mix == "probs":
+        return {"fusion": gate_init}
+    return {"fusion": gate_init, "head": {"kernel": head}}
+
+
+def init_from_experts(model: LMFusion, rng, expert_params) -> dict:
+    """Fusion params around the experts' params (a list of K trees, or one stacked tree
+    `[K, ...]`): the stacked experts and `init_gate`'s. With mix "states" the experts' own heads
+    are left out: the fusion head replaces them."""
+    cfg = model.config
+    if isinstance(expert_params, list | tuple):
+        if len(expert_params) != cfg.num_experts:
+            raise ValueError(
+                f"expected {cfg.num_experts} experts' params, got {len(expert_params)}"
+            )
         stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *expert_params)
-        params = {"experts": stacked, "fusion": gate_init}
     else:
-        bodies = [{k: v for k, v in p.items() if k != "lm_head"} for p in expert_params]
-        stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *bodies)
-        # Averaged in float32 whatever the experts' dtype: the head trains.
-        heads = [expert_head(cfg.expert, p).astype(jnp.float32) for p in expert_params]
-        params = {
-            "experts": stacked,
-            "fusion": gate_init,
-            "head": {"kernel": jnp.mean(jnp.stack(heads), 0)},
-        }
+        stacked = expert_params
+    fresh = jax.eval_shape(model.init, rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    if model.mix == "probs":
+        params = {"experts": stacked, **init_gate(model, rng)}
+    else:
+        bodies = {k: v for k, v in stacked.items() if k != "lm_head"}
+        params = {"experts": bodies, **init_gate(model, rng, mean_head(cfg.expert, stacked))}
     if jax.tree.structure(params) != jax.tree.structure(fresh):
         raise ValueError("the experts' params do not match the fusion model's expert architecture")
     return params
