@@ -38,6 +38,37 @@ def test_fusion_of_identical_experts_at_init_is_that_expert(name):
     np.testing.assert_allclose(model.apply({"params": fused}, tokens), expert, atol=2e-5)
 
 
+def test_fusion_of_distributions_is_a_per_token_mixture_of_the_experts():
+    """mix="probs": uniform gate weights give the probability ensemble, a gate that puts all
+    weight on one expert gives that expert's distribution, and the cache decodes the same."""
+    config, params = hc.load(os.path.join(FIXTURES, "llama"), "float32")
+    other = jax.tree.map(lambda x: x * 1.1, params)
+    fc = lm_fusion.fusion_config(config, 2, force_gate=True)
+    model = lm_fusion.LMFusion(fc, mix="probs")
+    fused = lm_fusion.init_from_experts(model, jax.random.key(0), [params, other])
+    assert set(fused) == {"experts", "fusion"} and "lm_head" in fused["experts"]
+    tokens = np.load(os.path.join(FIXTURES, "llama", "golden.npz"))["input_ids"]
+    p = [jax.nn.softmax(lm.LanguageModel(config).apply({"params": q}, tokens), -1)
+         for q in (params, other)]  # fmt: skip
+    uniform = jax.tree.map(jnp.zeros_like, fused["fusion"])  # zero scores: equal weights
+    got = model.apply({"params": {**fused, "fusion": uniform}}, tokens)
+    np.testing.assert_allclose(jax.nn.softmax(got, -1), (p[0] + p[1]) / 2, atol=1e-6)
+    # A large expert embedding on expert 1 and a query bias: the gate picks expert 1.
+    gate = jax.tree.map(jnp.zeros_like, fused["fusion"])
+    gate["query"]["bias"] = jnp.full_like(gate["query"]["bias"], 10.0)
+    gate["expert_embed"] = gate["expert_embed"].at[1].set(10.0)
+    one = model.apply({"params": {**fused, "fusion": gate}}, tokens)
+    np.testing.assert_allclose(jax.nn.softmax(one, -1), p[1], atol=1e-6)
+    cache = lm_fusion.init_fusion_cache(fc, 2, 12)
+    first, cache = model.apply({"params": fused}, tokens[:, :7], cache, 0)
+    rest, _ = model.apply({"params": fused}, tokens[:, 7:], cache, 7)
+    full = model.apply({"params": fused}, tokens)
+    np.testing.assert_allclose(np.concatenate([first, rest], 1), full, atol=2e-5)
+    with pytest.raises(ValueError, match="build it with force_gate=True"):
+        lm_fusion.LMFusion(lm_fusion.fusion_config(config, 2), mix="probs").init(
+            jax.random.key(0), tokens)  # fmt: skip
+
+
 def test_fusion_cache_equals_full_forward():
     configs_params = [hc.load(os.path.join(FIXTURES, "llama"), "float32")]
     config, params = configs_params[0]

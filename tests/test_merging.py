@@ -256,6 +256,38 @@ def test_dam_coefficient_shapes_and_init():
     assert all(jnp.all(c == 1.0 / 3) for c in jax.tree.leaves(coefficients))
 
 
+@pytest.mark.parametrize("nonlinearity", ["tanh", "sigmoid", "relu", "none"])
+def test_dam_average_start_is_the_weight_average_and_the_repository_start_is_not(nonlinearity):
+    stacked = _all_kinds(4)
+    for init, close in (("average", True), ("repository", nonlinearity in ("relu", "none"))):
+        value = dam.initial_value(4, init, nonlinearity)
+        merged = dam.merge(dam.init_coefficients(stacked, value), stacked, nonlinearity)
+        same = jax.tree.map(lambda m, s: np.allclose(m, np.mean(s, 0), rtol=1e-6, atol=1e-7),
+                            merged, stacked)  # fmt: skip
+        assert all(jax.tree.leaves(same)) == close, (init, nonlinearity)
+    # tanh at the repository's c = 1/K: every layer at K tanh(1/K) of the average.
+    assert 4 * np.tanh(dam.initial_value(4, "repository")) == pytest.approx(0.9797, abs=1e-4)
+    with pytest.raises(ValueError, match="unknown DAM init 'zero'; known: average, repository"):
+        dam.initial_value(4, "zero")
+
+
+def test_dam_per_layer_similarity_gradient_is_zero_at_parallel_starts_and_moves_after():
+    """Every coefficient vector starts equal, where cosine similarity is at its maximum: no
+    gradient; once the vectors differ, the regulariser's gradient reaches them."""
+    stacked = _all_kinds(3)
+    coefficients = dam.init_coefficients(stacked)
+
+    def sim(c):
+        return dam.similarity(c, 3, "per_layer")
+
+    grads = jax.grad(sim)(coefficients)
+    assert float(sim(coefficients)) == pytest.approx(3.0)  # three vector leaves, cosine 1 each
+    assert all(float(jnp.abs(g).max()) < 1e-6 for g in jax.tree.leaves(grads))
+    moved = jax.tree.map(lambda c: c + 0.01 * _normal(7, *c.shape), coefficients)
+    assert float(sim(moved)) < 3.0
+    assert any(float(jnp.abs(g).max()) > 1e-3 for g in jax.tree.leaves(jax.grad(sim)(moved)))
+
+
 def test_dam_one_hot_identity_returns_that_expert():
     stacked = _all_kinds(3)
     coefficients = jax.tree.map(

@@ -42,7 +42,7 @@ CONFIG_VARIANTS = {
     "compare": [None, "quick", "tiny"],
     "lm_merge": [None],
     "lm_fuse": [None],
-    "lm_fusion": [None, "quick", "tiny"],
+    "lm_fusion": [None, "quick", "smollm2", "smollm2_full", "tiny"],
 }  # fmt: skip
 
 
