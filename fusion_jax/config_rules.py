@@ -91,8 +91,9 @@ def numbers(each: Rule) -> Rule:
     )
 
 
-def _split(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
+def split_list(value: str) -> list[str]:
+    """The items of a comma-separated config field, stripped, empty ones dropped."""
+    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def _is_prime(n: int) -> bool:
@@ -102,7 +103,7 @@ def _is_prime(n: int) -> bool:
 def _task_list(v) -> bool:
     if not isinstance(v, str):
         return False
-    names = _split(v)
+    names = split_list(v)
     return bool(names) and len(set(names)) == len(names) and set(names) <= set(tasks_lib.TASKS)
 
 
@@ -113,9 +114,8 @@ def _is_checkpoint(path: str) -> bool:
 
 def _directories(minimum: int) -> Rule:
     def ok(v):
-        return (
-            isinstance(v, str) and len(_split(v)) >= minimum and all(map(_is_checkpoint, _split(v)))
-        )
+        paths = split_list(v) if isinstance(v, str) else []
+        return len(paths) >= minimum and all(map(_is_checkpoint, paths))
 
     return Rule(
         ok, f"{minimum} or more existing checkpoint directories or .gguf files, comma-separated"
@@ -137,7 +137,7 @@ def _shard_size(v) -> bool:
 
 def _weights(v) -> bool:
     try:
-        return isinstance(v, str) and all(math.isfinite(float(w)) for w in _split(v))
+        return isinstance(v, str) and all(math.isfinite(float(w)) for w in split_list(v))
     except ValueError:
         return False
 
@@ -290,7 +290,9 @@ LM_MERGE = {
     "dam.l2_weight": NON_NEGATIVE,
     "dam.nonlinearity": choice(*merging.NONLINEARITIES),
     "dam.train": Rule(
-        lambda v: isinstance(v, str) and bool(_split(v)) and set(_split(v)) <= set(DAM_GROUPS),
+        lambda v: (
+            isinstance(v, str) and bool(split_list(v)) and set(split_list(v)) <= set(DAM_GROUPS)
+        ),
         "comma-separated groups from " + ", ".join(DAM_GROUPS),
     ),
     "dam.compute_dtype": COMPUTE_DTYPE,
@@ -380,9 +382,9 @@ LM_STUDY = {
     "dam.inits": Rule(
         lambda v: (
             isinstance(v, str)
-            and bool(_split(v))
-            and set(_split(v)) <= set(dam.INITS)
-            and len(set(_split(v))) == len(_split(v))
+            and bool(split_list(v))
+            and set(split_list(v)) <= set(dam.INITS)
+            and len(set(split_list(v))) == len(split_list(v))
         ),
         f"distinct comma-separated DAM starts among {', '.join(dam.INITS)}",
     ),
@@ -439,7 +441,7 @@ def _fusion_fields(config, devices) -> Problem:
 
 
 def _prime_modulus(config, devices) -> Problem:
-    if "x_div_y" in _split(config.tasks) and not _is_prime(config.data.p):
+    if "x_div_y" in split_list(config.tasks) and not _is_prime(config.data.p):
         return (
             "data.p",
             "a prime for task x_div_y (b^(p-2) is the inverse of b mod p only when p is prime)",
@@ -454,7 +456,7 @@ def _train_pairs(config, name: str) -> tuple[int, int]:
 
 
 def _both_splits(config, devices) -> Problem:
-    for name in _split(config.tasks):
+    for name in split_list(config.tasks):
         n, n_train = _train_pairs(config, name)
         if not 1 <= n_train <= n - 1:
             return (
@@ -466,7 +468,7 @@ def _both_splits(config, devices) -> Problem:
 
 
 def _holdout(config, devices) -> Problem:
-    for name in _split(config.tasks):
+    for name in split_list(config.tasks):
         _, n_train = _train_pairs(config, name)
         if not 1 <= int(n_train * config.data.holdout_frac) <= n_train - 1:
             return (
@@ -518,12 +520,12 @@ def _processes(config, devices) -> Problem:
 
 
 def _lm_merge_inputs(config, devices) -> Problem:
-    n = len(_split(config.models))
+    n = len(split_list(config.models))
     if config.method in ("task_arithmetic", "ties", "dare") and not config.base:
         return "base", f"a checkpoint directory for config.method={config.method!r}"
     if config.method == "slerp" and n != 2:
         return "models", "exactly 2 checkpoint directories for config.method='slerp'"
-    if config.method == "weight_average" and len(_split(config.weights)) not in (0, n):
+    if config.method == "weight_average" and len(split_list(config.weights)) not in (0, n):
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
     if config.method == "dam" and len([s for s in config.dam.data.split(";") if s.strip()]) != n:
         return "dam.data", f"{n} text sources separated by ';' (one per model)"
@@ -547,7 +549,7 @@ def _within_positions(seq_len_field: str):
         del devices
         if seq_len_field.startswith("dam.") and config.method != "dam":
             return None
-        first = _split(config.models)[0]
+        first = split_list(config.models)[0]
         lm_config = LMConfig.from_hf(hf_checkpoint.read_config(first))
         if lm_config.family == "gpt2" and lookup(config, seq_len_field) > lm_config.max_len:
             return seq_len_field, (
@@ -565,7 +567,7 @@ def _compatible_checkpoints(config, devices) -> Problem:
     # is check_compatible's own line, naming the first field or tensor that differs.
     if devices is not None:
         base = [config.base] if config.get("base") else []
-        hf_checkpoint.check_compatible(base + _split(config.models))
+        hf_checkpoint.check_compatible(base + split_list(config.models))
     return None
 
 
@@ -602,7 +604,7 @@ def _lm_study_base(config, devices) -> Problem:
     lm_config = LMConfig.from_hf(hf_checkpoint.read_config(base))
     if config.model.seq_len > lm_config.max_len:
         return "model.seq_len", f"at most the base's {lm_config.max_len} positions"
-    experts = _split(config.data.expert_domains)
+    experts = split_list(config.data.expert_domains)
     names = [name for name, _, _ in domains.parse_domains(config.data.domains)]
     if experts and (len(experts) < 2 or not set(experts) <= set(names)):
         return "data.expert_domains", "'' or 2 or more of the names in config.data.domains"
@@ -635,7 +637,7 @@ def _data_parallel(section: str, only_if: Callable[[Any], bool] = lambda config:
 
 
 def _lm_fuse_top_k(config, devices) -> Problem:
-    n = len(_split(config.models))
+    n = len(split_list(config.models))
     if config.fusion.top_k > n:
         return "fusion.top_k", f"<= the {n} experts in config.models (0 = all experts)"
     return None

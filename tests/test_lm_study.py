@@ -180,6 +180,39 @@ def test_interrupted_stages_resume_to_the_bits_of_an_uninterrupted_run(
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
 
 
+def test_an_interrupt_inside_a_chunk_resumes_from_the_last_save(
+    study, tmp_path, monkeypatch, record_progress
+):
+    """The training state is donated to each chunk: an interrupt after the chunk ran but before
+    it returned (here inside the fusion's holdout selection) leaves nothing newer than the last
+    save, and must not fail saving the deleted state; the rerun resumes there and every number
+    equals the uninterrupted run's."""
+    config, _, out = study
+    config = config.copy_and_resolve_references()
+    config.train.checkpoint_every_secs = 1e-9  # save after every chunk
+    workdir = str(tmp_path / "w")
+    real, calls = lm_study.Study.score, []
+
+    def interrupting(self, logits_fn, params, split="validation", limit=0, **kwargs):
+        if split == "holdout" and limit:  # the selection: at step 0, then after each chunk
+            calls.append(limit)
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+        return real(self, logits_fn, params, split, limit, **kwargs)
+
+    monkeypatch.setattr(lm_study.Study, "score", interrupting)
+    saves, _ = record_progress()
+    with pytest.raises(KeyboardInterrupt):
+        lm_study.run(config, workdir)
+    assert saves[-1] == ("fusion_frozen", 10)  # the chunk to step 20 never returned
+    monkeypatch.setattr(lm_study.Study, "score", real)
+    saves, resumes = record_progress()
+    again = lm_study.run(config, workdir)
+    assert resumes[0] == ("fusion_frozen", 10) and saves[0] == ("fusion_frozen", 20)
+    for a, b in zip(out["rows"], again["rows"], strict=True):
+        assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
+
+
 def test_bits_per_byte_on_a_hand_example():
     v = text.ByteTokenizer.vocab_size
     tokens = jnp.asarray([[65, 66, text.ByteTokenizer.eos_id, 67, 0]])

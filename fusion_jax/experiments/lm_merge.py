@@ -33,15 +33,12 @@ from tqdm import tqdm
 from fusion_jax import gguf_checkpoint, merging
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
+from fusion_jax.config_rules import split_list
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
 from fusion_jax.models import lm
 from fusion_jax.train import checkpoint, logs
-
-
-def split_list(value: str) -> list[str]:
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def method_hparams(config) -> dict:

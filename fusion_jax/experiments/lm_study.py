@@ -40,6 +40,7 @@ from absl import logging
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import merging, pretrained
 from fusion_jax import workdir as workdir_lib
+from fusion_jax.config_rules import split_list
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
@@ -54,10 +55,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from fusion_jax.errors import UserError
 
 BYTES = text.ByteTokenizer()
-
-
-def split_list(value: str) -> list[str]:
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 def model_config(c) -> lm.LMConfig:
