@@ -34,7 +34,7 @@ KIND_MODES = {
     "merge_compare": ("train", "merge_compare"),
     "lm_merge": ("train",),
     "lm_fuse": ("train", "generate"),
-    "lm_study": ("train", "merge_compare"),
+    "lm_study": ("train", "merge_compare", "export"),
 }
 
 
@@ -131,6 +131,14 @@ def merge_compare(config, workdir: str, **_):
     return train(config, workdir)
 
 
+def export(config, workdir: str, **_):
+    """Writes the trained experts of a study on a pretrained base (configs/lm_fusion.py:smollm2)
+    as checkpoint folders with a GGUF file each, under `<workdir>/export/`."""
+    config = _trained_config(config, workdir, "export")
+    with workdir_lib.lock(workdir):
+        return lm_study.export(config, workdir)
+
+
 def generate(config, workdir: str, **_):
     """Continues `config.generate.prompt` with a trained LM fusion workdir (configs/lm_fuse.py):
     the model is the workdir's (its config.json); --config supplies the generate section."""
@@ -170,4 +178,5 @@ MODES = {
     "results": results_folder,
     "merge_compare": merge_compare,
     "generate": generate,
+    "export": export,
 }

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from configs import lm_fusion as lm_fusion_config
+from fusion_jax import hf_checkpoint as hc
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
 from fusion_jax.experiments.stages import stack
@@ -376,8 +377,6 @@ def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
     assert study.tokenizer.vocab_size == 600 and study.expert_domain == [0, 1]
     rows = {r["method"]: r for r in out["rows"]}
     base = rows["base model (pretrained, untouched)"]
-    from fusion_jax import hf_checkpoint as hc
-
     _, params = hc.load(config.model.base)
     direct = study.score(study.plain_logits, stack([params]))[0]
     np.testing.assert_allclose([base["bits_per_byte"][d][0] for d in study.names], direct)
@@ -396,6 +395,27 @@ def test_a_pretrained_base_is_loaded_scored_untouched_and_its_experts_resume(
         "fusion, end to end"}  # fmt: skip
     routing = np.asarray(out["routing"]["frozen"]["mean_gate_weight"])
     assert routing.shape == (1, 3, 2)  # seeds, text domains, experts
+    # --mode=export: each expert as a folder (the base's tokenizer files) with a GGUF file.
+    folders = lm_study.export(config, workdir)
+    assert [os.path.basename(f) for f in folders] == ["expert_en", "expert_de"]
+    for i, folder in enumerate(folders):
+        assert {"tokenizer.json", "tokenizer_config.json", "model.gguf"} <= set(os.listdir(folder))
+        want = hc.flatten(jax.tree.map(lambda x, i=i: np.asarray(x[0, i]), resumed))
+        for path in (folder, os.path.join(folder, "model.gguf")):
+            got = hc.flatten(hc.load(path)[1])
+            assert set(got) == set(want)
+            for name, x in want.items():
+                np.testing.assert_array_equal(got[name], x)
+
+
+def test_export_needs_a_pretrained_base(study):
+    config, workdir, _ = study
+    with pytest.raises(lm_study.UserError) as e:
+        lm_study.export(config, workdir)
+    assert str(e.value) == (
+        "--mode=export writes experts of a study on a pretrained base (config.model.base); this "
+        "one trained its own byte-level base"
+    )
 
 
 def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny_gguf):

@@ -37,8 +37,8 @@ import numpy as np
 import optax
 from absl import logging
 
+from fusion_jax import gguf_checkpoint, merging, pretrained
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import merging, pretrained
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
 from fusion_jax.data import domains as domains_lib
@@ -868,6 +868,32 @@ def _sample_models(study, base, experts, dam_merged, ties_merged, fusion_model, 
     models["fusion, frozen experts"] = fused(frozen)
     models["fusion, end to end"] = fused(e2e)
     return models
+
+
+def export(config, workdir: str, out_type: str = "float32") -> list[str]:
+    """Writes each trained expert of a study on a pretrained base as a checkpoint folder
+    (config.json, safetensors, the base's tokenizer files) holding `model.gguf` too:
+    `<workdir>/export/expert_<domain>/`. Returns the folders. Reads the stages only."""
+    study = Study(config, workdir)
+    if study.base_path is None:
+        raise UserError(
+            "--mode=export writes experts of a study on a pretrained base (config.model.base); "
+            "this one trained its own byte-level base"
+        )
+    if "experts" not in study.stages.costs:
+        raise UserError(f"{workdir} has no finished experts stage: train it first")
+    hf_config = hc.read_config(study.base_path)
+    experts = study.experts(study.base())
+    folders = []
+    for i, name in enumerate(study.expert_names):
+        folder = os.path.join(workdir, "export", f"expert_{name}")
+        params = jax.tree.map(np.asarray, take(take(experts, 0), i))
+        hc.save(params, hf_config, folder, source=study.base_path)
+        gguf_checkpoint.write_gguf(os.path.join(folder, "model.gguf"), hc.read_config(folder),
+                                   hc.open_tensors(folder), out_type, study.base_path)  # fmt: skip
+        logging.info("[lm_study] exported %s (seed %d) to %s", name, study.seeds[0], folder)
+        folders.append(folder)
+    return folders
 
 
 def plot_frontier(out: dict, path: str) -> None:
