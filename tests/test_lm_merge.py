@@ -208,7 +208,7 @@ def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
         ({"method": "fisher", "models": LLAMA}, "config.method='fisher': must be one of "
          "'weight_average', 'task_arithmetic', 'ties', 'dare', 'slerp', 'dam'"),
         ({"method": "ties", "models": ""}, "config.models='': must be 1 or more existing "
-         "checkpoint directories, comma-separated"),
+         "checkpoint directories or .gguf files, comma-separated"),
         ({"method": "ties", "models": LLAMA}, "config.base='': must be a checkpoint directory "
          "for config.method='ties'"),
         ({"method": "slerp", "models": f"{LLAMA},{LLAMA},{LLAMA}"},

@@ -133,10 +133,12 @@ def streaming_merge(
         stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
-        args = {"base": {name: jnp.asarray(merge_base.get(name))}} if merge_base else {}
+        # One fixed key for every tensor: the jitted merges are compiled once per shape and
+        # dtype, not once per tensor name (a tree keyed by the name is a new structure each time).
+        args = {"base": {"w": jnp.asarray(merge_base.get(name))}} if merge_base else {}
         merged = merging.merge(
-            method, {name: jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
-        )[name]
+            method, {"w": jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
+        )["w"]
         del stacked
         writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
     writer.close()
