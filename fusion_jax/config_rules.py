@@ -590,8 +590,14 @@ def _two_documents(config, devices) -> Problem:
 def _lm_study_domains(config, devices) -> Problem:
     # Resolved before the workdir is bound (`devices` given: about to train), so a typo or a
     # missing package fails at once.
-    if devices is not None and len(domains.parse_domains(config.data.domains)) < 2:
+    if devices is None:
+        return None
+    names = [name for name, _, _ in domains.parse_domains(config.data.domains)]
+    if len(names) < 2:
         return "data.domains", "2 or more distinct domains (one expert is trained per domain)"
+    experts = split_list(config.data.expert_domains)
+    if experts and (len(experts) < 2 or not set(experts) <= set(names)):
+        return "data.expert_domains", "'' or 2 or more of the names in config.data.domains"
     return None
 
 
@@ -604,10 +610,6 @@ def _lm_study_base(config, devices) -> Problem:
     lm_config = LMConfig.from_hf(hf_checkpoint.read_config(base))
     if config.model.seq_len > lm_config.max_len:
         return "model.seq_len", f"at most the base's {lm_config.max_len} positions"
-    experts = split_list(config.data.expert_domains)
-    names = [name for name, _, _ in domains.parse_domains(config.data.domains)]
-    if experts and (len(experts) < 2 or not set(experts) <= set(names)):
-        return "data.expert_domains", "'' or 2 or more of the names in config.data.domains"
     return None
 
 

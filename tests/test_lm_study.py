@@ -436,6 +436,7 @@ def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny
         "config.data.expert_domains='lower': must be '' or 2 or more of the names in "
         "config.data.domains"
     )
+    config.data.expert_domains = ""
     config.model.base = str(tmp_path / "missing.gguf")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         config_rules.validate(config, devices=1)

@@ -278,13 +278,10 @@ class Study:
         self.tokenizer = text.load_tokenizer(spec)
         self.data = load_data(config, workdir, spec)
         self.names = self.data.names
-        # The domains that get an expert (all by default); the others are scored only.
-        experts = split_list(config.data.expert_domains) or self.names
-        unknown = sorted(set(experts) - set(self.names))
-        if unknown:
-            raise UserError(f"config.data.expert_domains names {unknown}, not in data.domains")
-        self.expert_names = experts
-        self.expert_domain = [self.names.index(n) for n in experts]
+        # The domains that get an expert (all by default; config_rules checks the names); the
+        # others are scored only.
+        self.expert_names = split_list(config.data.expert_domains) or self.names
+        self.expert_domain = [self.names.index(n) for n in self.expert_names]
         largest = max(int(t.max()) for t, _ in self.data.splits["train"])
         if largest >= self.cfg.vocab_size:
             raise UserError(
