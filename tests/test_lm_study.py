@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from fusion_jax import hf_checkpoint as hc
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
 from fusion_jax.experiments.stages import stack
+from fusion_jax.models import lm_fusion
 
 METHODS = [
     "base model (mixture)",
@@ -212,6 +214,27 @@ def test_an_interrupt_inside_a_chunk_resumes_from_the_last_save(
     assert resumes[0] == ("fusion_frozen", 10) and saves[0] == ("fusion_frozen", 20)
     for a, b in zip(out["rows"], again["rows"], strict=True):
         assert a["bits_per_byte"] == b["bits_per_byte"], a["method"]
+
+
+def test_state_fusion_with_a_trained_head_and_its_decay(study, tmp_path):
+    """mix="states" with fusion.train_head: the head starts as the experts' mean head and
+    trains; fusion.head_decay pulls it back to that start."""
+    config, workdir, _ = study
+    moved = {}
+    for decay in (0.0, 1e3):
+        w = tmp_path / f"decay_{decay}"
+        shutil.copytree(os.path.join(workdir, "stages"), w / "stages",
+                        ignore=shutil.ignore_patterns("fusion_*"))  # fmt: skip
+        c = config.copy_and_resolve_references()
+        c.fusion.mix, c.fusion.train_head, c.fusion.head_decay = "states", True, decay
+        c.train.fusion_steps, c.fusion.select_windows = 10, 0
+        s = lm_study.Study(c, str(w))
+        experts = s.experts(s.base())
+        params, _, curve = s.fusion(experts, end_to_end=False)
+        assert curve is None and set(params) == {"fusion", "head", "experts"}
+        start = lm_fusion.mean_head(s.cfg, {"lm_head": {"kernel": experts["lm_head"]["kernel"][0]}})
+        moved[decay] = float(jnp.linalg.norm(params["head"]["kernel"][0] - start))
+    assert moved[0.0] > 0 and moved[1e3] < 0.2 * moved[0.0], moved
 
 
 def test_bits_per_byte_on_a_hand_example():

@@ -414,14 +414,13 @@ class Study:
         name = "fusion_e2e" if end_to_end else "fusion_frozen"
         runs = len(self.seeds)
         train_head = f.mix == "states" and f.train_head
+        # The leaves the experts' heads are read from (the embedding when tied).
+        heads = {k: v for k, v in experts.items() if k in ("embed_tokens", "wte", "lm_head")}
         if f.mix == "states":  # the fusion head replaces the experts' own
             experts = {k: v for k, v in experts.items() if k != "lm_head"}
 
         def own(r):  # seed r's fresh gate (and, for "states", the experts' mean head)
-            head = None
-            if f.mix == "states":
-                heads = {k: v for k, v in experts.items() if k in ("embed_tokens", "wte")}
-                head = lm_fusion.mean_head(self.cfg, take(heads, r))
+            head = lm_fusion.mean_head(self.cfg, take(heads, r)) if f.mix == "states" else None
             return lm_fusion.init_gate(model, jax.random.key(self.seeds[r]), head)
 
         def saved_shapes():
