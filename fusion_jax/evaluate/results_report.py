@@ -511,6 +511,9 @@ def _run_lines(out_dir: str, name: str) -> list[str]:
         setup = {
             "tasks": ", ".join(_ordered(_config_tasks(config))),
             "p": config.get("data", {}).get("p"),
+            "domains": config.get("data", {}).get("domains"),
+            "experts": config.get("data", {}).get("expert_domains"),
+            "base": config.get("model", {}).get("base"),
             "seeds": config.get("num_seeds"),
         }
         lines.append(
