@@ -65,6 +65,8 @@ def with_inputs(config):
     kind = config.get("experiment")
     if kind == "lm_study":
         config.data.domains = f"a={LLAMA}/config.json,b={LLAMA}/generation_config.json"
+        if config.data.expert_domains:
+            config.data.expert_domains = "a,b"
     if kind == "lm_merge":
         config.base, config.models = LLAMA, f"{LLAMA},{LLAMA}"
     if kind == "lm_fuse":
