@@ -527,6 +527,8 @@ def _lm_merge_inputs(config, devices) -> Problem:
         return "models", "exactly 2 checkpoint directories for config.method='slerp'"
     if config.method == "weight_average" and len(split_list(config.weights)) not in (0, n):
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
+    if math.fsum(float(w) for w in split_list(config.weights)) == 0 and config.weights.strip():
+        return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
     if config.method == "dam" and len([s for s in config.dam.data.split(";") if s.strip()]) != n:
         return "dam.data", f"{n} text sources separated by ';' (one per model)"
     return None
@@ -655,6 +657,36 @@ CROSS_RULES: dict[str | None, tuple[Callable[..., Problem], ...]] = {
                 _within_positions("data.seq_len"), _two_documents),
     "lm_study": (_lm_study_heads, _lm_study_domains, _lm_study_base),
 }  # fmt: skip
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def check_apart(output: str, inputs: list[str], workdir: str | None = None) -> None:
+    """Refuses an `output` path that is an input, contains one or lies inside one (writing it
+    would replace, delete or add to a model that the run reads and the user keeps), and a
+    `workdir` inside an input."""
+    for path in inputs:
+        if _inside(output, path) or _inside(path, output) or (workdir and _inside(workdir, path)):
+            raise UserError(
+                f"the output {workdir or output} overlaps the input {path} (the same path, or "
+                "one inside the other); choose a --workdir apart from every input"
+            )
+
+
+def _lm_merge_outputs(config, workdir: str) -> None:
+    # The folders lm_merge replaces: merged/, and merged.partial/ and merged.old/ beside it.
+    inputs = [p for p in [config.base, *split_list(config.models)] if p]
+    for suffix in ("", ".partial", ".old"):
+        check_apart(os.path.join(workdir, "merged" + suffix), inputs, workdir)
+
+
+# Checks of the workdir's place against a config's inputs, run before the workdir is bound.
+OUTPUT_RULES: dict[str | None, Callable[[Any, str], None]] = {"lm_merge": _lm_merge_outputs}
+
 
 # Fields a workdir's config may change, because they do not change results: "any" change,
 # "increase" only (a longer run continues the shorter one exactly; a shorter one would leave

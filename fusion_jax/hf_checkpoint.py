@@ -25,12 +25,13 @@ import re
 import shutil
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from fusion_jax import gguf_checkpoint
+from fusion_jax import files, gguf_checkpoint
 from fusion_jax.errors import UserError
 from fusion_jax.models.lm import LanguageModel, LMConfig
 
@@ -264,8 +265,7 @@ def check_inputs(record: str, now: list[dict]) -> None:
     checkpoints that changed since (a resumed run would mix old and new)."""
     if not os.path.exists(record):
         os.makedirs(os.path.dirname(record), exist_ok=True)
-        with open(record, "w") as f:
-            json.dump(now, f, indent=2)
+        files.write_json(record, now)
         return
     with open(record) as f:
         before = json.load(f)
@@ -366,6 +366,20 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raises a UserError naming `what` if the float `array` holds NaN or Inf (after a cast to
+    float16 or bfloat16, an overflow shows as Inf here)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        return
+    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise UserError(
+            f"{what}: {bad} of its {np.size(array)} {array.dtype} values are NaN or Inf "
+            "(a non-finite input, a merge that is not finite, or an overflow of the output "
+            "dtype); nothing is written from it"
+        )
+
+
 class ShardWriter:
     """Writes tensors, in a planned order, into safetensors shards of at most `max_shard_size`.
 
@@ -400,12 +414,16 @@ class ShardWriter:
                 os.remove(os.path.join(directory, name))
 
     def add(self, name: str, array: np.ndarray) -> None:
+        """Queues tensor `name` (already in its stored dtype); refuses NaN or Inf in it, which
+        no input may bring and no computation or cast to a narrower float may produce."""
+        check_finite(array, f"tensor {name} to be written to {self.directory}")
         i = self.shard_of[name]
         self._pending[i][name] = np.ascontiguousarray(array)
         self._remaining[i] -= 1
         if self._remaining[i] == 0:
             path = os.path.join(self.directory, self.files[i])
             save_file(self._pending[i], path, metadata={"format": "pt"})
+            os.chmod(path, files.default_file_mode())  # safetensors creates 0600
             self._pending[i] = {}
 
     def close(self) -> None:
@@ -417,8 +435,7 @@ class ShardWriter:
                 "metadata": {"total_size": self.total_size},
                 "weight_map": {n: self.files[i] for n, i in sorted(self.shard_of.items())},
             }
-            with open(os.path.join(self.directory, INDEX_FILE), "w") as f:
-                json.dump(index, f, indent=2)
+            files.write_json(os.path.join(self.directory, INDEX_FILE), index)
 
 
 # Files of the source that would misdescribe a written checkpoint: its own config.json is
@@ -450,8 +467,7 @@ def write_config(hf_config: dict, directory: str, dtype: str) -> None:
     out = dict(hf_config)
     out["dtype" if "dtype" in out or "torch_dtype" not in out else "torch_dtype"] = dtype
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(out, f, indent=2, sort_keys=True)
+    files.write_json(os.path.join(directory, "config.json"), out, sort_keys=True)
 
 
 def save(
@@ -483,7 +499,8 @@ def save(
     writer = ShardWriter(directory, plan, max_shard_size)
     for path, leaf in flat.items():
         name, kind = names[path]
-        x = np.asarray(leaf).astype(out_dtype)
+        with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
+            x = np.asarray(leaf).astype(out_dtype)
         writer.add(name, x.T if kind == "linear" else x)
     writer.close()
     write_config(hf_config, directory, str(out_dtype))

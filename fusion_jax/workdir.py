@@ -21,7 +21,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from fusion_jax import config_rules
+from fusion_jax import config_rules, files
 from fusion_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -161,9 +161,7 @@ def _write_config(config, workdir: str) -> None:
     text = config.to_json(indent=2)
     if stored_config(workdir) == json.loads(text):
         return
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    files.write_text(path, text)
 
 
 @contextlib.contextmanager
@@ -217,6 +215,8 @@ def claim(config, workdir: str):
     takes the lock and records the config. Nothing is written before the checks pass."""
     config_rules.validate(config, devices=jax.local_device_count())
     check_not_file(workdir)
+    if check := config_rules.OUTPUT_RULES.get(config_rules.kind_of(config)):
+        check(config, workdir)
     check_binding(config, workdir, extending=True)
     if jax.process_index() > 0:
         # A multi-process run: process 0 holds the lock and records the config for all.

@@ -406,7 +406,10 @@ def test_a_streamed_merge_does_not_write_into_an_input(tmp_path):
     copy = _shifted(tmp_path, "copy", LLAMA, lambda x: x)
     with pytest.raises(ValueError) as e:
         lm_merge.streaming_merge("weight_average", {}, [LLAMA, copy], None, copy, progress=False)
-    assert str(e.value) == f"the output directory {copy} is one of the inputs; write elsewhere"
+    assert str(e.value) == (
+        f"the output {copy} overlaps the input {copy} (the same path, or one inside the other); "
+        "choose a --workdir apart from every input"
+    )
     assert sorted(os.listdir(copy)) == sorted(os.listdir(LLAMA))
 
 

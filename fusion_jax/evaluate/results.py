@@ -13,6 +13,7 @@ import os
 import numpy as np
 from absl import logging
 
+from fusion_jax import files
 from fusion_jax.train import logs
 
 FINAL_KEYS = ("final_train_loss", "final_val_loss", "final_train_acc", "final_val_acc")
@@ -77,8 +78,7 @@ def read_json(path: str, default=None):
 
 def write_json(path: str, obj) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    files.write_json(path, obj)
 
 
 def read_task_records(workdir: str, tasks: list[str]) -> dict[str, list[dict]]:

@@ -15,7 +15,6 @@ is split over `config.train.num_devices` local devices (0 = all), the model repl
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -26,6 +25,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fusion_jax import files
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
@@ -257,8 +257,7 @@ def train(config, workdir: str) -> dict:
         "expert_val_loss": expert_losses,
         "end_to_end": bool(t.end_to_end),
     }
-    with open(os.path.join(workdir, "fusion_info.json"), "w") as f:
-        json.dump(info, f, indent=2)
+    files.write_json(os.path.join(workdir, "fusion_info.json"), info)
     logging.info("[lm_fuse] validation loss %.4f (experts: %s)", val_loss, expert_losses)
     return info
 

@@ -18,7 +18,6 @@ never looks finished) and `<workdir>/merge_info.json`.
 """
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -30,10 +29,9 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from fusion_jax import gguf_checkpoint, merging
+from fusion_jax import config_rules, files, gguf_checkpoint, merging
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
-from fusion_jax.config_rules import split_list
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
@@ -50,7 +48,7 @@ def method_hparams(config) -> dict:
             continue
         value = config[name]
         if name == "weights":
-            value = tuple(float(w) for w in split_list(value)) or None
+            value = tuple(float(w) for w in config_rules.split_list(value)) or None
         out[name] = value
     return out
 
@@ -77,18 +75,27 @@ def _export_gguf(config, folder: str, source: str) -> dict:
     return {"file": "model.gguf", "type": out_type, **summary}
 
 
+def _outputs(workdir: str) -> tuple[str, str, str]:
+    """merged/ (finished), merged.partial/ (being written), merged.old/ (the previous merged/
+    while the new one is renamed in)."""
+    out_dir = os.path.join(workdir, "merged")
+    return out_dir, out_dir + ".partial", out_dir + ".old"
+
+
 def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
     # The old merge_info.json goes first: a stop in between leaves no info rather than another
-    # merge's beside this checkpoint.
+    # merge's beside this checkpoint. The old merged/ is moved aside, not deleted, until the new
+    # one is in place (a stop in between: `run` moves it back).
     info_path = os.path.join(workdir, "merge_info.json")
     if os.path.exists(info_path):
         os.remove(info_path)
+    old_dir = _outputs(workdir)[2]
     if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old_dir)
     os.replace(tmp_dir, out_dir)
-    with open(info_path + ".tmp", "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(info_path + ".tmp", info_path)
+    files.write_json(info_path, info)
+    if os.path.exists(old_dir):
+        shutil.rmtree(old_dir)
     logging.info("[lm_merge] wrote %s and merge_info.json", out_dir)
     return info
 
@@ -106,9 +113,7 @@ def streaming_merge(
 ) -> int:
     """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count."""
     inputs = ([base] if base else []) + models
-    if os.path.realpath(out_dir) in {os.path.realpath(d) for d in inputs}:
-        # The writer replaces the weight files there before the inputs are read.
-        raise UserError(f"the output directory {out_dir} is one of the inputs; write elsewhere")
+    config_rules.check_apart(out_dir, inputs)
     _, hf_config, names = hc.check_compatible(inputs)
     readers = [hc.open_tensors(d) for d in models]
     base_reader = hc.open_tensors(base) if base else None
@@ -133,14 +138,19 @@ def streaming_merge(
         stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
+            hc.check_finite(stacked[k], f"{models[k]}: tensor {name}")
         # One fixed key for every tensor: the jitted merges are compiled once per shape and
         # dtype, not once per tensor name (a tree keyed by the name is a new structure each time).
-        args = {"base": {"w": jnp.asarray(merge_base.get(name))}} if merge_base else {}
+        args = {}
+        if merge_base:
+            args["base"] = {"w": merge_base.get(name)}
+            hc.check_finite(args["base"]["w"], f"{base}: tensor {name}")
         merged = merging.merge(
             method, {"w": jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
         )["w"]
         del stacked
-        writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
+        with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
+            writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
     writer.close()
     stored = str(out_dtypes[names[0]]) if names else "float32"
     hc.write_config(hf_config, out_dir, dtype or stored)
@@ -163,7 +173,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model.
     Returns its summary and the models' `hc.input_records` (read once: gigabytes each)."""
     d = config.dam
-    groups = split_list(d.train)
+    groups = config_rules.split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
     lm_config, hf_config, _ = hc.check_compatible(models)
     lm_config = dataclasses.replace(
@@ -290,12 +300,16 @@ def run(config, workdir: str) -> dict:
 
     The config is checked by fusion_jax.config_rules first: method, inputs and their counts,
     dtype and DAM's groups and text sources."""
-    models, base = split_list(config.models), config.base or None
+    models, base = config_rules.split_list(config.models), config.base or None
     os.makedirs(workdir, exist_ok=True)
-    out_dir = os.path.join(workdir, "merged")
-    tmp_dir = out_dir + ".partial"
+    out_dir, tmp_dir, old_dir = _outputs(workdir)
     if os.path.exists(tmp_dir):
         shutil.rmtree(tmp_dir)  # left by an interrupted merge; nothing in it is trusted
+    if os.path.exists(old_dir):  # a stop while the last merge was renamed in
+        if os.path.exists(out_dir):
+            shutil.rmtree(old_dir)
+        else:
+            os.replace(old_dir, out_dir)
     t0 = time.time()
     info = {"method": config.method}
     if config.method == "dam":

@@ -27,6 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from fusion_jax import files
 from fusion_jax.errors import UserError
 from fusion_jax.train import checkpoint
 
@@ -73,9 +74,7 @@ class Stages:
         return self.costs[key]
 
     def _write_costs(self) -> None:
-        with open(self.cost_path + ".tmp", "w") as f:
-            json.dump(self.costs, f, indent=2)
-        os.replace(self.cost_path + ".tmp", self.cost_path)
+        files.write_json(self.cost_path, self.costs)
 
     def progress(self, name: str, part: str | None, seeds, state):
         """`(manager, (step, state) or None)`: the checkpoint manager (newest step only) of

@@ -5,6 +5,8 @@ import os
 
 import numpy as np
 
+from fusion_jax import files
+
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
@@ -36,9 +38,8 @@ def truncate(path: str, max_step: int) -> list[dict]:
     records = read(path)
     kept = [r for r in records if r["step"] <= max_step]
     if len(kept) < len(records) or not os.path.exists(path) or _lines(path)[1]:
-        with open(path, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
+        # Renamed into place: a kill while rewriting must not lose the history it keeps.
+        files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept
 
 

@@ -1,0 +1,39 @@
+"""Files written whole or not at all.
+
+Each file goes to a temporary name beside its target and is renamed into place (`os.replace` is
+atomic on POSIX), so a kill at any moment leaves either the old file or the new one, never a torn
+one. JSON is strict: NaN and Inf have no JSON spelling, and a reader in another language (or
+`json.loads(..., parse_constant=...)`) would reject the file, so they are refused instead.
+"""
+
+import json
+import os
+
+from fusion_jax.errors import UserError
+
+
+def write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: str, obj, **dump_kwargs) -> None:
+    """Writes `obj` as strict JSON (indent 2 unless told otherwise) to `path`, atomically."""
+    try:
+        text = json.dumps(obj, allow_nan=False, **{"indent": 2, **dump_kwargs})
+    except ValueError as e:  # NaN or Inf somewhere in obj
+        raise UserError(f"{path} was not written: its values include NaN or Inf ({e})") from e
+    write_text(path, text)
+
+
+def default_file_mode() -> int:
+    """0666 less the process's umask: the mode `open()` gives a new file (0644 under umask 022).
+    Some writers (safetensors) create files 0600, which a server running as another user cannot
+    read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask

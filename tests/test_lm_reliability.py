@@ -1,0 +1,238 @@
+"""What a language-model merge promises when inputs or the process misbehave: no input is touched,
+nothing non-finite is written, every file lands whole (issue 26)."""
+
+import json
+import os
+import shutil
+import stat
+
+import jax
+import numpy as np
+import pytest
+
+from configs import lm_merge as lm_merge_config
+from fusion_jax import files
+from fusion_jax import hf_checkpoint as hc
+from fusion_jax.errors import UserError
+from fusion_jax.experiments import lm_merge
+from fusion_jax.train import logs
+
+LLAMA = os.path.join(os.path.dirname(__file__), "fixtures", "lm", "llama")
+NAME = "model.layers.0.mlp.up_proj.weight"  # the tensor the tests spoil
+
+
+def _config(**fields):
+    config = lm_merge_config.get_config()
+    config.method = "weight_average"
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+def _copy(tmp_path, name, fn=None):
+    """A copy of the fixture, with `fn` applied to tensor NAME (torch layout) if given."""
+    out = str(tmp_path / name)
+    shutil.copytree(LLAMA, out)
+    if fn:
+        reader = hc.open_tensors(LLAMA)
+        tensors = {n: reader.get(n) for n in reader.files}
+        tensors[NAME] = fn(tensors[NAME].copy())
+        from safetensors.numpy import save_file
+
+        save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _snapshot(directory):
+    out = {}
+    for root, _, names in os.walk(directory):
+        for n in names:
+            with open(os.path.join(root, n), "rb") as f:
+                out[os.path.relpath(os.path.join(root, n), directory)] = f.read()
+    return out
+
+
+def test_an_input_at_the_output_path_is_refused_and_kept(tmp_path):
+    work = tmp_path / "w"
+    inside = _copy(work, "merged")  # an input model where the merge would go
+    other = _copy(tmp_path, "other")
+    before = _snapshot(inside)
+    with pytest.raises(UserError) as e:
+        lm_merge.run(_config(models=f"{inside},{other}"), str(work))
+    assert str(e.value) == (
+        f"the output {work} overlaps the input {inside} (the same path, or one inside the "
+        "other); choose a --workdir apart from every input"
+    )
+    assert _snapshot(inside) == before and sorted(os.listdir(work)) == ["merged"]
+
+
+@pytest.mark.parametrize("where", ["merged.partial/x", "", "sub"])
+def test_a_workdir_that_overlaps_an_input_is_refused_before_binding(tmp_path, where):
+    model = _copy(tmp_path, "model")
+    other = _copy(tmp_path, "other")
+    # An input inside merged.partial/ (deleted at start), the workdir as the input, or inside it.
+    work = str(tmp_path / "w")
+    if where.startswith("merged"):
+        model = _copy(tmp_path / "w" / "merged.partial", "x")
+    else:
+        work = os.path.join(model, where) if where else model
+    before = _snapshot(tmp_path)
+    with pytest.raises(UserError, match=r"overlaps the input .*; choose a --workdir apart"):
+        lm_merge.run(_config(models=f"{model},{other}"), work)
+    assert _snapshot(tmp_path) == before
+
+
+def test_an_input_inside_the_workdir_but_apart_from_the_output_is_fine(tmp_path):
+    model = _copy(tmp_path / "w" / "experts", "a")
+    lm_merge.run(_config(models=f"{model},{LLAMA}"), str(tmp_path / "w"))
+    assert os.path.isfile(tmp_path / "w" / "merged" / "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    "method, hparams",
+    [
+        ("weight_average", {}),
+        ("task_arithmetic", {"lam": 0.5}),
+        ("ties", {"density": 0.5, "lam": 1.0}),
+        ("dare", {"drop_rate": 0.5, "lam": 1.0, "combine": "ties", "density": 0.5}),
+        ("slerp", {"t": 0.5}),
+    ],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_input_is_named_and_nothing_is_written(tmp_path, method, hparams, bad):
+    def spoil(x):
+        x[0, 0] = bad
+        return x
+
+    spoilt = _copy(tmp_path, "spoilt", spoil)
+    base = LLAMA if method in ("task_arithmetic", "ties", "dare") else None
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError) as e:
+        lm_merge.streaming_merge(method, hparams, [LLAMA, spoilt], base, out, progress=False)
+    n = hc.open_tensors(LLAMA).get(NAME).size
+    assert str(e.value) == (
+        f"{spoilt}: tensor {NAME}: 1 of its {n} float32 values are NaN or Inf (a non-finite "
+        "input, a merge that is not finite, or an overflow of the output dtype); nothing is "
+        "written from it"
+    )
+    # No shard holds the spoilt tensor's merge (the one-shard fixture: no shard at all).
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+
+
+def test_a_non_finite_base_is_named(tmp_path):
+    spoilt = _copy(tmp_path, "spoilt", lambda x: x * np.float32(np.inf))
+    with pytest.raises(UserError, match=rf"^{spoilt}: tensor {NAME}: \d+ of its"):
+        lm_merge.streaming_merge(
+            "ties", {"density": 0.5, "lam": 1.0}, [LLAMA, LLAMA], spoilt, str(tmp_path / "o"),
+            progress=False,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("weights", ["0,0", "1,-1", "0.5,-0.5"])
+def test_weights_that_sum_to_zero_are_refused_before_binding(tmp_path, weights):
+    with pytest.raises(UserError) as e:
+        lm_merge.run(_config(models=f"{LLAMA},{LLAMA}", weights=weights), str(tmp_path / "w"))
+    assert str(e.value) == (
+        f"config.weights={weights!r}: must be numbers whose sum is not 0 (they are divided by "
+        "their sum)"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_an_overflow_of_float16_is_refused(tmp_path):
+    big = _copy(tmp_path, "big", lambda x: x + np.float32(1e6))  # float16 tops out at 65504
+    with pytest.raises(UserError) as e:
+        lm_merge.streaming_merge(
+            "weight_average", {}, [big, big], None, str(tmp_path / "o"), dtype="float16",
+            progress=False,
+        )  # fmt: skip
+    n = hc.open_tensors(LLAMA).get(NAME).size
+    assert str(e.value) == (
+        f"tensor {NAME} to be written to {tmp_path / 'o'}: {n} of its {n} float16 values are "
+        "NaN or Inf (a non-finite input, a merge that is not finite, or an overflow of the "
+        "output dtype); nothing is written from it"
+    )
+
+
+def test_written_shards_have_the_usual_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        lm_merge.streaming_merge(
+            "weight_average", {}, [LLAMA, LLAMA], None, str(tmp_path / "o"),
+            max_shard_size="100KB", progress=False,
+        )  # fmt: skip
+    finally:
+        os.umask(old)
+    shards = [n for n in os.listdir(tmp_path / "o") if n.endswith(".safetensors")]
+    assert len(shards) > 1
+    for n in shards:
+        assert stat.S_IMODE(os.stat(tmp_path / "o" / n).st_mode) == 0o644, n
+
+
+def test_a_kill_while_the_new_merge_is_renamed_in_loses_nothing(tmp_path, monkeypatch):
+    """The old merged/ is moved aside before the new one comes in: a kill in between leaves it
+    as merged.old/, and the rerun puts it back, merges again and ends with one merged/."""
+    work = str(tmp_path / "w")
+    config = _config(models=f"{LLAMA},{LLAMA}", method="weight_average")
+    lm_merge.run(config, work)
+    first = _snapshot(os.path.join(work, "merged"))
+    real_replace = os.replace
+
+    def killed(src, dst):
+        if src.endswith("merged.partial"):
+            raise KeyboardInterrupt  # the old merged/ is aside, the new not yet in place
+        real_replace(src, dst)
+
+    monkeypatch.setattr(lm_merge.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lm_merge.run(config, work)
+    monkeypatch.undo()
+    assert sorted(os.listdir(work)) == [".lock", "config.json", "merged.old", "merged.partial"]
+    assert _snapshot(os.path.join(work, "merged.old")) == first
+    info = lm_merge.run(config, work)
+    assert sorted(os.listdir(work)) == [".lock", "config.json", "merge_info.json", "merged"]
+    assert _snapshot(os.path.join(work, "merged")) == first
+    with open(os.path.join(work, "merge_info.json")) as f:
+        assert json.load(f) == info
+
+
+def test_a_kill_while_a_log_is_cut_back_keeps_its_history(tmp_path, monkeypatch):
+    path = str(tmp_path / "metrics.jsonl")
+    logs.append(path, [{"step": s} for s in (1, 2, 3)])
+    with open(path) as f:
+        before = f.read()
+
+    def killed(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        logs.truncate(path, 2)
+    with open(path) as f:
+        assert f.read() == before  # untouched; the rerun cuts it back
+    monkeypatch.undo()
+    assert logs.truncate(path, 2) == [{"step": 1}, {"step": 2}]
+    assert logs.read(path) == [{"step": 1}, {"step": 2}]
+
+
+def test_results_json_is_strict(tmp_path):
+    path = str(tmp_path / "r.json")
+    with pytest.raises(UserError) as e:
+        files.write_json(path, {"val_loss": float("nan")})
+    assert str(e.value) == (
+        f"{path} was not written: its values include NaN or Inf (Out of range float values are "
+        "not JSON compliant: nan)"
+    )
+    assert not os.path.exists(path)
+    files.write_json(path, {"val_loss": 1.5})
+    with open(path) as f:
+        assert json.load(f) == {"val_loss": 1.5}
+
+
+def test_a_merge_of_finite_inputs_is_unchanged_by_the_checks(tmp_path):
+    out = str(tmp_path / "o")
+    lm_merge.streaming_merge("weight_average", {}, [LLAMA, LLAMA], None, out, progress=False)
+    _, params = hc.load(out)
+    _, want = hc.load(LLAMA)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
