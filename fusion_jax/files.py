@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and never with NaN or Inf in them.
 
 Each file goes to a temporary name beside its target and is renamed into place (`os.replace` is
 atomic on POSIX), so a kill at any moment leaves either the old file or the new one, never a torn
@@ -8,6 +8,9 @@ one. JSON is strict: NaN and Inf have no JSON spelling, and a reader in another 
 
 import json
 import os
+
+import jax.numpy as jnp
+import numpy as np
 
 from fusion_jax.errors import UserError
 
@@ -37,3 +40,17 @@ def default_file_mode() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raises a UserError naming `what` if the float `array` holds NaN or Inf (after a cast to
+    float16 or bfloat16, an overflow shows as Inf here)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        return
+    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise UserError(
+            f"{what}: {bad} of its {np.size(array)} {array.dtype} values are NaN or Inf "
+            "(a non-finite input, a merge that is not finite, or an overflow of the output "
+            "dtype); nothing is written from it"
+        )

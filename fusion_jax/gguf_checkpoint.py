@@ -26,6 +26,7 @@ import re
 import gguf
 import numpy as np
 
+from fusion_jax import files
 from fusion_jax.errors import UserError
 
 SUFFIX = ".gguf"
@@ -605,7 +606,15 @@ def write_gguf(path: str, hf_config: dict, reader, out_type: str = "float32",
             x = rope_rows_to_gguf(x, heads)
         elif ".self_attn.k_proj." in hf:
             x = rope_rows_to_gguf(x, kv_heads)
-        writer.write_tensor_data(_encode(x, _planned_type(x.shape, out_type)))
+        qtype = _planned_type(x.shape, out_type)
+        # Q8_0 keeps one float16 scale per block of 32: max|x| / 127 must fit float16.
+        limit = {Q.F16: 1.0, Q.Q8_0: 127.0}.get(qtype)
+        with np.errstate(over="ignore"):  # an overflow is refused below, by name
+            files.check_finite(
+                x if limit is None else (x / limit).astype(np.float16),
+                f"tensor {hf} to be written to {path} as {qtype.name}",
+            )
+        writer.write_tensor_data(_encode(x, qtype))
     writer.close()
     os.replace(tmp, path)
     return {"tensors": len(names), "tokenizer": has_tokenizer, "types": counts}

@@ -25,7 +25,6 @@ import re
 import shutil
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -366,20 +365,6 @@ def parse_size(size) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def check_finite(array: np.ndarray, what: str) -> None:
-    """Raises a UserError naming `what` if the float `array` holds NaN or Inf (after a cast to
-    float16 or bfloat16, an overflow shows as Inf here)."""
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-        return
-    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise UserError(
-            f"{what}: {bad} of its {np.size(array)} {array.dtype} values are NaN or Inf "
-            "(a non-finite input, a merge that is not finite, or an overflow of the output "
-            "dtype); nothing is written from it"
-        )
-
-
 class ShardWriter:
     """Writes tensors, in a planned order, into safetensors shards of at most `max_shard_size`.
 
@@ -416,7 +401,7 @@ class ShardWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         """Queues tensor `name` (already in its stored dtype); refuses NaN or Inf in it, which
         no input may bring and no computation or cast to a narrower float may produce."""
-        check_finite(array, f"tensor {name} to be written to {self.directory}")
+        files.check_finite(array, f"tensor {name} to be written to {self.directory}")
         i = self.shard_of[name]
         self._pending[i][name] = np.ascontiguousarray(array)
         self._remaining[i] -= 1

@@ -236,3 +236,20 @@ def test_a_merge_of_finite_inputs_is_unchanged_by_the_checks(tmp_path):
     _, want = hc.load(LLAMA)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("out_type, scale", [("float16", 1e6), ("q8_0", 1e8)])
+def test_a_gguf_export_that_overflows_is_refused_and_leaves_no_file(tmp_path, out_type, scale):
+    from fusion_jax import gguf_checkpoint
+
+    big = _copy(tmp_path, "big", lambda x: x + np.float32(scale))
+    path = str(tmp_path / "model.gguf")
+    reader = hc.open_tensors(big)
+    with pytest.raises(UserError) as e:
+        gguf_checkpoint.write_gguf(path, hc.read_config(big), reader, out_type, big)
+    qtype = "F16" if out_type == "float16" else "Q8_0"
+    assert str(e.value).startswith(f"tensor {NAME} to be written to {path} as {qtype}: ")
+    assert not os.path.exists(path)
+    # Within range, the same export is written.
+    gguf_checkpoint.write_gguf(path, hc.read_config(LLAMA), hc.open_tensors(LLAMA), out_type, LLAMA)
+    assert os.path.getsize(path) > 0

@@ -138,13 +138,13 @@ def streaming_merge(
         stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
-            hc.check_finite(stacked[k], f"{models[k]}: tensor {name}")
+            files.check_finite(stacked[k], f"{models[k]}: tensor {name}")
         # One fixed key for every tensor: the jitted merges are compiled once per shape and
         # dtype, not once per tensor name (a tree keyed by the name is a new structure each time).
         args = {}
         if merge_base:
             args["base"] = {"w": merge_base.get(name)}
-            hc.check_finite(args["base"]["w"], f"{base}: tensor {name}")
+            files.check_finite(args["base"]["w"], f"{base}: tensor {name}")
         merged = merging.merge(
             method, {"w": jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
         )["w"]
