@@ -7,15 +7,17 @@ import shutil
 import stat
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from configs import lm_merge as lm_merge_config
-from fusion_jax import files
+from fusion_jax import files, gguf_checkpoint
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax.errors import UserError
-from fusion_jax.experiments import lm_merge
-from fusion_jax.train import logs
+from fusion_jax.experiments import lm_merge, stages
+from fusion_jax.train import checkpoint, logs
 
 LLAMA = os.path.join(os.path.dirname(__file__), "fixtures", "lm", "llama")
 NAME = "model.layers.0.mlp.up_proj.weight"  # the tensor the tests spoil
@@ -37,8 +39,6 @@ def _copy(tmp_path, name, fn=None):
         reader = hc.open_tensors(LLAMA)
         tensors = {n: reader.get(n) for n in reader.files}
         tensors[NAME] = fn(tensors[NAME].copy())
-        from safetensors.numpy import save_file
-
         save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -240,8 +240,6 @@ def test_a_merge_of_finite_inputs_is_unchanged_by_the_checks(tmp_path):
 
 @pytest.mark.parametrize("out_type, scale", [("float16", 1e6), ("q8_0", 1e8)])
 def test_a_gguf_export_that_overflows_is_refused_and_leaves_no_file(tmp_path, out_type, scale):
-    from fusion_jax import gguf_checkpoint
-
     big = _copy(tmp_path, "big", lambda x: x + np.float32(scale))
     path = str(tmp_path / "model.gguf")
     reader = hc.open_tensors(big)
@@ -253,3 +251,29 @@ def test_a_gguf_export_that_overflows_is_refused_and_leaves_no_file(tmp_path, ou
     # Within range, the same export is written.
     gguf_checkpoint.write_gguf(path, hc.read_config(LLAMA), hc.open_tensors(LLAMA), out_type, LLAMA)
     assert os.path.getsize(path) > 0
+
+
+def test_a_stage_whose_loss_turns_nan_stops_with_its_last_save_kept(tmp_path):
+    """The one chunk loop of every study stage: a non-finite chunk is not saved or logged."""
+    logged, mngrs = [], []
+
+    def progress(state):
+        mngrs.append(checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=3))
+        return mngrs[-1], None
+
+    def run_chunk(state, n):  # the loss turns NaN in the third chunk
+        step = state["step"] + n
+        return {"step": step}, jnp.where(step > 4, jnp.nan, 1.0) * jnp.ones(n)
+
+    with pytest.raises(UserError) as e:
+        stages.train_in_chunks(
+            "[t] experts", run_chunk, {"step": jnp.zeros((), jnp.int32)}, 10, chunk=2,
+            progress=progress, every_secs=1e-9, step_of=lambda s: int(s["step"]),
+            log=lambda metrics, done, rate: logged.append(done),
+        )  # fmt: skip
+    assert str(e.value) == (
+        "[t] experts: the training loss is NaN or Inf by step 6; nothing past step 4 is saved: "
+        "lower the learning rate or check the inputs, then rerun"
+    )
+    assert logged == [2, 4]
+    assert checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=3).all_steps() == [2, 4]

@@ -238,19 +238,13 @@ class Pipeline:
                                        [self.seeds[i] for i in todo]),
             every_secs=self.config.train.checkpoint_every_secs,
             step_of=lambda s: int(np.asarray(s.step)[0]),
-            log=lambda metrics, done, rate: self._check_and_log(tag, metrics, done, num_steps,
-                                                                rate),
+            log=lambda metrics, done, rate: self._log(tag, metrics, done, num_steps, rate),
         )  # fmt: skip
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
 
     @staticmethod
-    def _check_and_log(tag, metrics, done: int, num_steps: int, rate: float) -> None:
+    def _log(tag, metrics, done: int, num_steps: int, rate: float) -> None:
         loss = np.asarray(metrics["loss"])
-        if not np.all(np.isfinite(loss)):
-            raise FloatingPointError(
-                f"[compare] {tag}: non-finite training loss by step {done}; lower "
-                "config.opt.learning_rate or check the model config"
-            )
         logging.info(
             "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
             "%.1f steps/s incl. compile  ETA %.0fs", tag, done, num_steps,

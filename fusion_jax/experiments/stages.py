@@ -142,7 +142,8 @@ class Stages:
 def train_in_chunks(tag: str, run_chunk, state, num_steps: int, *, chunk: int, progress,
                     every_secs: float, step_of, log, save_at_end: bool = True):  # fmt: skip
     """Trains a stage's runs to `num_steps`: `run_chunk(state, n) -> (state, metrics)` `chunk`
-    steps at a time, then `log(metrics, done, steps per second)`. Returns the state.
+    steps at a time, then `log(metrics, done, steps per second)`. Returns the state. A chunk
+    whose metrics hold NaN or Inf stops the training, its state unsaved.
 
     `progress(state)` is `Stages.progress` for this training (`functools.partial` of it): it
     resumes from the state saved there, and saves there after a chunk once `every_secs` have
@@ -168,6 +169,11 @@ def train_in_chunks(tag: str, run_chunk, state, num_steps: int, *, chunk: int, p
         while done < num_steps:
             state, metrics = run_chunk(state, min(chunk, num_steps - done))
             done = step_of(state)
+            if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(metrics))):
+                raise UserError(
+                    f"{tag}: the training loss is NaN or Inf by step {done}; nothing past step "
+                    f"{saved} is saved: lower the learning rate or check the inputs, then rerun"
+                )
             log(metrics, done, (done - start) / (time.perf_counter() - tic))
             if (done == num_steps and save_at_end) or (
                 done < num_steps and 0 < every_secs <= time.monotonic() - saved_at
