@@ -17,6 +17,7 @@ same Hugging Face names and layouts, dequantized to float32.
 Local paths only: nothing here reaches a model hub.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -27,7 +28,7 @@ import shutil
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from fusion_jax import files, gguf_checkpoint
@@ -158,14 +159,38 @@ def _need(path: str) -> str:
     return path
 
 
+def read_json(path: str, keys: tuple[str, ...] = ()) -> dict:
+    """A checkpoint's JSON file as a dict holding `keys`; a damaged or foreign file is a
+    one-line UserError that names it."""
+    with open(_need(path), "rb") as f:
+        raw = f.read()
+    try:
+        content = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e}): the file is damaged; replace it") from e
+    if not isinstance(content, dict) or (missing := [k for k in keys if k not in content]):
+        what = f"no {missing[0]!r}" if isinstance(content, dict) else "not a JSON object"
+        raise UserError(f"{path} has {what}: the file is damaged or not a checkpoint's; replace it")
+    return content
+
+
+@contextlib.contextmanager
+def _safetensors(path: str):
+    """`safe_open` of one file; a damaged file is a one-line UserError that names it."""
+    try:
+        with safe_open(path, framework="numpy") as f:
+            yield f
+    except SafetensorError as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); replace it") from e
+
+
 def read_config(directory: str) -> dict:
     """The parsed config.json of a checkpoint directory (made from a GGUF file's metadata)."""
     if gguf_checkpoint.is_gguf(directory):
         return gguf_checkpoint.open_gguf(directory).hf_config()
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
-    with open(_need(os.path.join(directory, "config.json"))) as f:
-        return json.load(f)
+    return read_json(os.path.join(directory, "config.json"))
 
 
 def eos_token_ids(directory: str) -> tuple[int, ...]:
@@ -190,14 +215,13 @@ def tensor_files(directory: str) -> dict[str, str]:
     index = os.path.join(directory, INDEX_FILE)
     single = os.path.join(directory, SINGLE_FILE)
     if os.path.exists(single):
-        with safe_open(single, framework="numpy") as f:
+        with _safetensors(single) as f:
             return dict.fromkeys(f.keys(), single)
     if not os.path.exists(index):
         raise FileNotFoundError(
             f"checkpoint file not found: {single} (nor a sharded index {index})"
         )
-    with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
+    weight_map = read_json(index, keys=("weight_map",))["weight_map"]
     return {name: _need(os.path.join(directory, file)) for name, file in weight_map.items()}
 
 
@@ -214,7 +238,7 @@ class TensorReader:
         self.files = tensor_files(directory)
 
     def _slice(self, name: str):
-        with safe_open(self.files[name], framework="numpy") as f:
+        with _safetensors(self.files[name]) as f:
             s = f.get_slice(name)
             return tuple(s.get_shape()), s.get_dtype()
 
@@ -225,7 +249,7 @@ class TensorReader:
         return _SAFETENSORS_DTYPES[self._slice(name)[1]]
 
     def get(self, name: str) -> np.ndarray:
-        with safe_open(self.files[name], framework="numpy") as f:
+        with _safetensors(self.files[name]) as f:
             return f.get_tensor(name)
 
 

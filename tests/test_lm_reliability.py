@@ -277,3 +277,60 @@ def test_a_stage_whose_loss_turns_nan_stops_with_its_last_save_kept(tmp_path):
     )
     assert logged == [2, 4]
     assert checkpoint.manager(str(tmp_path / "ckpt"), max_to_keep=3).all_steps() == [2, 4]
+
+
+TIED = os.path.join(os.path.dirname(LLAMA), "llama_tied_sharded")
+
+
+def _damaged(tmp_path, how):
+    """A copy of a fixture with one file damaged; returns (copy, the damaged file)."""
+    source = TIED if how.startswith("index") else LLAMA
+    out = str(tmp_path / "damaged")
+    shutil.copytree(source, out)
+    if how == "truncated":
+        path = os.path.join(out, "model.safetensors")
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+    elif how == "garbage":
+        path = os.path.join(out, "model.safetensors")
+        with open(path, "wb") as f:
+            f.write(b"\x00\x01 not a checkpoint " * 8)
+    elif how == "config":
+        path = os.path.join(out, "config.json")
+        with open(path, "w") as f:
+            f.write('{"model_type": "llama", ')
+    elif how == "index":
+        path = os.path.join(out, hc.INDEX_FILE)
+        with open(path, "w") as f:
+            f.write("[1, 2")
+    elif how == "index_key":
+        path = os.path.join(out, hc.INDEX_FILE)
+        with open(path, "w") as f:
+            json.dump({"metadata": {}}, f)
+    return out, path
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("truncated", "{path} is not a readable safetensors file (Error while deserializing "
+         "header: incomplete metadata, file not fully covered); replace it"),
+        ("garbage", "{path} is not a readable safetensors file (Error while deserializing "
+         "header: header too large); replace it"),
+        ("config", "{path} is not valid JSON (Expecting property name enclosed in double quotes: "
+         "line 1 column 25 (char 24)): the file is damaged; replace it"),
+        ("index", "{path} is not valid JSON (Expecting ',' delimiter: line 1 column 6 (char 5)): "
+         "the file is damaged; replace it"),
+        ("index_key", "{path} has no 'weight_map': the file is damaged or not a checkpoint's; "
+         "replace it"),
+    ],
+)  # fmt: skip
+def test_a_damaged_input_is_one_line_naming_the_file_before_binding(tmp_path, how, message):
+    damaged, path = _damaged(tmp_path, how)
+    other = TIED if how.startswith("index") else LLAMA
+    with pytest.raises(UserError) as e:
+        lm_merge.run(_config(models=f"{other},{damaged}"), str(tmp_path / "w"))
+    assert str(e.value) == message.format(path=path)
+    assert not (tmp_path / "w").exists()
