@@ -30,6 +30,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer
 
 from fusion_jax import files, gguf_checkpoint
 from fusion_jax.errors import UserError
@@ -553,4 +554,58 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
         extra = sorted(set(r.files) - set(names))
         if extra:
             raise UserError(f"models differ: tensor {extra[0]!r} is in {other} but not in {first}")
+    _check_tokenizers(directories)
     return config, hf_config, names
+
+
+def tokenizer_content(path: str) -> dict | None:
+    """A checkpoint's tokenizer as the `tokenizers` library writes it (tokenizer.json's tree,
+    whatever its formatting; a GGUF file's converted from its metadata), None if it has none."""
+    if gguf_checkpoint.is_gguf(path):
+        return json.loads(gguf_checkpoint.open_gguf(path).side_files()["tokenizer.json"])
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return None
+    try:
+        return json.loads(Tokenizer.from_file(file).to_str())
+    except Exception as e:  # the tokenizers library raises its own error types
+        raise UserError(f"{file} is not a readable tokenizer ({e}); replace it") from e
+
+
+def _first_difference(a, b, where: str = "") -> str | None:
+    """The path of the first place where JSON trees `a` and `b` differ, None if they do not."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b), key=str):
+            if key not in a or key not in b:
+                return f"{where}.{key}"
+            if (found := _first_difference(a[key], b[key], f"{where}.{key}")) is not None:
+                return found
+        return None
+    if isinstance(a, list) and isinstance(b, list):
+        for i, (x, y) in enumerate(zip(a, b, strict=False)):
+            if (found := _first_difference(x, y, f"{where}[{i}]")) is not None:
+                return found
+        return None if len(a) == len(b) else f"{where}[{min(len(a), len(b))}]"
+    return None if a == b else where
+
+
+def _check_tokenizers(paths: list[str]) -> None:
+    """Refuses checkpoints whose tokenizers differ (a merge or fusion would read one model's
+    token ids with another's meaning); byte-identical files are not parsed twice."""
+    seen: dict[str, dict | None] = {}
+    first, reference = None, None
+    for path in paths:
+        file = path if gguf_checkpoint.is_gguf(path) else os.path.join(path, "tokenizer.json")
+        digest = sha256_files(file).get(os.path.basename(file)) if os.path.isfile(file) else None
+        if digest not in seen:
+            seen[digest] = tokenizer_content(path) if digest else None
+        content = seen[digest]
+        if content is None:
+            continue
+        if reference is None:
+            first, reference = path, content
+        elif (where := _first_difference(reference, content)) is not None:
+            raise UserError(
+                f"models differ in their tokenizers, first at {where.lstrip('.')!r}: {first} "
+                f"and {path} (their token ids would not mean the same)"
+            )

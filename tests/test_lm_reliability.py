@@ -334,3 +334,37 @@ def test_a_damaged_input_is_one_line_naming_the_file_before_binding(tmp_path, ho
         lm_merge.run(_config(models=f"{other},{damaged}"), str(tmp_path / "w"))
     assert str(e.value) == message.format(path=path)
     assert not (tmp_path / "w").exists()
+
+
+def _retokenized(tmp_path, name, edit):
+    """A copy of the tied fixture whose tokenizer.json is rewritten by `edit(tree)` (indented
+    differently, so never byte-identical)."""
+    out = str(tmp_path / name)
+    shutil.copytree(TIED, out)
+    path = os.path.join(out, "tokenizer.json")
+    with open(path) as f:
+        tree = json.load(f)
+    edit(tree)
+    with open(path, "w") as f:
+        json.dump(tree, f, indent=4)
+    return out
+
+
+def test_models_whose_tokenizers_differ_are_refused_naming_the_first_difference(tmp_path):
+    def rename(tree):
+        tree["added_tokens"][1]["content"] = "<|end|>"
+
+    other = _retokenized(tmp_path, "other", rename)
+    with pytest.raises(UserError) as e:
+        lm_merge.run(_config(models=f"{TIED},{other}"), str(tmp_path / "w"))
+    assert str(e.value) == (
+        f"models differ in their tokenizers, first at 'added_tokens[1].content': {TIED} and "
+        f"{other} (their token ids would not mean the same)"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_tokenizers_equal_in_content_but_not_in_bytes_are_accepted(tmp_path):
+    same = _retokenized(tmp_path, "same", lambda tree: None)
+    lm_merge.run(_config(models=f"{TIED},{same}"), str(tmp_path / "w"))
+    assert os.path.isfile(tmp_path / "w" / "merged" / "tokenizer.json")
