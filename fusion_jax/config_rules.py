@@ -529,8 +529,12 @@ def _lm_merge_inputs(config, devices) -> Problem:
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
     if math.fsum(float(w) for w in split_list(config.weights)) == 0 and config.weights.strip():
         return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
-    if config.method == "dam" and len([s for s in config.dam.data.split(";") if s.strip()]) != n:
+    sources = [s for s in config.dam.data.split(";") if s.strip()]
+    if config.method == "dam" and len(sources) != n:
         return "dam.data", f"{n} text sources separated by ';' (one per model)"
+    if config.method == "dam" and devices is not None:  # about to train: read before binding
+        for source in sources:
+            text.text_files(source)
     return None
 
 

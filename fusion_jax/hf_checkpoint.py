@@ -284,20 +284,22 @@ def input_records(directories: list[str]) -> list[dict]:
     return [{"path": os.path.abspath(d), "sha256": sha256_files(d)} for d in directories]
 
 
-def check_inputs(record: str, now: list[dict]) -> None:
+def check_inputs(record: str, now: list[dict], what: str = "expert checkpoints") -> None:
     """Writes the `input_records` `now` to `record` (a JSON file) on first use; later, refuses
-    checkpoints that changed since (a resumed run would mix old and new)."""
+    inputs (checkpoints, text files) that changed since: a resumed run would mix old and new."""
     if not os.path.exists(record):
         os.makedirs(os.path.dirname(record), exist_ok=True)
         files.write_json(record, now)
         return
     with open(record) as f:
         before = json.load(f)
-    for old, new in zip(before, now, strict=False):
-        if old["sha256"] != new["sha256"] or len(before) != len(now):
+    for i, new in enumerate(now + [None]):
+        old = before[i] if i < len(before) else None
+        if (old and old["sha256"]) != (new and new["sha256"]):
+            path = (new or old)["path"]
             raise UserError(
-                f"the expert checkpoints differ from those this workdir was trained with "
-                f"(first difference: {new['path']}); use a new --workdir"
+                f"the {what} differ from those this workdir was trained with (first "
+                f"difference: {path}); use a new --workdir"
             )
 
 

@@ -329,7 +329,8 @@ def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path
     hashed, sha256_files = [], hc.sha256_files
     monkeypatch.setattr(hc, "sha256_files", lambda d: hashed.append(d) or sha256_files(d))
     lm_merge.run(_dam_config(tmp_path, experts, 1), str(tmp_path / "w"))
-    assert hashed == experts  # each input read once for inputs.json and merge_info.json
+    # Each input read once for inputs.json and merge_info.json, then each text file.
+    assert hashed == [*experts, str(tmp_path / "a.txt"), str(tmp_path / "b.py")]
     monkeypatch.undo()
     _, params = hc.load(experts[1])
     hc.save(jax.tree.map(lambda x: x + 1, params), hc.read_config(experts[1]), experts[1])
@@ -351,6 +352,30 @@ def test_dam_refuses_changed_inputs_and_gpt2_windows_past_its_positions(tmp_path
     assert not (tmp_path / "g").exists()
     config.method = "weight_average"  # reads no dam.* field
     lm_merge.run(config, str(tmp_path / "g"))
+
+
+def test_dam_refuses_other_text_on_resume_and_empty_or_binary_text_before_binding(tmp_path):
+    experts = _two_experts(tmp_path)
+    lm_merge.run(_dam_config(tmp_path, experts, 1), str(tmp_path / "w"))
+    config = _dam_config(tmp_path, experts, 1)  # writes the text files again
+    (tmp_path / "b.py").write_text("def g(y):\n    return y\n" * 12)
+    with pytest.raises(UserError) as e:
+        lm_merge.run(config, str(tmp_path / "w"))
+    assert str(e.value) == (
+        "the text files differ from those this workdir was trained with (first difference: "
+        f"{tmp_path / 'b.py'}); use a new --workdir"
+    )
+    for content, message in [
+        (b"", f"{tmp_path / 'b.py'} is empty: a text source needs text"),
+        (b"\x7fELF\x00\x01", f"{tmp_path / 'b.py'} is not a text file (it holds NUL bytes); "
+         "name text only"),
+    ]:  # fmt: skip
+        config = _dam_config(tmp_path, experts, 1)
+        (tmp_path / "b.py").write_bytes(content)
+        with pytest.raises(UserError) as e:
+            lm_merge.run(config, str(tmp_path / "fresh"))
+        assert str(e.value) == message
+        assert not (tmp_path / "fresh").exists()
 
 
 def test_no_dam_program_holds_the_models_as_constants(tmp_path, monkeypatch):

@@ -95,6 +95,20 @@ def expand_sources(sources: str | Sequence[str]) -> list[str]:
     return paths
 
 
+def text_files(source: str) -> list[str]:
+    """`expand_sources(source)`, refusing binary files (NUL bytes in their first 64 KiB) and a
+    source whose files are all empty, by name: either would train on nothing, or on noise."""
+    paths = expand_sources(source)
+    for path in paths:
+        with open(path, "rb") as f:
+            if b"\0" in f.read(1 << 16):
+                raise UserError(f"{path} is not a text file (it holds NUL bytes); name text only")
+    if all(os.path.getsize(p) == 0 for p in paths):
+        what = paths[0] if len(paths) == 1 else f"every file of {source!r}"
+        raise UserError(f"{what} is empty: a text source needs text")
+    return paths
+
+
 def _split_records(text: str, separator: str) -> list[str]:
     """Splits at lines equal to `separator`; drops blank edge lines and empty records."""
     records, lines = [], []

@@ -180,8 +180,9 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
         lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
     )
     tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
+    text_files = [text.text_files(s) for s in sources]
     data = [
-        text.load_text(s, tokenizer, d.seq_len, special_tokens=d.special_tokens) for s in sources
+        text.load_text(f, tokenizer, d.seq_len, special_tokens=d.special_tokens) for f in text_files
     ]
     tokens, mask = [t for t, _ in data], [m for _, m in data]
     if max(int(t.max()) for t in tokens) >= lm_config.vocab_size:
@@ -192,6 +193,12 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     # The coefficients saved under <workdir>/dam belong to these checkpoints' contents.
     inputs = hc.input_records(models)  # after the checks above, which fail fast
     hc.check_inputs(os.path.join(workdir, "dam", "inputs.json"), inputs)
+    # So is the text they were trained on: a resume on other text would mix the two.
+    hc.check_inputs(
+        os.path.join(workdir, "dam", "text.json"),
+        [{"path": os.path.abspath(f), "sha256": hc.sha256_files(f)} for f in sum(text_files, [])],
+        what="text files",
+    )
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
     # Each step's windows are split over the devices (batch axis 1 of [K, B, T]), the models and
     # coefficients replicated on each; XLA sums the coefficients' gradients across devices.
