@@ -2,7 +2,7 @@
 
     python main.py --config=configs/lm_fusion.py --workdir=runs/lm          # GPU/TPU size
     python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick   # 2-core CPU
-    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2  # 1.7 h CPU
+    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2  # 2+ h CPU
     python main.py --config=configs/lm_fusion.py:smollm2_full --workdir=runs/lm_smollm2_full
     python main.py --config=configs/lm_fusion.py --workdir=runs/lm --mode=merge_compare  # same
 
@@ -166,7 +166,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.train.expert_learning_rate = 1e-4
         config.train.fusion_learning_rate = 1e-3
         config.fusion.gate_dim = 64
-        if arg == "smollm2":  # about 1.7 hours on 2 CPU cores (BUILD_NOTES: the LM study)
+        if arg == "smollm2":  # 1.8 h on 2 CPU cores before end-to-end fusion (BUILD_NOTES)
             config.num_seeds = 1
             config.data.max_eval_windows = 16
             config.train.batch_size = 4
