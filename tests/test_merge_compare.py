@@ -144,7 +144,7 @@ def interrupt_after_chunk(monkeypatch, call: int) -> None:
     """Raises KeyboardInterrupt once the `call`-th training chunk of the run has returned and been
     logged, before anything saves it: Ctrl-C (or SIGTERM through main.py) while the host waits
     for a chunk."""
-    log, calls = merge_compare.Pipeline._check_and_log, []
+    log, calls = merge_compare.Pipeline._log, []
 
     def interrupted(*args):
         log(*args)
@@ -152,7 +152,7 @@ def interrupt_after_chunk(monkeypatch, call: int) -> None:
         if len(calls) == call:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(merge_compare.Pipeline, "_check_and_log", staticmethod(interrupted))
+    monkeypatch.setattr(merge_compare.Pipeline, "_log", staticmethod(interrupted))
 
 
 KILLED = "killed after a time-based save"
