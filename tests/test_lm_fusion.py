@@ -164,22 +164,22 @@ def test_fusion_trains_resumes_exactly_and_generates(tmp_path):
     b = lm_fuse.restore_params(setup, str(resumed))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
-    # Interrupted (Ctrl-C) just before step 6's log line, between checkpoints, then rerun: it
-    # goes on from step 5 (saved on the way out, with the loss of step 5 in its window) and
-    # writes the log of the uninterrupted run.
+    # Saving every 3 steps (mid-window: log lines are every 2), interrupted (Ctrl-C) while step
+    # 4's log line is written, then rerun: it goes on from step 3 (with the loss of step 3 in
+    # its window) and writes the log of the uninterrupted run.
     interrupted, append = tmp_path / "interrupted", lm_fuse.logs.append
 
-    def stop_at_step_6(path, records):
-        if records[0]["step"] == 6:
+    def stop_at_step_4(path, records):
+        if records[0]["step"] == 4:
             raise KeyboardInterrupt
         append(path, records)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(lm_fuse.logs, "append", stop_at_step_6)
+        patch.setattr(lm_fuse.logs, "append", stop_at_step_4)
         with pytest.raises(KeyboardInterrupt):
-            lm_fuse.train(_config(tmp_path, experts, 8), str(interrupted))
-    assert sorted(os.listdir(interrupted / "checkpoints")) == ["4", "5"]
-    lm_fuse.train(_config(tmp_path, experts, 8), str(interrupted))
+            lm_fuse.train(_config(tmp_path, experts, 8, checkpoint_every=3), str(interrupted))
+    assert sorted(os.listdir(interrupted / "checkpoints")) == ["3"]
+    lm_fuse.train(_config(tmp_path, experts, 8, checkpoint_every=3), str(interrupted))
     straight_log = (straight / "metrics.jsonl").read_text()
     assert (interrupted / "metrics.jsonl").read_text() == straight_log
     # Lines past the checkpoint a rerun starts from (a kill after logging) are written again.

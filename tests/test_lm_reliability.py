@@ -266,10 +266,10 @@ def test_a_stage_whose_loss_turns_nan_stops_with_its_last_save_kept(tmp_path):
         return {"step": step}, jnp.where(step > 4, jnp.nan, 1.0) * jnp.ones(n)
 
     with pytest.raises(UserError) as e:
-        stages.train_in_chunks(
+        stages.train_stage(
             "[t] experts", run_chunk, {"step": jnp.zeros((), jnp.int32)}, 10, chunk=2,
             progress=progress, every_secs=1e-9, step_of=lambda s: int(s["step"]),
-            log=lambda metrics, done, rate: logged.append(done),
+            report=lambda metrics, done, rate, compile_secs: logged.append(done),
         )  # fmt: skip
     assert str(e.value) == (
         "[t] experts: the training loss is NaN or Inf by step 6; nothing past step 4 is saved: "

@@ -604,9 +604,9 @@ def test_stage_progress_past_the_stages_end_is_refused(tmp_path):
     mngr = checkpoint.manager(str(tmp_path / "progress"), max_to_keep=1)
     state = {"step": np.int32(50)}
     with pytest.raises(UserError) as e:
-        stages.train_in_chunks(
+        stages.train_stage(
             "[test] stage", None, state, 30, chunk=10, progress=lambda s: (mngr, (50, s)),
-            every_secs=0, step_of=lambda s: int(s["step"]), log=None,
+            step_of=lambda s: int(s["step"]), report=None,
         )  # fmt: skip
     assert str(e.value) == (
         f"{tmp_path}/progress holds step 50, past the 30 steps this stage trains: move it aside "

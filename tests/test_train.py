@@ -198,6 +198,35 @@ def test_time_based_checkpoints_survive_a_hard_kill_and_resume_to_identical_resu
     np.testing.assert_allclose(ours["val_loss"], theirs["val_loss"], rtol=1e-6)
 
 
+def test_a_run_whose_loss_turns_nan_stops_with_nothing_of_that_chunk_kept(tmp_path, monkeypatch):
+    make_chunk_fn, calls = steps.make_chunk_fn, []
+
+    def nan_in_second_chunk(*args):
+        chunk_fn = make_chunk_fn(*args)
+
+        def call(*inputs):
+            state, metrics = chunk_fn(*inputs)
+            calls.append(1)
+            if len(calls) == 2:
+                metrics = {**metrics, "train_loss": metrics["train_loss"] * jnp.nan}
+            return state, metrics
+
+        return call
+
+    monkeypatch.setattr(steps, "make_chunk_fn", nan_in_second_chunk)
+    config = tiny()
+    config.train.checkpoint_every = 10
+    with pytest.raises(UserError) as e:
+        loop.train(config, str(tmp_path))
+    assert str(e.value) == (
+        "[x_plus_y]: train_loss is NaN or Inf by step 20; nothing past step 10 is saved: lower "
+        "the learning rate or check the inputs, then rerun"
+    )
+    log = logs.read(str(tmp_path / "x_plus_y" / "metrics.jsonl"))
+    assert max(r["step"] for r in log) == 10
+    assert restore_params(str(tmp_path), config).step.tolist() == [10, 10]
+
+
 def test_a_chunk_is_timed_without_its_compile(tmp_path, monkeypatch):
     # A 2 s "compile" inside the first call of every chunk program: the speed that chooses the
     # next chunk length leaves it out (10 tiny updates take well under 0.5 s, so > 20 steps/s;

@@ -17,7 +17,6 @@ is split over `config.train.num_devices` local devices (0 = all), the model repl
 import dataclasses
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from fusion_jax.config_rules import split_list
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm, lm_fusion
-from fusion_jax.train import checkpoint, logs
+from fusion_jax.train import checkpoint, chunks, logs
 
 
 class Setup:
@@ -211,40 +210,43 @@ def train(config, workdir: str) -> dict:
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")
+    tokens_per_step = t.batch_size * config.data.seq_len
+
+    def run_chunk(state, n):
+        for _ in range(n):
+            state = step_fn(state, frozen, train_tokens, train_mask)
+        done = int(state["step"])
+        if done % t.log_every and done != t.num_steps:
+            return state, {}
+        # The loss window ends at each log line; it is part of the state (and of its saves), so
+        # a run resumed between log lines logs the means of an uninterrupted one.
+        mean = state["loss_sum"] / state["loss_count"]
+        # Placed as the state is: a differently placed window would retrace the step.
+        return {**state, **jax.device_put(_empty_window(), replicated)}, {"train_loss": mean}
+
+    def log(metrics, done):
+        if metrics:
+            logs.append(log_path, [{"step": done, "train_loss": float(metrics["train_loss"])}])
+
+    def report(metrics, done, rate, compile_secs):
+        if metrics:
+            logging.info(
+                "[lm_fuse] step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
+                done, t.num_steps, metrics["train_loss"], rate * tokens_per_step,
+                (t.num_steps - done) / rate,
+            )  # fmt: skip
+
     try:
         if mngr.latest_step() is not None:
             state = _restore(mngr, state)
             logging.info("[lm_fuse] resumed at step %d", int(state["step"]))
-        state = jax.device_put(state, replicated)
-        start, t0 = int(state["step"]), time.time()
+        start = int(state["step"])
         logs.truncate(log_path, start)  # lines written after the checkpoint a rerun starts from
-        tokens_per_step = t.batch_size * config.data.seq_len
-        try:
-            for step in range(start, t.num_steps):
-                # `state` moves on only once the step's log line is written: an interrupt saves
-                # a state that the log matches.
-                new_state = step_fn(state, frozen, train_tokens, train_mask)
-                done = step + 1
-                if done % t.log_every == 0 or done == t.num_steps:
-                    mean = float(new_state["loss_sum"]) / int(new_state["loss_count"])
-                    logs.append(log_path, [{"step": done, "train_loss": mean}])
-                    # Placed as the state is: a differently placed window would retrace the step.
-                    new_state = {**new_state, **jax.device_put(_empty_window(), replicated)}
-                    rate = (done - start) / max(time.time() - t0, 1e-9)
-                    logging.info(
-                        "[lm_fuse] step %d/%d  loss %.4f  %.0f tokens/s  ETA %.0f s",
-                        done, t.num_steps, mean, rate * tokens_per_step,
-                        (t.num_steps - done) / rate,
-                    )  # fmt: skip
-                state = new_state
-                if done % t.checkpoint_every == 0 or done == t.num_steps:
-                    checkpoint.save(mngr, done, state)
-        except KeyboardInterrupt:
-            logging.info("[lm_fuse] interrupted: saving step %d", int(state["step"]))
-            checkpoint.save(mngr, int(state["step"]), state)
-            raise
-        finally:
-            mngr.wait_until_finished()
+        state = chunks.train_in_chunks(
+            "[lm_fuse]", run_chunk, jax.device_put(state, replicated), start, t.num_steps,
+            mngr=mngr, chunk=t.log_every, log=log, report=report,
+            every_steps=t.checkpoint_every,
+        )  # fmt: skip
     finally:
         mngr.close()
     params = {**state["params"], **frozen}

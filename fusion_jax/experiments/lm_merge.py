@@ -36,7 +36,7 @@ from fusion_jax.data import text
 from fusion_jax.errors import UserError
 from fusion_jax.merging import dam
 from fusion_jax.models import lm
-from fusion_jax.train import checkpoint, logs
+from fusion_jax.train import checkpoint, chunks, logs
 
 
 def method_hparams(config) -> dict:
@@ -253,40 +253,43 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
         "opt_state": tx.init(coefficients),
     }
     mngr = checkpoint.manager(os.path.join(workdir, "dam", "checkpoints"), max_to_keep=2)
+    log_path = os.path.join(workdir, "dam", "metrics.jsonl")
+
+    def run_chunk(state, n):
+        first = int(state["step"])
+        for step in range(first, first + n):
+            batch = jax.device_put(
+                _dam_batches(tokens, mask, d.batch_size, step, config.seed), rows
+            )
+            state, aux = step_fn(state, stacked, *batch)
+        return state, aux  # of the chunk's last step: the one a log line records
+
+    # Chunks end at log lines and at checkpoints (`train_in_chunks`); each step's batch is drawn
+    # on the host.
+
+    def log(aux, done):
+        if done % d.log_every == 0 or done == num_steps:
+            record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
+            logs.append(log_path, [record])
+            history.append(record)
+
+    def report(aux, done, rate, compile_secs):
+        if done % d.log_every == 0 or done == num_steps:
+            logging.info(
+                "[dam] step %d/%d  kl %.5f  similarity %.4f  %.2f steps/s  ETA %.0f s",
+                done, num_steps, aux["kl"], aux["similarity"], rate, (num_steps - done) / rate,
+            )  # fmt: skip
+
     try:
         if mngr.latest_step() is not None:
             state = checkpoint.restore(mngr, state)
             logging.info("[dam] resumed at step %d of %d", int(state["step"]), num_steps)
-        state = jax.device_put(state, replicated)
-        start, t0 = int(state["step"]), time.time()
-        log_path = os.path.join(workdir, "dam", "metrics.jsonl")
+        start = int(state["step"])
         history = logs.truncate(log_path, start)  # drops lines past the restored checkpoint
-        for step in range(start, num_steps):
-            batch = _dam_batches(tokens, mask, d.batch_size, step, config.seed)
-            batch_tokens, batch_mask = jax.device_put(batch, rows)
-            # `state` moves on only once the step's log line is written: an interrupt saves a
-            # state that the log matches.
-            new_state, aux = step_fn(state, stacked, batch_tokens, batch_mask)
-            done = step + 1
-            if done % d.log_every == 0 or done == num_steps:
-                record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
-                logs.append(log_path, [record])
-                history.append(record)
-                rate = (done - start) / max(time.time() - t0, 1e-9)
-                logging.info(
-                    "[dam] step %d/%d  kl %.5f  similarity %.4f  %.2f steps/s  ETA %.0f s",
-                    done, num_steps, record["kl"], record["similarity"], rate,
-                    (num_steps - done) / rate,
-                )  # fmt: skip
-            state = new_state
-            if done % d.checkpoint_every == 0 or done == num_steps:
-                checkpoint.save(mngr, done, state)
-        mngr.wait_until_finished()
-    except KeyboardInterrupt:
-        logging.info("[dam] interrupted: saving step %d", int(state["step"]))
-        checkpoint.save(mngr, int(state["step"]), state)
-        mngr.wait_until_finished()
-        raise
+        state = chunks.train_in_chunks(
+            "[dam]", run_chunk, jax.device_put(state, replicated), start, num_steps, mngr=mngr,
+            chunk=d.log_every, log=log, report=report, every_steps=d.checkpoint_every,
+        )  # fmt: skip
     finally:
         mngr.close()
     merged = dam.merge(state["coefficients"], stacked, d.nonlinearity)

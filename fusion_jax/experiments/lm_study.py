@@ -45,7 +45,7 @@ from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
 from fusion_jax.evaluate import results
 from fusion_jax.evaluate.comparisons import study_markdown
-from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_in_chunks
+from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_stage
 from fusion_jax.merging import dam
 from fusion_jax.models import decoding, lm, lm_fusion
 
@@ -173,7 +173,7 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
     with the same run axes; None: nothing) is an argument of every step, never updated nor
     saved: models the training reads but does not change. `progress` is `Stages.progress` for
     this training: it resumes from there, and saves there every
-    `train_cfg.checkpoint_every_secs`, when interrupted (`stages.train_in_chunks`) and, with
+    `train_cfg.checkpoint_every_secs`, when interrupted (`stages.train_stage`) and, with
     `save_at_end` (one part of a stage), once it is done.
 
     `select(params) -> [runs]` (held-out bits per byte, lower is better), when given, scores the
@@ -240,7 +240,7 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
         best = jax.tree.map(jnp.copy, params)  # the state's own params are donated
         state = {"run": state, "best": best, "best_score": first, "curve": curve}
 
-    def log(metrics, done, rate):
+    def report(metrics, done, rate, compile_secs):
         losses, score = metrics if select is not None else (metrics, None)
         held_out = "" if score is None else f"  holdout bpb {float(jnp.mean(score)):.4f}"
         logging.info(
@@ -249,10 +249,10 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
             rate * tokens_per_step * math.prod(keys.shape), (num_steps - done) / rate,
         )  # fmt: skip
 
-    state = train_in_chunks(
+    state = train_stage(
         f"[lm_study] {tag}", plain_chunk if select is None else selecting_chunk, state,
         num_steps, chunk=chunk, progress=progress,
-        every_secs=train_cfg.checkpoint_every_secs, step_of=step_of, log=log,
+        every_secs=train_cfg.checkpoint_every_secs, step_of=step_of, report=report,
         save_at_end=save_at_end,
     )  # fmt: skip
     if select is None:

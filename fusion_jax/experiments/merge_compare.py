@@ -37,7 +37,7 @@ from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, plots, results
 from fusion_jax.evaluate.comparisons import mean_se, merge_markdown
-from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_in_chunks
+from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_stage
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
@@ -231,14 +231,14 @@ class Pipeline:
                 lambda s: steps.train_step(s, one_data, keys[0], apply_fn=apply_aux, tx=tx, cfg=cfg,
                                            axis_name=None), one_state, optimized=False,
             )  # fmt: skip
-        state = train_in_chunks(
+        state = train_stage(
             f"[compare] {tag}", lambda s, n: program(s, data, keys, n), state, num_steps,
             chunk=self.config.train.log_every,
             progress=functools.partial(self.stages.progress, stage, part,
                                        [self.seeds[i] for i in todo]),
             every_secs=self.config.train.checkpoint_every_secs,
             step_of=lambda s: int(np.asarray(s.step)[0]),
-            log=lambda metrics, done, rate: self._log(tag, metrics, done, num_steps, rate),
+            report=lambda metrics, done, rate, _: self._log(tag, metrics, done, num_steps, rate),
         )  # fmt: skip
         return state.params, self.kit.step_flops[apply_aux, tx] * num_steps
 
@@ -247,7 +247,7 @@ class Pipeline:
         loss = np.asarray(metrics["loss"])
         logging.info(
             "[compare] %s step %d/%d  train_loss %.4f  train_acc %.4f  (mean of %d seeds)  "
-            "%.1f steps/s incl. compile  ETA %.0fs", tag, done, num_steps,
+            "%.1f steps/s  ETA %.0fs", tag, done, num_steps,
             float(loss[:, -1].mean()), float(np.mean(metrics["acc"])), loss.shape[0], rate,
             (num_steps - done) / rate,
         )  # fmt: skip

@@ -9,7 +9,7 @@
 A stage's cost is recorded in `stages/costs.json` after its tree is saved, so a stage (or a seed
 of it) counts as finished only once both exist. Training inside a stage can save its progress in
 `stages/in_progress/<name>/...` (`Stages.progress`: a training-loop checkpoint manager; the
-merging comparison's and the LM study's training stages do, through `train_in_chunks`), so an
+merging comparison's and the LM study's training stages do, through `train_stage`), so an
 interrupted stage resumes where it was saved; that folder is removed once the stage is saved.
 A saved stage that fails to restore (damaged or partial files) is named in a warning, moved aside
 to `<path>.damaged` (nothing is deleted) and computed again. Also here: small tree helpers the
@@ -29,7 +29,7 @@ from absl import logging
 
 from fusion_jax import files
 from fusion_jax.errors import UserError
-from fusion_jax.train import checkpoint
+from fusion_jax.train import checkpoint, chunks
 
 IN_PROGRESS = "in_progress"
 
@@ -139,66 +139,31 @@ class Stages:
         return stack(trees)
 
 
-def train_in_chunks(tag: str, run_chunk, state, num_steps: int, *, chunk: int, progress,
-                    every_secs: float, step_of, log, save_at_end: bool = True):  # fmt: skip
-    """Trains a stage's runs to `num_steps`: `run_chunk(state, n) -> (state, metrics)` `chunk`
-    steps at a time, then `log(metrics, done, steps per second)`. Returns the state. A chunk
-    whose metrics hold NaN or Inf stops the training, its state unsaved.
+def train_stage(tag: str, run_chunk, state, num_steps: int, *, progress, step_of, **loop):
+    """Trains a stage's runs to `num_steps` through the one training loop
+    (`chunks.train_in_chunks`, which takes `run_chunk` and the keywords `loop`); returns the
+    state.
 
-    `progress(state)` is `Stages.progress` for this training (`functools.partial` of it): it
-    resumes from the state saved there, and saves there after a chunk once `every_secs` have
-    passed since the last save (0: never), when `num_steps` is reached if `save_at_end` (a stage
-    of several parts), and on Ctrl-C (SIGTERM through main.py). `step_of(state)` reads the step
-    from the state, so a save is labelled with the step it holds; with batches drawn by
-    fold_in(key, step) and chunks ending at the same steps, a resumed stage trains to the same
-    bits as an uninterrupted one.
+    `progress(state)` is `Stages.progress` for this training (`functools.partial` of it): the
+    training resumes from the state saved there (`step_of(state)` reads its step) and saves
+    there. Saved progress past `num_steps` (a control stage whose step count came from another
+    backend's FLOP count) is refused rather than taken as finished.
     """
     mngr, found = progress(state)
-    if found is not None:
-        step, state = found
-        if step > num_steps:
-            mngr.close()
-            raise UserError(
-                f"{mngr.directory} holds step {step}, past the {num_steps} steps this stage "
-                "trains: move it aside to train the stage again"
-            )
-        logging.info("%s: resuming from step %d", tag, step)
-    done = saved = step_of(state)
-    tic, saved_at, start = time.perf_counter(), time.monotonic(), done
     try:
-        while done < num_steps:
-            state, metrics = run_chunk(state, min(chunk, num_steps - done))
-            done = step_of(state)
-            if not all(np.all(np.isfinite(x)) for x in jax.tree.leaves(jax.device_get(metrics))):
+        if found is not None:
+            step, state = found
+            if step > num_steps:
                 raise UserError(
-                    f"{tag}: the training loss is NaN or Inf by step {done}; nothing past step "
-                    f"{saved} is saved: lower the learning rate or check the inputs, then rerun"
+                    f"{mngr.directory} holds step {step}, past the {num_steps} steps this stage "
+                    "trains: move it aside to train the stage again"
                 )
-            log(metrics, done, (done - start) / (time.perf_counter() - tic))
-            if (done == num_steps and save_at_end) or (
-                done < num_steps and 0 < every_secs <= time.monotonic() - saved_at
-            ):
-                saved = done  # an interrupt inside the save does not start a second one
-                checkpoint.save(mngr, done, jax.device_get(state))
-                saved_at = time.monotonic()
-    except KeyboardInterrupt:
-        # The newest state: a jitted chunk returns before it has run, so an interrupt usually
-        # comes while the host waits for that chunk, and device_get waits for it to end (its
-        # metrics are then neither logged nor checked).
-        if any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array)):
-            # Donated to a chunk that the interrupt stopped before it returned its new state:
-            # the last save is the newest state there is.
-            logging.warning("%s interrupted inside a chunk: resuming from step %d", tag, saved)
-            raise
-        host = jax.device_get(state)
-        if (step := step_of(host)) > saved:
-            logging.warning("%s interrupted: saving step %d before exiting", tag, step)
-            checkpoint.save(mngr, step, host)
-        raise
+            logging.info("%s: resuming from step %d", tag, step)
+        return chunks.train_in_chunks(
+            tag, run_chunk, state, step_of(state), num_steps, mngr=mngr, **loop
+        )
     finally:
-        mngr.wait_until_finished()
         mngr.close()
-    return state
 
 
 def _uncommitted(tree):

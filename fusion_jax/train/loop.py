@@ -9,7 +9,6 @@ skipped.
 
 import dataclasses
 import os
-import time
 
 import flax.linen as nn
 import jax
@@ -25,7 +24,7 @@ from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.models.numerics import NUMERICS_FIELDS, Numerics
-from fusion_jax.train import checkpoint, logs, steps
+from fusion_jax.train import checkpoint, chunks, logs, steps
 from fusion_jax.train.optimizer import make_optimizer
 
 
@@ -172,7 +171,7 @@ def train_task(config: ml_collections.ConfigDict, workdir: str, task_name: str) 
         if start >= config.num_steps:
             logging.info("[%s] already trained to step %d; skipping", task_name, start)
             return records
-        _train_chunks(config, setup, mngr, state, start, num_devices, log_path, records)
+        _train_from(config, setup, mngr, state, start, num_devices, log_path, records)
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -187,65 +186,42 @@ def _finished_by_log(config, setup: TaskSetup, logged: list[dict]) -> bool:
     return bool(finished)
 
 
-def _train_chunks(config, setup, mngr, state, step, num_devices, log_path, records):
+def _train_from(config, setup, mngr, state, step, num_devices, log_path, records):
     cfg = step_config(config, num_devices)
     t = config.train
     data = device_data(setup, num_devices)
     run_keys = pipeline.replicate(setup.run_keys, num_devices)
     chunk_fns = {}
-    saved_step, done_state = step, state
-    piece, last_save = t.log_every, time.monotonic()
-    try:
-        state = pipeline.replicate(state, num_devices)
-        while step < config.num_steps:
-            # Chunks end on multiples of `piece`, a divisor of log_every, so that checkpoint steps
-            # stay chunk ends; how the steps are chunked does not change the results.
-            n = min(piece - step % piece, config.num_steps - step)
-            intervals = n // t.eval_every
-            compiled = intervals not in chunk_fns
-            if compiled:
-                chunk_fns[intervals] = steps.make_chunk_fn(setup.apply_fn, setup.tx, cfg, intervals)
-            tic = time.perf_counter()
-            state, metrics = chunk_fns[intervals](state, data, run_keys)
-            # Dispatch is asynchronous: the call returns once the program is compiled and
-            # queued, so a chunk that compiled is timed from there, and a new chunk length is
-            # chosen after every chunk (a stop waits for the chunk under way). Results already
-            # there mean it ran inside the call (a profiler, synchronous dispatch): from `tic`.
-            started = time.perf_counter()
-            ran_in_call = jax.tree.leaves(metrics)[0].is_ready()
-            metrics = jax.device_get(jax.tree.map(lambda x: x[0], metrics))
-            since = started if compiled and not ran_in_call else tic
-            rate = n / max(time.perf_counter() - since, 1e-9)
-            _check_finite(setup.task.name, step + n, metrics)
-            new = _records(metrics, step, t.eval_every, setup.seeds)
-            if log_path:
-                logs.append(log_path, new)
-            records.extend(new)
-            step += n
-            # On the host: Orbax saves host arrays collectively from several processes, not the
-            # per-process device arrays pmap returns.
-            done_state = jax.device_get(jax.tree.map(lambda x: x[0], state))
-            compile_secs = started - tic if compiled else None
-            _progress(setup.task.name, step, config.num_steps, metrics, rate, compile_secs)
-            (piece, due), signum = runtime.agree(
-                piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every),
-                0 < t.checkpoint_every_secs <= time.monotonic() - last_save,
-            )
-            if step % t.checkpoint_every == 0 or step == config.num_steps or due or signum:
-                checkpoint.save(mngr, step, done_state)
-                saved_step, last_save = step, time.monotonic()
-            if signum:  # a process of a multi-process run was stopped: all stop here, saved
-                mngr.wait_until_finished()
-                # Together, none exiting while another still saves; raises KeyboardInterrupt.
-                runtime.wait_for_all(f"stop at step {step}")
-    except KeyboardInterrupt:
-        # Keep what was logged: save the last state whose metrics are in the log, then stop.
-        if step > saved_step:
-            logging.warning(
-                "[%s] interrupted: saving step %d before exiting", setup.task.name, step
-            )
-            checkpoint.save(mngr, step, done_state)
-        raise
+
+    def run_chunk(state, n):
+        intervals = n // t.eval_every
+        if intervals not in chunk_fns:
+            chunk_fns[intervals] = steps.make_chunk_fn(setup.apply_fn, setup.tx, cfg, intervals)
+        state, metrics = chunk_fns[intervals](state, data, run_keys)
+        return state, jax.tree.map(lambda x: x[0], metrics)
+
+    def log(metrics, done):
+        new = _records(metrics, done - metrics["val_acc"].shape[1] * t.eval_every, t.eval_every,
+                       setup.seeds)  # fmt: skip
+        if log_path:
+            logs.append(log_path, new)
+        records.extend(new)
+
+    def report(metrics, done, rate, compile_secs):
+        _progress(setup.task.name, done, config.num_steps, metrics, rate, compile_secs)
+
+    chunks.train_in_chunks(
+        f"[{setup.task.name}]", run_chunk, pipeline.replicate(state, num_devices), step,
+        config.num_steps, mngr=mngr, chunk=t.log_every,
+        # Chunk ends stay multiples of `eval_every` (and checkpoint steps chunk ends).
+        shrink=lambda rate: piece_steps(rate, t.checkpoint_every_secs, t.eval_every, t.log_every),
+        log=log, report=report, every_steps=t.checkpoint_every,
+        every_secs=t.checkpoint_every_secs,
+        # On the host, after every chunk (the chunks donate the state; a grokking model is
+        # small): Orbax saves host arrays collectively from several processes, not the
+        # per-process device arrays pmap returns.
+        snapshot=lambda s: jax.device_get(jax.tree.map(lambda x: x[0], s)),
+    )  # fmt: skip
 
 
 def piece_steps(steps_per_sec: float, every_secs: float, eval_every: int, log_every: int) -> int:
@@ -261,15 +237,6 @@ def piece_steps(steps_per_sec: float, every_secs: float, eval_every: int, log_ev
         if log_every % p == 0 and p <= steps_per_sec * every_secs / 4
     ]
     return max(fitting, default=eval_every)
-
-
-def _check_finite(task_name, step, metrics):
-    for name in ("train_loss", "val_loss", "grad_norm"):
-        if not np.all(np.isfinite(metrics[name])):
-            raise FloatingPointError(
-                f"[{task_name}] non-finite {name} by step {step}: {metrics[name][:, -1]}. "
-                "Lower config.opt.learning_rate or check the model config."
-            )
 
 
 def restore_runs(config, setup: TaskSetup, mngr, step: int | None = None):
