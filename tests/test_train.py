@@ -95,6 +95,19 @@ def test_eval_mode_recomputes_logged_validation(trained):
     assert str(e.value) == f"No checkpoint for step 7 in {checkpoints}; saved steps: [10, 20]."
 
 
+def test_the_tiny_run_trains_as_it_did_before_the_one_training_loop(trained):
+    """Pinned: the log of the tiny baseline written by the grokking loop of 23cb38c, before it
+    moved onto train/chunks.py (there, the new loop matched it bit for bit, parameters too).
+    Within 1e-5: a CPU of another kind may round a reduction in another order."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "grokking_tiny_log.json")) as f:
+        pinned = np.asarray(json.load(f)["x_plus_y"])
+    records = logs.read(os.path.join(trained, "x_plus_y", "metrics.jsonl"))
+    ours = np.asarray([[r[k] for k in ("step", "seed", "train_loss", "val_loss", "train_acc",
+                                       "val_acc")] for r in records])  # fmt: skip
+    np.testing.assert_array_equal(ours[:, :2], pinned[:, :2])
+    np.testing.assert_allclose(ours[:, 2:], pinned[:, 2:], rtol=1e-5, atol=0)
+
+
 def test_rerun_of_finished_workdir_skips_training(trained):
     before = os.path.getmtime(os.path.join(trained, "x_plus_y", "metrics.jsonl"))
     records = loop.train(tiny(), trained)["x_plus_y"]
