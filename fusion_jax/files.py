@@ -14,8 +14,19 @@ import numpy as np
 
 from fusion_jax.errors import UserError
 
+_REQUIRED = object()
+
+
+def read_json(path: str, default=_REQUIRED):
+    """The JSON file at `path`; `default` (None included) if it does not exist and one is given."""
+    if default is not _REQUIRED and not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+
 
 def write_text(path: str, text: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         f.write(text)

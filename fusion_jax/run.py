@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from fusion_jax import files
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
@@ -88,7 +89,7 @@ class _Workdir:
     @property
     def final_info(self) -> dict | None:
         """final_info.json (the reference's per-task summary), or None before it is written."""
-        return _read_json(os.path.join(self.workdir, "final_info.json"))
+        return files.read_json(os.path.join(self.workdir, "final_info.json"), None)
 
 
 class Run(_Workdir):
@@ -221,7 +222,7 @@ class MergeRun(_Workdir):
     @property
     def comparison(self) -> dict | None:
         """comparison.json (a row per method), or None before the comparison finished."""
-        return _read_json(os.path.join(self.workdir, "comparison.json"))
+        return files.read_json(os.path.join(self.workdir, "comparison.json"), None)
 
     def stage_dir(self, stage: str, seed: int) -> str:
         return os.path.join(self.workdir, "stages", stage, f"seed_{seed}")
@@ -301,15 +302,6 @@ class MergeRun(_Workdir):
                 "acc": float(jnp.mean(jnp.argmax(logits, -1) == labels)),
             }
         return out
-
-
-def _read_json(path: str):
-    import json
-
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _restore_tree(path: str):

@@ -13,7 +13,7 @@ import pytest
 import fusion_jax
 from configs import baseline, dyn_fusion
 from configs import compare as compare_config
-from fusion_jax import merging, run
+from fusion_jax import files, merging, run
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import results
 from fusion_jax.train import checkpoint, logs, loop
@@ -63,7 +63,7 @@ def test_config_tasks_seeds_and_logs(trained):
     assert curves["val_acc"].shape == (2, 4)
     assert r.final_info is None  # loop.train writes no report
     info = results.final_info(r.logs, 20, 0.99)
-    results.write_json(os.path.join(workdir, "final_info.json"), info)
+    files.write_json(os.path.join(workdir, "final_info.json"), info)
     assert r.final_info == json.loads(json.dumps(info))
 
 

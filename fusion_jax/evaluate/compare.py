@@ -3,6 +3,7 @@
 import json
 import os
 
+from fusion_jax import files
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import plots, results
 
@@ -14,7 +15,7 @@ COLUMNS = ("final_val_acc", "final_val_loss", "final_train_acc", "final_train_lo
            "step_val_acc_99")  # fmt: skip
 
 
-def load_run(workdir: str) -> dict:
+def read_run(workdir: str) -> dict:
     """A finished workdir's name, reference run, per-task logs, final info and compute."""
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
@@ -29,7 +30,7 @@ def load_run(workdir: str) -> dict:
     tasks = [t.strip() for t in config["tasks"].split(",") if t.strip()]
     records = results.read_task_records(workdir, tasks)
     info = results.final_info(records, config["num_steps"], config["eval"]["acc_threshold"])
-    compute = results.read_json(os.path.join(workdir, "compute.json"), {})
+    compute = files.read_json(os.path.join(workdir, "compute.json"), {})
     return {
         "name": config["name"],
         "reference_run": config.get("reference_run"),
@@ -89,7 +90,7 @@ def compare(workdirs: list[str], out_dir: str, reference_path: str = REFERENCE) 
     """Writes overlaid plots, comparison.md and comparison.json for `workdirs` into `out_dir`."""
     if not workdirs:
         raise UserError("--workdirs needs at least one finished workdir (comma-separated).")
-    runs = [load_run(w) for w in workdirs]
+    runs = [read_run(w) for w in workdirs]
     names = [r["name"] for r in runs]
     if len(set(names)) < len(names):
         # Two runs of one config: tell the lines apart by position and directory.
@@ -100,7 +101,7 @@ def compare(workdirs: list[str], out_dir: str, reference_path: str = REFERENCE) 
     os.makedirs(out_dir, exist_ok=True)
     plots.plot_curves({r["name"]: r["records"] for r in runs}, out_dir)
     table = comparison_table(runs, reference)
-    results.write_json(os.path.join(out_dir, "comparison.json"), table)
+    files.write_json(os.path.join(out_dir, "comparison.json"), table)
     with open(os.path.join(out_dir, "comparison.md"), "w") as f:
         f.write(to_markdown(table))
     return table

@@ -7,10 +7,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from fusion_jax import runtime
+from fusion_jax import files, runtime
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
-from fusion_jax.evaluate import analysis, results
+from fusion_jax.evaluate import analysis
 from fusion_jax.train import checkpoint, loop, steps
 
 
@@ -79,8 +79,8 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     order = tasks_lib.parse_task_names(config.tasks)
     skipped = [t for t in order if step is None and not _has_checkpoints(workdir, t)]
     # Analysed tasks overwrite their earlier entries; the skipped keep theirs.
-    compute = results.read_json(os.path.join(workdir, "compute.json"), {})
-    gates = results.read_json(os.path.join(workdir, "gate_analysis.json"), {})
+    compute = files.read_json(os.path.join(workdir, "compute.json"), {})
+    gates = files.read_json(os.path.join(workdir, "gate_analysis.json"), {})
     # Every process of a multi-process run restores (collectively); process 0 writes.
     out_dir = workdir if runtime.is_primary() else None
     for task_name in order:
@@ -104,9 +104,9 @@ def analyze(config, workdir: str, step: int | None = None) -> dict:
     gates = {t: gates[t] for t in order if t in gates}
     if out_dir is None:
         return {"compute": compute, "gates": gates}
-    results.write_json(os.path.join(workdir, "compute.json"), compute)
+    files.write_json(os.path.join(workdir, "compute.json"), compute)
     if gates:
-        results.write_json(os.path.join(workdir, "gate_analysis.json"), gates)
+        files.write_json(os.path.join(workdir, "gate_analysis.json"), gates)
     return {"compute": compute, "gates": gates}
 
 
@@ -124,5 +124,5 @@ def evaluate(config, workdir: str, step: int | None = None) -> dict:
       np.round(r["val_loss"], 4), np.round(r["val_acc"], 4), r["seeds"],
     )  # fmt: skip
     name = "eval_latest.json" if step is None else f"eval_step{step}.json"
-    results.write_json(os.path.join(workdir, name), out)
+    files.write_json(os.path.join(workdir, name), out)
     return out

@@ -7,7 +7,6 @@ The reference reports `np.std(x) / len(x)` as the "stderr"; we report the true s
 the mean, `std(x, ddof=1) / sqrt(n)` (0 for a single run).
 """
 
-import json
 import os
 
 import numpy as np
@@ -68,19 +67,6 @@ def final_info(task_records: dict[str, list[dict]], num_steps: int, threshold: f
     }
 
 
-def read_json(path: str, default=None):
-    """The JSON file at `path`; `default` if it does not exist and one is given."""
-    if default is not None and not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    files.write_json(path, obj)
-
-
 def read_task_records(workdir: str, tasks: list[str]) -> dict[str, list[dict]]:
     return {t: logs.read(os.path.join(workdir, t, "metrics.jsonl")) for t in tasks}
 
@@ -96,8 +82,8 @@ def write_report(config, workdir: str, task_records: dict[str, list[dict]]) -> d
                 "[%s] unfinished: final_info.json describes step %d of %d (last_step)",
                 task, entry["last_step"], config.num_steps,
             )  # fmt: skip
-    write_json(os.path.join(workdir, "final_info.json"), info)
-    write_json(
+    files.write_json(os.path.join(workdir, "final_info.json"), info)
+    files.write_json(
     os.path.join(workdir, "all_results.json"),
     {task: {k: np.asarray(v).tolist() for k, v in logs.to_arrays(r).items()}
      for task, r in task_records.items() if r},

@@ -30,6 +30,7 @@ import shutil
 
 import numpy as np
 
+from fusion_jax import files
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
 from fusion_jax.evaluate import comparisons, results
@@ -408,11 +409,11 @@ def _run_info(name: str, workdir: str, config: dict, kind: str) -> dict:
     }
     previous = os.path.join(workdir, "run.json")
     if os.path.exists(previous):  # The workdir is itself a results folder: keep its source.
-        info["source"] = results.read_json(previous)["source"]
+        info["source"] = files.read_json(previous)["source"]
     device = None
     for path in (os.path.join(workdir, "compute.json"), os.path.join(workdir, "comparison.json")):
         if os.path.exists(path):
-            data = results.read_json(path)
+            data = files.read_json(path)
             device = data.get("device") or next(
                 (v.get("device") for v in data.values() if isinstance(v, dict) and "device" in v),
                 None,
@@ -425,7 +426,7 @@ def _run_info(name: str, workdir: str, config: dict, kind: str) -> dict:
 
 def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) -> dict:
     reference_run = config.get("reference_run")
-    rerun = results.read_json(RERUNS[reference_run]) if reference_run in RERUNS else {}
+    rerun = files.read_json(RERUNS[reference_run]) if reference_run in RERUNS else {}
     tasks = _config_tasks(config)
     task_records = {t: logs.read(os.path.join(workdir, t, "metrics.jsonl")) for t in tasks}
     table = run_table(config, task_records, seed_runs, rerun)
@@ -445,8 +446,8 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
         if e["status"] not in (NOT_RUN, UNFINISHED)
     }
     info = results.final_info(complete, config["num_steps"], config["eval"]["acc_threshold"])
-    results.write_json(os.path.join(run_dir, "final_info.json"), info)
-    results.write_json(os.path.join(run_dir, "table.json"), table)
+    files.write_json(os.path.join(run_dir, "final_info.json"), info)
+    files.write_json(os.path.join(run_dir, "table.json"), table)
     markdown = to_markdown(table, name)
     heatmaps = {
         f
@@ -456,7 +457,7 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     }
     _mirror(workdir, run_dir, ["compute.json", "gate_analysis.json", *sorted(heatmaps)])
     if os.path.exists(os.path.join(workdir, "gate_analysis.json")):
-        markdown += gates_markdown(results.read_json(os.path.join(workdir, "gate_analysis.json")))
+        markdown += gates_markdown(files.read_json(os.path.join(workdir, "gate_analysis.json")))
     _write_text(os.path.join(run_dir, "table.md"), markdown)
     if plots:
         from fusion_jax.evaluate import plots as plots_lib  # matplotlib only when drawing.
@@ -470,14 +471,14 @@ def write_experiment_run(workdir: str, run_dir: str, kind: str) -> None:
     _mirror(workdir, run_dir, list(COMPARISON_FILES))
     data, render = os.path.join(workdir, "comparison.json"), comparisons.MARKDOWN.get(kind)
     if render and os.path.exists(data):
-        _write_text(os.path.join(run_dir, "comparison.md"), render(results.read_json(data)))
+        _write_text(os.path.join(run_dir, "comparison.md"), render(files.read_json(data)))
 
 
 def _run_lines(out_dir: str, name: str) -> list[str]:
     run_dir = os.path.join(out_dir, name)
-    info = results.read_json(os.path.join(run_dir, "run.json"))
-    files = sorted(os.listdir(run_dir))
-    config = results.read_json(os.path.join(run_dir, "config.json"))
+    info = files.read_json(os.path.join(run_dir, "run.json"))
+    listing = sorted(os.listdir(run_dir))
+    config = files.read_json(os.path.join(run_dir, "config.json"))
     lines = [
         f"## [{name}]({name}/): {info['title'] or info['kind']}",
         "",
@@ -485,7 +486,7 @@ def _run_lines(out_dir: str, name: str) -> list[str]:
         f"device: {info['device'] or 'not recorded'}",
     ]
     if os.path.exists(os.path.join(run_dir, "table.json")):
-        table = results.read_json(os.path.join(run_dir, "table.json"))
+        table = files.read_json(os.path.join(run_dir, "table.json"))
         lines.append(
             f"* reference: seed_runs.json `{info['reference_run']}`"
             + (" and the published rerun" if table["has_rerun"] else "")
@@ -494,8 +495,8 @@ def _run_lines(out_dir: str, name: str) -> list[str]:
             status = entry["status"] + (f" ({entry['note']})" if entry["note"] else "")
             verdict = f"; verdict: {entry['verdict']}" if entry["verdict"] else ""
             lines.append(f"* {task}: {status}{verdict}")
-        num_plots = sum(f.endswith(".png") and not f.startswith("gate_") for f in files)
-        gate = "gate_analysis.json" in files
+        num_plots = sum(f.endswith(".png") and not f.startswith("gate_") for f in listing)
+        gate = "gate_analysis.json" in listing
         is_fusion = config.get("model", {}).get("name") == "fusion"
         lines.append(
             f"* files: table.md, table.json, final_info.json, {num_plots} plots"
@@ -521,7 +522,7 @@ def _run_lines(out_dir: str, name: str) -> list[str]:
             + "; ".join(f"{k}: {v}" for k, v in setup.items() if v not in ("", None))
             + " (config.json has the rest)"
         )
-        present = [f for f in COMPARISON_FILES if f in files]
+        present = [f for f in COMPARISON_FILES if f in listing]
         if "comparison.md" not in present:
             lines.append("* unfinished: no comparison.md in the workdir")
         lines.append(f"* files: {', '.join(present + ['config.json'])}")
@@ -557,7 +558,7 @@ def write_results(
     for name, workdir in parse_workdirs(workdirs):
         if not os.path.exists(os.path.join(workdir, "config.json")):
             raise UserError(f"{workdir} has no config.json: is it a fusion_jax workdir?")
-        config = results.read_json(os.path.join(workdir, "config.json"))
+        config = files.read_json(os.path.join(workdir, "config.json"))
         name = name or config.get("reference_run") or os.path.basename(os.path.normpath(workdir))
         entries.append((name, workdir, config))
     names = [e[0] for e in entries]
@@ -566,7 +567,7 @@ def write_results(
             f"two workdirs would share a results folder ({names}): "
             "name them with name=path in --workdirs"
         )
-    seed_runs = results.read_json(seed_runs_path)
+    seed_runs = files.read_json(seed_runs_path)
     tables = {}
     for name, workdir, config in entries:
         run_dir = os.path.join(out_dir, name)
@@ -582,6 +583,6 @@ def write_results(
             tables[name] = write_grokking_run(name, workdir, config, run_dir, seed_runs, plots)
         else:
             write_experiment_run(workdir, run_dir, kind)
-        results.write_json(os.path.join(run_dir, "run.json"), info)
+        files.write_json(os.path.join(run_dir, "run.json"), info)
     write_index(out_dir)
     return tables

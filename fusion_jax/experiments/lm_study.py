@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import gguf_checkpoint, merging, pretrained
+from fusion_jax import files, gguf_checkpoint, merging, pretrained
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
@@ -116,9 +116,9 @@ def load_data(config, workdir: str, tokenizer: str = "bytes") -> Data:
     names, splits = [], {s: [] for s in text_tfds.SPLITS}
     caps = {"train": d.max_train_windows, "holdout": d.max_eval_windows,
             "validation": d.max_eval_windows}  # fmt: skip
-    for i, (name, files, sep) in enumerate(domains_lib.parse_domains(d.domains)):
+    for i, (name, sources, sep) in enumerate(domains_lib.parse_domains(d.domains)):
         cfg = text_tfds.windows_config(
-            name, files, sep, tokenizer, config.model.seq_len, d.split_seed, d.val_fraction,
+            name, sources, sep, tokenizer, config.model.seq_len, d.split_seed, d.val_fraction,
             d.holdout_fraction,
         )  # fmt: skip
         windows = text_tfds.load_windows(cfg, data_dir)
@@ -828,7 +828,7 @@ def run(config, workdir: str) -> dict:
     out["samples"] = study.samples(_sample_models(
         study, base, experts, dam_merged[inits[0]], merged_by["TIES"], fusion_model,
         fusion_frozen, fusion_e2e))  # fmt: skip
-    results.write_json(os.path.join(workdir, "comparison.json"), out)
+    files.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(study_markdown(out))
     plot_frontier(out, os.path.join(workdir, "frontier.png"))

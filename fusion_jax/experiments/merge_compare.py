@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import merging, models
+from fusion_jax import files, merging, models
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
@@ -558,7 +558,7 @@ def report(p: Pipeline, rows, searches, coeffs) -> dict:
         "grid_search": searches,
     }
     workdir = os.path.dirname(p.stages.dir)
-    results.write_json(os.path.join(workdir, "comparison.json"), out)
+    files.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as fh:
         fh.write(merge_markdown(out))
     plots.plot_frontier(
