@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fusion_jax import modes, runtime
-from fusion_jax.errors import UserError
+from fusion_jax.errors import UserError, disk_error
 from fusion_jax.train import checkpoint
 
 FLAGS = flags.FLAGS
@@ -72,6 +72,10 @@ def main(argv):
         except (UserError, FileNotFoundError) as e:
             # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).
             sys.exit(f"error: {e}")
+        except OSError as e:  # a full disk or a folder that cannot be written, else a bug
+            if (message := disk_error(e)) is None:
+                raise
+            sys.exit(f"error: {message}")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,35 @@
-"""Errors in what the user asked for (flags, config values, workdirs).
+"""Errors in what the user asked for (flags, config values, workdirs), and the disk's.
 
 main.py prints a `UserError` as one line and exits non-zero; any other exception is a bug and
-keeps its traceback. It subclasses ValueError so callers that catch bad values still do.
+keeps its traceback. It subclasses ValueError so callers that catch bad values still do. A full
+disk or a folder that cannot be written is the user's to fix too: `disk_error` turns that
+OSError into one line naming the file (the writers in files.py, logs and checkpoint exports name
+it when the OS does not).
 """
+
+import errno
+import os
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class UserError(ValueError):
     """A problem the user can fix from the message alone."""
+
+
+def disk_error(e: OSError) -> UserError | None:
+    """The one-line error for a full disk or an unwritable file or folder; None for another
+    OSError."""
+    where = e.filename or "a file of the run"
+    if e.errno in _DISK_FULL:
+        return UserError(
+            f"cannot write {where}: {os.strerror(e.errno)}: free space on that disk, or use a "
+            "--workdir on another, then rerun (what was saved before is kept)"
+        )
+    if e.errno in _NOT_WRITABLE:
+        return UserError(
+            f"cannot write {where}: {os.strerror(e.errno)}: use a --workdir you can write to, "
+            "then rerun"
+        )
+    return None

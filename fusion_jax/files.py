@@ -6,6 +6,7 @@ one. JSON is strict: NaN and Inf have no JSON spelling, and a reader in another 
 `json.loads(..., parse_constant=...)`) would reject the file, so they are refused instead.
 """
 
+import contextlib
 import json
 import os
 
@@ -25,10 +26,23 @@ def read_json(path: str, default=_REQUIRED):
         return json.load(f)
 
 
+@contextlib.contextmanager
+def naming(path: str):
+    """Names `path` in an OSError raised while it is written (errors.disk_error then says which
+    file): a write that fills the disk raises one without a file name, and one raised for the
+    temporary file beside `path` would name that."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or e.filename == path:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
+
+
 def write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with naming(path), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -597,24 +597,25 @@ def write_gguf(path: str, hf_config: dict, reader, out_type: str = "float32",
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(gguf_name(hf), byte_shape, np.dtype(np.uint8),
                                    int(np.prod(byte_shape)), raw_dtype=qtype)  # fmt: skip
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for hf in names:
-        x = np.asarray(reader.get(hf), np.float32)
-        if ".self_attn.q_proj." in hf:
-            x = rope_rows_to_gguf(x, heads)
-        elif ".self_attn.k_proj." in hf:
-            x = rope_rows_to_gguf(x, kv_heads)
-        qtype = _planned_type(x.shape, out_type)
-        # Q8_0 keeps one float16 scale per block of 32: max|x| / 127 must fit float16.
-        limit = {Q.F16: 1.0, Q.Q8_0: 127.0}.get(qtype)
-        with np.errstate(over="ignore"):  # an overflow is refused below, by name
-            files.check_finite(
-                x if limit is None else (x / limit).astype(np.float16),
-                f"tensor {hf} to be written to {path} as {qtype.name}",
-            )
-        writer.write_tensor_data(_encode(x, qtype))
-    writer.close()
+    with files.naming(path):
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for hf in names:
+            x = np.asarray(reader.get(hf), np.float32)
+            if ".self_attn.q_proj." in hf:
+                x = rope_rows_to_gguf(x, heads)
+            elif ".self_attn.k_proj." in hf:
+                x = rope_rows_to_gguf(x, kv_heads)
+            qtype = _planned_type(x.shape, out_type)
+            # Q8_0 keeps one float16 scale per block of 32: max|x| / 127 must fit float16.
+            limit = {Q.F16: 1.0, Q.Q8_0: 127.0}.get(qtype)
+            with np.errstate(over="ignore"):  # an overflow is refused below, by name
+                files.check_finite(
+                    x if limit is None else (x / limit).astype(np.float16),
+                    f"tensor {hf} to be written to {path} as {qtype.name}",
+                )
+            writer.write_tensor_data(_encode(x, qtype))
+        writer.close()
     os.replace(tmp, path)
     return {"tensors": len(names), "tokenizer": has_tokenizer, "types": counts}

@@ -280,7 +280,8 @@ def sha256_files(directory: str) -> dict[str, str]:
 
 
 def input_records(directories: list[str]) -> list[dict]:
-    """`{"path", "sha256"}` of each checkpoint directory: how a workdir records its inputs."""
+    """`{"path", "sha256"}` of each checkpoint directory (or file: a GGUF checkpoint, a text
+    file): how a workdir records its inputs."""
     return [{"path": os.path.abspath(d), "sha256": sha256_files(d)} for d in directories]
 
 
@@ -434,7 +435,8 @@ class ShardWriter:
         self._remaining[i] -= 1
         if self._remaining[i] == 0:
             path = os.path.join(self.directory, self.files[i])
-            save_file(self._pending[i], path, metadata={"format": "pt"})
+            with files.naming(path):
+                save_file(self._pending[i], path, metadata={"format": "pt"})
             os.chmod(path, files.default_file_mode())  # safetensors creates 0600
             self._pending[i] = {}
 

@@ -18,6 +18,7 @@ from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import modes
 from fusion_jax.data import text
+from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import decoding, lm, lm_fusion
 from fusion_jax.train import checkpoint
@@ -445,4 +446,26 @@ def test_a_checkpoint_from_before_the_saved_loss_window_resumes(tmp_path):
     lm_fuse.train(_config(tmp_path, experts, 4), old)  # step 2 ended a log window: nothing lost
     assert open(os.path.join(old, "metrics.jsonl")).read() == (
         open(os.path.join(straight, "metrics.jsonl")).read()
+    )
+
+
+def test_the_text_is_part_of_the_workdir_and_binary_sources_are_refused(tmp_path):
+    experts = _experts(tmp_path)
+    workdir = str(tmp_path / "w")
+    lm_fuse.train(_config(tmp_path, experts, 2), workdir)
+    config = _config(tmp_path, experts, 4)  # (writes the documents again, unchanged)
+    changed = tmp_path / "docs" / "3.txt"
+    changed.write_text("other text " * 20)
+    with pytest.raises(UserError) as e:
+        lm_fuse.train(config, workdir)
+    assert str(e.value) == (
+        "the text files differ from those this workdir was trained with (first difference: "
+        f"{changed}); use a new --workdir"
+    )
+    config = _config(tmp_path, experts, 2)
+    (tmp_path / "docs" / "3.txt").write_bytes(b"\x00\x01 not text")
+    with pytest.raises(UserError) as e:
+        lm_fuse.train(config, str(tmp_path / "other"))
+    assert str(e.value) == (
+        f"{tmp_path / 'docs' / '3.txt'} is not a text file (it holds NUL bytes); name text only"
     )

@@ -1,10 +1,13 @@
 """What a language-model merge promises when inputs or the process misbehave: no input is touched,
 nothing non-finite is written, every file lands whole (issue 26)."""
 
+import errno
 import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +18,11 @@ from safetensors.numpy import save_file
 from configs import lm_merge as lm_merge_config
 from fusion_jax import files, gguf_checkpoint
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax.errors import UserError
+from fusion_jax.errors import UserError, disk_error
 from fusion_jax.experiments import lm_merge, stages
 from fusion_jax.train import checkpoint, logs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA = os.path.join(os.path.dirname(__file__), "fixtures", "lm", "llama")
 NAME = "model.layers.0.mlp.up_proj.weight"  # the tensor the tests spoil
 
@@ -368,3 +372,58 @@ def test_tokenizers_equal_in_content_but_not_in_bytes_are_accepted(tmp_path):
     same = _retokenized(tmp_path, "same", lambda tree: None)
     lm_merge.run(_config(models=f"{TIED},{same}"), str(tmp_path / "w"))
     assert os.path.isfile(tmp_path / "w" / "merged" / "tokenizer.json")
+
+
+# --- a full disk and an unwritable folder: one line naming the file ------------------------------
+
+# main.py with every fsync (the last step of each JSON and log write) failing as the disk would.
+FAILING_FSYNC = """
+import errno, os, sys
+code = errno.{name}
+def fsync(fd):
+    raise OSError(code, os.strerror(code))
+os.fsync = fsync
+sys.argv = ["main.py"] + sys.argv[1:]
+import main
+from absl import app
+app.run(main.main, flags_parser=main._parse_flags)
+"""
+
+
+@pytest.mark.parametrize(
+    "name, advice",
+    [
+        ("ENOSPC", "No space left on device: free space on that disk, or use a --workdir on "
+                   "another, then rerun (what was saved before is kept)"),
+        ("EROFS", "Read-only file system: use a --workdir you can write to, then rerun"),
+    ],
+)  # fmt: skip
+def test_a_full_disk_or_a_read_only_folder_is_one_line_naming_the_file(tmp_path, name, advice):
+    workdir = tmp_path / "w"
+    done = subprocess.run(
+        [sys.executable, "-c", FAILING_FSYNC.replace("{name}", name),
+         "--config=configs/baseline.py:tiny", f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert (
+        done.stderr.strip().splitlines()[-1]
+        == f"error: cannot write {workdir}/config.json: {advice}"
+    )
+    assert not (workdir / "config.json").exists()
+
+
+def test_a_shard_that_fills_the_disk_is_named(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a write() raises it: no file
+
+    monkeypatch.setattr(hc, "save_file", full)
+    workdir = tmp_path / "w"
+    with pytest.raises(OSError) as e:
+        lm_merge.run(_config(models=f"{_copy(tmp_path, 'a')},{_copy(tmp_path, 'b')}"), str(workdir))
+    assert str(disk_error(e.value)) == (
+        f"cannot write {workdir}/merged.partial/model.safetensors: No space left on device: free "
+        "space on that disk, or use a --workdir on another, then rerun (what was saved before is "
+        "kept)"
+    )
+    assert not (workdir / "merged").exists()

@@ -69,11 +69,14 @@ class Setup:
         tok = config.data.tokenizer
         self.tokenizer = text.load_tokenizer(models[0] if tok == "model" else tok)
         if load_data:
-            self._load_data()
+            self._load_data(workdir)
 
-    def _load_data(self):
+    def _load_data(self, workdir: str):
         d = self.config.data
-        docs = text.read_documents(text.expand_sources(d.sources), d.record_separator or None)
+        paths = text.text_files(d.sources)  # empty and binary sources refused by name
+        # The text is part of the workdir's identity: a resume on other text would mix the two.
+        hc.check_inputs(os.path.join(workdir, "text.json"), hc.input_records(paths), "text files")
+        docs = text.read_documents(paths, d.record_separator or None)
         train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
         if not val_docs:  # one record in all (fewer than 2 files are refused by config_rules)
             raise UserError(

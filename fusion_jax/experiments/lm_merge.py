@@ -196,7 +196,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     # So is the text they were trained on: a resume on other text would mix the two.
     hc.check_inputs(
         os.path.join(workdir, "dam", "text.json"),
-        [{"path": os.path.abspath(f), "sha256": hc.sha256_files(f)} for f in sum(text_files, [])],
+        hc.input_records(sum(text_files, [])),
         what="text files",
     )
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch

@@ -11,7 +11,7 @@ METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def append(path: str, records: list[dict]) -> None:
-    with open(path, "a") as f:
+    with files.naming(path), open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 
