@@ -334,7 +334,7 @@ LM_FUSE = {
     "generate.seed": SEED,
 }
 
-# configs/lm_fusion.py (the language-model study).
+# configs/lm_study.py (the language-model study).
 LM_STUDY = {
     "experiment": choice("lm_study"),
     "seed": SEED,
@@ -407,7 +407,7 @@ CONFIG_FILES = {
     "merge_compare": "configs/compare.py",
     "lm_merge": "configs/lm_merge.py",
     "lm_fuse": "configs/lm_fuse.py",
-    "lm_study": "configs/lm_fusion.py",
+    "lm_study": "configs/lm_study.py",
 }
 
 # A cross-field rule returns None, or (field, allowed values) for the first field it refuses.

@@ -125,14 +125,14 @@ def results_folder(config, workdir: str, workdirs: str = "", **_):
 
 
 def merge_compare(config, workdir: str, **_):
-    """The merging experiment (configs/compare.py; the LM study of configs/lm_fusion.py too):
+    """The merging experiment (configs/compare.py; the LM study of configs/lm_study.py too):
     what `--mode=train` runs for these configs."""
     check_mode(config, "merge_compare")
     return train(config, workdir)
 
 
 def export(config, workdir: str, **_):
-    """Writes the trained experts of a study on a pretrained base (configs/lm_fusion.py:smollm2)
+    """Writes the trained experts of a study on a pretrained base (configs/lm_study.py:smollm2)
     as checkpoint folders with a GGUF file each, under `<workdir>/export/`."""
     config = _trained_config(config, workdir, "export")
     with workdir_lib.lock(workdir):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import lm_fusion as lm_fusion_config
+from configs import lm_study as lm_study_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax.data import domains, text, text_tfds
 from fusion_jax.experiments import lm_study
@@ -48,7 +48,7 @@ def _languages(root):
 
 
 def _config(tmp_path):
-    config = lm_fusion_config.get_config("tiny")
+    config = lm_study_config.get_config("tiny")
     config.data.domains = _languages(tmp_path / "text")
     config.data.tfds_dir = str(tmp_path / "tfds")
     config.train.base_steps = 10
@@ -342,10 +342,10 @@ def test_bfloat16_study_computes_in_bfloat16_and_stays_near_float32(tmp_path):
 
 def test_config_variants_build_and_unknown_variant_is_refused():
     for variant in (None, "quick", "tiny"):
-        cfg = lm_fusion_config.get_config(variant)
+        cfg = lm_study_config.get_config(variant)
         assert lm_study.model_config(cfg.model).vocab_size == 259
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
-        lm_fusion_config.get_config("huge")
+        lm_study_config.get_config("huge")
 
 
 def test_loaded_data_matches_the_domains(study):

@@ -42,7 +42,7 @@ CONFIG_VARIANTS = {
     "compare": [None, "quick", "tiny"],
     "lm_merge": [None],
     "lm_fuse": [None],
-    "lm_fusion": [None, "quick", "smollm2", "smollm2_full", "tiny"],
+    "lm_study": [None, "quick", "smollm2", "smollm2_full", "tiny"],
 }  # fmt: skip
 
 
@@ -212,7 +212,7 @@ BAD_VALUES = [
      "config.models (0 = all experts)"),
     ("lm_fuse", {"generate.temperature": -1.0}, "config.generate.temperature=-1.0: must be a "
      "number >= 0"),
-    ("lm_fusion", {"model.num_kv_heads": 3}, "config.model.num_kv_heads=3: must be a divisor of "
+    ("lm_study", {"model.num_kv_heads": 3}, "config.model.num_kv_heads=3: must be a divisor of "
      "config.model.num_heads=2"),
 ]  # fmt: skip
 
@@ -221,7 +221,7 @@ BAD_VALUES = [
 def test_values_out_of_range_are_refused_in_one_line_before_any_work(
     tmp_path, name, changes, message
 ):
-    variant = None if name.startswith("lm_") and name != "lm_fusion" else "tiny"
+    variant = None if name.startswith("lm_") and name != "lm_study" else "tiny"
     config = with_inputs(importlib.import_module(f"configs.{name}").get_config(variant))
     config.lock()  # as main.py's flags give it: no new fields
     for field, value in changes.items():
@@ -277,7 +277,7 @@ def test_compare_config_runs_the_merging_experiment_by_default(tmp_path, monkeyp
          "configs/dyn_fusion.py"),
         ("merge_compare", baseline.get_config("tiny"), "--mode=merge_compare does not run "
          "configs/baseline.py, configs/dyn_fusion.py configs: their modes are train, eval, "
-         "analyze, report; --mode=merge_compare is for configs/compare.py, configs/lm_fusion.py"),
+         "analyze, report; --mode=merge_compare is for configs/compare.py, configs/lm_study.py"),
         ("generate", dyn_fusion.get_config("tiny"), "--mode=generate does not run "
          "configs/baseline.py, configs/dyn_fusion.py configs: their modes are train, eval, "
          "analyze, report; --mode=generate is for configs/lm_fuse.py"),
@@ -373,7 +373,7 @@ def test_safe_changes_are_allowed_and_others_listed(tmp_path):
 
 @pytest.mark.parametrize(
     "config_file, field",
-    [("lm_fusion", "model.matmul_precision"), ("lm_fuse", "matmul_precision"),
+    [("lm_study", "model.matmul_precision"), ("lm_fuse", "matmul_precision"),
      ("lm_merge", "dam.matmul_precision")],
 )  # fmt: skip
 def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
@@ -411,7 +411,7 @@ def test_the_fields_each_lm_merge_method_never_reads():
 
 
 def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_path):
-    config = importlib.import_module("configs.lm_fusion").get_config("quick")
+    config = importlib.import_module("configs.lm_study").get_config("quick")
     stored = json.loads(config.to_json())
     del stored["data"]["capped_windows"]
     (tmp_path / "config.json").write_text(json.dumps(stored))

@@ -15,7 +15,7 @@ import pytest
 
 from configs import baseline
 from configs import lm_fuse as lm_fuse_config
-from configs import lm_fusion as lm_fusion_config
+from configs import lm_study as lm_study_config
 from fusion_jax import modes
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare
@@ -292,7 +292,7 @@ def _lm_fuse_config():
 
 
 @pytest.mark.parametrize(
-    "make_config", [tiny, lambda: lm_fusion_config.get_config("tiny"), _lm_fuse_config],
+    "make_config", [tiny, lambda: lm_study_config.get_config("tiny"), _lm_fuse_config],
     ids=["grokking", "lm_study", "lm_fuse"],
 )  # fmt: skip
 def test_a_required_accelerator_that_is_missing_stops_the_run_before_any_work(

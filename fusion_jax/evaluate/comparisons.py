@@ -61,7 +61,7 @@ def _cell(text: str) -> str:
 
 
 def study_markdown(out: dict) -> str:
-    """comparison.md of configs/lm_fusion.py from its comparison.json."""
+    """comparison.md of configs/lm_study.py from its comparison.json."""
     names = out["domains"]
     experts = out.get("experts", names)
     base = out.get("base", "trained here")

@@ -1,7 +1,7 @@
 """Language-model study: domain experts fused per token against every merge, DAM and ensembles.
 
-    python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick
-    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2
+    python main.py --config=configs/lm_study.py:quick --workdir=runs/lm_quick
+    python main.py --config=configs/lm_study.py:smollm2 --workdir=runs/lm_smollm2
 
 The base is either trained here (a byte-level Llama on the mixture of domains, `model.base=""`)
 or a pretrained checkpoint (`model.base`: a folder, a .gguf file or a name that

@@ -1,10 +1,10 @@
 """Language-model study: domain experts fused per token against every merge, DAM and ensembles.
 
-    python main.py --config=configs/lm_fusion.py --workdir=runs/lm          # GPU/TPU size
-    python main.py --config=configs/lm_fusion.py:quick --workdir=runs/lm_quick   # 2-core CPU
-    python main.py --config=configs/lm_fusion.py:smollm2 --workdir=runs/lm_smollm2  # 2+ h CPU
-    python main.py --config=configs/lm_fusion.py:smollm2_full --workdir=runs/lm_smollm2_full
-    python main.py --config=configs/lm_fusion.py --workdir=runs/lm --mode=merge_compare  # same
+    python main.py --config=configs/lm_study.py --workdir=runs/lm          # GPU/TPU size
+    python main.py --config=configs/lm_study.py:quick --workdir=runs/lm_quick   # 2-core CPU
+    python main.py --config=configs/lm_study.py:smollm2 --workdir=runs/lm_smollm2  # 2+ h CPU
+    python main.py --config=configs/lm_study.py:smollm2_full --workdir=runs/lm_smollm2_full
+    python main.py --config=configs/lm_study.py --workdir=runs/lm --mode=merge_compare  # same
 
 Domains (offline, any Debian/Ubuntu or Colab machine):
 `apt-get install fortunes fortunes-de fortunes-es fortunes-it` for English, German, Spanish and
@@ -229,7 +229,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.eval.sample_tokens = 4
     elif arg:
         raise ValueError(
-            f"unknown variant {arg!r} of configs/lm_fusion.py; known: quick, smollm2, "
+            f"unknown variant {arg!r} of configs/lm_study.py; known: quick, smollm2, "
             "smollm2_full, tiny"
         )
     return config
