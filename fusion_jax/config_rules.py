@@ -580,12 +580,12 @@ def _compatible_checkpoints(config, devices) -> Problem:
 def _two_documents(config, devices) -> Problem:
     # Without a record separator each file is one document; the training and the validation
     # split need one each. (With one, the records are counted when the text is read.) Only
-    # before training (`devices` given): generating from a workdir needs no text.
-    if (
-        devices is not None
-        and not config.data.record_separator
-        and len(text.expand_sources(config.data.sources)) < 2
-    ):
+    # before training (`devices` given): generating from a workdir needs no text. Empty and
+    # binary sources are refused here too, by name, before the workdir is bound.
+    if devices is None:
+        return None
+    paths = text.text_files(config.data.sources)
+    if not config.data.record_separator and len(paths) < 2:
         return "data.sources", (
             "2 or more files (one document each: a training and a validation split need one "
             "each), or files split into records by config.data.record_separator"

@@ -469,3 +469,4 @@ def test_the_text_is_part_of_the_workdir_and_binary_sources_are_refused(tmp_path
     assert str(e.value) == (
         f"{tmp_path / 'docs' / '3.txt'} is not a text file (it holds NUL bytes); name text only"
     )
+    assert not (tmp_path / "other").exists()  # refused before the workdir is bound
