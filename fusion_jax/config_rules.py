@@ -263,7 +263,11 @@ LM_MERGE = {
         "'' or an existing checkpoint directory or .gguf file",
     ),
     "models": _directories(1),
-    "method": choice(*merging.MERGES, "dam"),
+    # Read when checked, so a method registered in merging.MERGES after import is offered too.
+    "method": Rule(
+        lambda v: v == "dam" or v in merging.MERGES,
+        "one of " + ", ".join(map(repr, [*merging.MERGES, "dam"])),
+    ),
     "weights": Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
     "lam": number(),
     "density": number(0, 1, low_open=True),
@@ -765,13 +769,13 @@ _LM_MERGE_HPARAMS = ("weights", "lam", "density", "drop_rate", "combine", "t")
 
 def _lm_merge_unused(config: Mapping) -> set[str]:
     """The fields a merge with `config["method"]` never reads (a static merge reads no `dam.*`
-    field, and only DARE its seed; DAM reads no static hyper-parameter)."""
+    field, and only a merge that draws (DARE) its seed; DAM reads no static hyper-parameter)."""
     method = config["method"]
     if method == "dam":
         return set(_LM_MERGE_HPARAMS)
     unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method))
     unused |= {f for f in flatten(config) if f.startswith("dam.")}
-    return unused | ({"seed"} if method != "dare" else set())
+    return unused | (set() if merging.needs_rng(method) else {"seed"})
 
 
 # Per kind, the fields a config's run never reads: a workdir's config may change them freely.

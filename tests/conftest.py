@@ -97,3 +97,21 @@ def tiny_gguf(tmp_path):
     gguf_checkpoint.write_gguf(path, hc.read_config(folder), hc.open_tensors(folder),
                                tokenizer_source=spm)  # fmt: skip
     return path
+
+
+@pytest.fixture
+def toy_merge(monkeypatch):
+    """A merge method registered as a new one is: one entry in `merging.MERGES` and one row in
+    `merging.ROWS` (the base plus `lam` times the first expert's task vector). Returns its row's
+    label."""
+    import jax
+
+    from fusion_jax import merging
+
+    def first_vector(stacked, base, lam):
+        return jax.tree.map(lambda x, b: b + lam * (x[0] - b), stacked, base)
+
+    monkeypatch.setitem(merging.MERGES, "first_vector", first_vector)
+    label = "toy: first task vector"
+    monkeypatch.setattr(merging, "ROWS", [*merging.ROWS, merging.Row(label, "first_vector")])
+    return label

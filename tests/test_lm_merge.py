@@ -469,3 +469,13 @@ def test_method_hparams_are_the_merge_functions_arguments_from_the_config():
         assert lm_merge.method_hparams(config) == hparams, method
     config.method, config.weights = "weight_average", ""
     assert lm_merge.method_hparams(config) == {"weights": None}
+
+
+def test_a_merge_method_registered_in_merging_is_offered_by_lm_merge(tmp_path, toy_merge):
+    a = _shifted(tmp_path, "a", LLAMA, lambda x: x + np.float32(1))
+    b = _shifted(tmp_path, "b", LLAMA, lambda x: x - np.float32(3))
+    config = _config(method="first_vector", models=f"{a},{b}", base=LLAMA, lam=0.5)
+    lm_merge.run(config, str(tmp_path / "w"))
+    merged = _flat(str(tmp_path / "w" / "merged"))
+    for key, x in _flat(LLAMA).items():  # base + 0.5 * (A - base)
+        np.testing.assert_allclose(merged[key], x + 0.5, rtol=0, atol=1e-6, err_msg=key)

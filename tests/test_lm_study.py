@@ -463,3 +463,14 @@ def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny
     config.model.base = str(tmp_path / "missing.gguf")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         config_rules.validate(config, devices=1)
+
+
+def test_a_merge_method_registered_in_merging_is_a_searched_row(study, tmp_path, toy_merge):
+    config, workdir, _ = study
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    out = lm_study.run(config, copy)  # stages restored
+    (row,) = [r for r in out["rows"] if r["method"] == toy_merge]
+    assert [hp["lam"] for hp in row["hparams"]] and all(
+        hp == {"lam": hp["lam"]} and hp["lam"] in config.grid.lams for hp in row["hparams"]
+    )

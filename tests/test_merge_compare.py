@@ -233,3 +233,16 @@ def test_frontier_labels_of_equal_cost_are_spread_apart(tmp_path):
     plots.plot_frontier([("a", 1.0, [0.1, 0.2]), ("b", 1.0, [0.15]), ("c", 4.0, [0.5, 0.7])],
                         path, xlabel="x", ylabel="y", title="t")  # fmt: skip
     assert os.path.getsize(path) > 1000
+
+
+def test_a_merge_method_registered_in_merging_is_a_searched_row(compared, tmp_path, toy_merge):
+    workdir = str(tmp_path / "copy")
+    shutil.copytree(compared[0], workdir)
+    out = modes.train(compare_config.get_config("tiny"), workdir)  # stages restored
+    (row,) = [r for r in out["rows"] if r["method"] == toy_merge]
+    config = compare_config.get_config("tiny")
+    assert row["hparams"] and all(hp == {"lam": hp["lam"]} for hp in row["hparams"])
+    assert {hp["lam"] for hp in row["hparams"]} <= set(config.grid.lams)
+    assert [hp["hparams"] for hp in out["grid_search"][toy_merge]["grid"]] == [
+        {"lam": x} for x in config.grid.lams
+    ]

@@ -119,7 +119,7 @@ def streaming_merge(
     base_reader = hc.open_tensors(base) if base else None
     ref = base_reader or readers[0]
     # Only the merges that use a base read it (a base given to weight_average is just checked).
-    merge_base = base_reader if method in merging.NEEDS_BASE else None
+    merge_base = base_reader if merging.needs_base(method) else None
     out_dtypes = {}
     for name in names:
         stored = ref.get_dtype(name)

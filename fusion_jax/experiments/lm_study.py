@@ -685,19 +685,6 @@ def bpb_sums(logits, tokens, mask, token_bytes):
     return jnp.sum(nll * mask), jnp.sum(mask * token_bytes[tokens[:, 1:]])
 
 
-def _grid_points(config) -> dict[str, list[dict]]:
-    g = config.grid
-    return {
-        "task_arithmetic": [{"lam": lam} for lam in g.lams],
-        "ties": [{"density": d, "lam": lam} for d in g.densities for lam in g.lams],
-        "dare": [{"drop_rate": p, "lam": lam} for p in g.drop_rates for lam in g.lams],
-        "dare_ties": [
-            {"drop_rate": p, "lam": lam, "combine": "ties"} for p in g.drop_rates for lam in g.lams
-        ],  # fmt: skip
-        "slerp": [{"t": t} for t in g.slerp_ts],
-    }
-
-
 # DAM's starting points (dam.INITS) as the table names them.
 DAM_ROWS = {"average": "DAM", "repository": "DAM, repository init (c = 1/K)"}
 
@@ -737,22 +724,7 @@ def run(config, workdir: str) -> dict:
     def fusion_logits(params, tokens):
         return fusion_model.apply({"params": params}, tokens[:, :-1])
 
-    grid = _grid_points(config)
     rng = jax.random.key(config.seed)
-    first_two = f"{study.expert_names[0]}, {study.expert_names[1]}"
-    # (grid, merge of one parameter): `Study.grid` merges a model a parameter at a time; DARE
-    # draws each parameter's masks from fold_in(key, its index).
-    makers = {
-        "task arithmetic": (
-            "task_arithmetic", lambda e, b, hp, i: merging.task_arithmetic(e, b, **hp)),
-        "TIES": ("ties", lambda e, b, hp, i: merging.ties(e, b, **hp)),
-        "DARE (linear)": (
-            "dare", lambda e, b, hp, i: merging.dare(e, b, jax.random.fold_in(rng, i), **hp)),
-        "DARE (TIES)": (
-            "dare_ties", lambda e, b, hp, i: merging.dare(e, b, jax.random.fold_in(rng, i), **hp)),
-        f"SLERP ({first_two})": (
-            "slerp", lambda e, b, hp, i: merging.slerp(take(e, slice(0, 2)), **hp)),
-    }  # fmt: skip
     base_flops, expert_flops = costs["base"], costs["base"] + k * costs["experts"]
     rows, merged_by = [], {}
 
@@ -787,8 +759,15 @@ def run(config, workdir: str) -> dict:
     add("output ensemble (mean logits)", experts, ensemble("logits"), expert_flops)
     add("output ensemble (mean probs)", experts, ensemble("probs"), expert_flops)
     add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
-    for label, (key, make) in makers.items():
-        merged, chosen = study.grid(make, grid[key], experts, base)
+    first_two = f" ({study.expert_names[0]}, {study.expert_names[1]})"
+    for row in merging.ROWS:
+        label = row.label + (first_two if row.pairwise else "")
+        # `Study.grid` merges a model a parameter at a time; a merge that draws (DARE) takes
+        # each parameter's masks from fold_in(key, its index).
+        make = functools.partial(
+            lambda row, e, b, hp, i: row.merge(e, b, jax.random.fold_in(rng, i), hp), row
+        )
+        merged, chosen = study.grid(make, row.grid(config.grid), experts, base)
         if label == "TIES":  # kept for the samples; the other merges are let go once scored
             merged_by[label] = merged
         add(label, merged, plain, expert_flops, hparams=chosen)

@@ -472,43 +472,12 @@ def grid_search(p: Pipeline, make, grid: list[dict], per_seed):
     return best, {"chosen": chosen, "grid": scored}
 
 
-_task_arithmetic = jax.jit(merging.task_arithmetic)
 _weight_average = jax.jit(jax.vmap(merging.weight_average))
 
 
 def static_merges(p: Pipeline, base, experts, random_experts):
-    """Weight averages and the searched merges; returns (methods, grid searches by label)."""
-    g = p.config.grid
-    pair = jnp.array([0, 1 % p.k])
-    searched = {
-        "task arithmetic": (
-            lambda e, b, key, lam: _task_arithmetic(e, b, lam),
-            [{"lam": x} for x in g.lams],
-        ),
-        "TIES": (
-            lambda e, b, key, density, lam: merging.ties(e, b, density, lam),
-            [{"density": dn, "lam": x} for dn in g.densities for x in g.lams],
-        ),
-        "DARE (linear)": (
-            lambda e, b, key, drop_rate, lam: merging.dare(e, b, key, drop_rate, lam),
-            [{"drop_rate": dr, "lam": x} for dr in g.drop_rates for x in g.lams],
-        ),
-        "DARE (TIES)": (
-            lambda e, b, key, drop_rate, lam, density: merging.dare(
-                e, b, key, drop_rate, lam, "ties", density
-            ),
-            [
-                {"drop_rate": dr, "lam": x, "density": dn}
-                for dr in g.drop_rates
-                for x in g.lams
-                for dn in g.densities
-            ],
-        ),  # fmt: skip
-        f"SLERP ({p.names[0]}, {p.names[1 % p.k]})": (
-            lambda e, b, key, t: merging.slerp(jax.tree.map(lambda x: x[pair], e), t),
-            [{"t": t} for t in g.slerp_ts],
-        ),
-    }
+    """Weight averages and the searched merges (`merging.ROWS`); returns (methods, grid searches
+    by label)."""
     methods = [
         Method("weight average", p.kit.apply, _weight_average(experts), 0.0),
         Method("weight average, unrelated random inits", p.kit.apply,
@@ -517,8 +486,10 @@ def static_merges(p: Pipeline, base, experts, random_experts):
     keys = _streams(p.keys, DARE)
     per_seed = [(take(experts, r), take(base, r), keys[r]) for r in range(len(p.seeds))]
     searches = {}
-    for label, (make, grid) in searched.items():
-        merged, searches[label] = grid_search(p, make, grid, per_seed)
+    for row in merging.ROWS:
+        label = row.label + (f" ({p.names[0]}, {p.names[1 % p.k]})" if row.pairwise else "")
+        make = functools.partial(lambda row, e, b, key, **hp: row.merge(e, b, key, hp), row)
+        merged, searches[label] = grid_search(p, make, row.grid(p.config.grid), per_seed)
         methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=searches[label]["chosen"]))
     return methods, searches
 

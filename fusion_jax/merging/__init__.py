@@ -4,11 +4,15 @@ from fusion_jax.merging import dam
 from fusion_jax.merging.dam import NONLINEARITIES, SIMILARITIES, dam_loss, init_coefficients
 from fusion_jax.merging.dam import merge as dam_merge
 from fusion_jax.merging.static import (
+    GRID_FIELDS,
     MERGES,
-    NEEDS_BASE,
+    ROWS,
+    Row,
     dare,
     hyperparameters,
     merge,
+    needs_base,
+    needs_rng,
     num_experts,
     slerp,
     task_arithmetic,
@@ -17,8 +21,10 @@ from fusion_jax.merging.static import (
 )
 
 __all__ = [
+    "GRID_FIELDS",
     "MERGES",
-    "NEEDS_BASE",
+    "ROWS",
+    "Row",
     "NONLINEARITIES",
     "SIMILARITIES",
     "dam",
@@ -28,6 +34,8 @@ __all__ = [
     "hyperparameters",
     "init_coefficients",
     "merge",
+    "needs_base",
+    "needs_rng",
     "num_experts",
     "slerp",
     "task_arithmetic",

@@ -6,8 +6,10 @@ without it. Hyper-parameters that fix shapes or are range-checked (`density`, `d
 `weights`) may be traced.
 """
 
+import dataclasses
 import functools
 import inspect
+import itertools
 import math
 from collections.abc import Callable
 
@@ -232,6 +234,8 @@ def slerp(stacked, t, eps=1e-4):
     return jax.tree.map(lambda x: _slerp_leaf(x, t, eps), stacked)
 
 
+# Every static merge, by the name configs use. A method registered here is offered by lm_merge
+# (`--config.method`) and, given a row in ROWS, compared by both studies.
 MERGES: dict[str, Callable] = {
     "weight_average": weight_average,
     "task_arithmetic": task_arithmetic,
@@ -239,8 +243,20 @@ MERGES: dict[str, Callable] = {
     "dare": dare,
     "slerp": slerp,
 }
-NEEDS_BASE = frozenset({"task_arithmetic", "ties", "dare"})
-_NEEDS_RNG = frozenset({"dare"})
+
+
+def _takes(name: str, argument: str) -> bool:
+    return argument in inspect.signature(MERGES[name]).parameters
+
+
+def needs_base(name: str) -> bool:
+    """Whether `MERGES[name]` merges task vectors against a base (it takes `base`)."""
+    return _takes(name, "base")
+
+
+def needs_rng(name: str) -> bool:
+    """Whether `MERGES[name]` draws random numbers (it takes `rng`, from config.seed)."""
+    return _takes(name, "rng")
 
 
 def hyperparameters(name: str) -> tuple[str, ...]:
@@ -249,16 +265,58 @@ def hyperparameters(name: str) -> tuple[str, ...]:
     return tuple(p for p in params if p not in ("stacked", "base", "rng"))
 
 
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """A searched merge as the studies (the grokking comparison, the LM study) show it:
+    `MERGES[method]` with the `fixed` hyper-parameters, and the `searched` ones (default: every
+    one that has a grid in GRID_FIELDS) chosen per seed on held-out data from the config's grid.
+    A `pairwise` method merges the first two experts."""
+
+    label: str
+    method: str
+    fixed: tuple[tuple[str, object], ...] = ()
+    searched: tuple[str, ...] | None = None
+    pairwise: bool = False
+
+    def grid(self, grid) -> list[dict]:
+        """The points to search: `grid` (config.grid) holds each hyper-parameter's values in
+        the field GRID_FIELDS names; the first name varies slowest."""
+        fixed = dict(self.fixed)
+        names = self.searched or tuple(
+            h for h in hyperparameters(self.method) if h in GRID_FIELDS and h not in fixed
+        )
+        values = [grid[GRID_FIELDS[n]] for n in names]
+        return [dict(zip(names, point, strict=True)) for point in itertools.product(*values)]
+
+    def merge(self, stacked, base, rng, hparams: dict):
+        """This row's merge of `stacked` at the grid point `hparams`."""
+        if self.pairwise:
+            stacked = jax.tree.map(lambda x: x[jnp.array([0, 1 % x.shape[0]])], stacked)
+        return merge(self.method, stacked, base, rng, **dict(self.fixed), **hparams)
+
+
+# The config.grid field of each searched hyper-parameter's values.
+GRID_FIELDS = {"lam": "lams", "density": "densities", "drop_rate": "drop_rates", "t": "slerp_ts"}
+
+ROWS: list[Row] = [
+    Row("task arithmetic", "task_arithmetic"),
+    Row("TIES", "ties"),
+    Row("DARE (linear)", "dare", searched=("drop_rate", "lam")),
+    Row("DARE (TIES)", "dare", (("combine", "ties"),), ("drop_rate", "lam", "density")),
+    Row("SLERP", "slerp", pairwise=True),
+]
+
+
 def merge(name, stacked, base=None, rng=None, **hparams):
     """Run the static merge `name` from MERGES; `base`/`rng` are passed only where used."""
     if name not in MERGES:
         raise ValueError(f"unknown merge method {name!r}; known methods: {sorted(MERGES)}")
     args = {}
-    if name in NEEDS_BASE:
+    if needs_base(name):
         if base is None:
             raise ValueError(f"merge method {name!r} needs a base model (base=...)")
         args["base"] = base
-    if name in _NEEDS_RNG:
+    if needs_rng(name):
         if rng is None:
             raise ValueError(f"merge method {name!r} needs a PRNG key (rng=...)")
         args["rng"] = rng
