@@ -72,7 +72,7 @@ def main(argv):
         except (UserError, FileNotFoundError) as e:
             # FileNotFoundError: a missing input named by a flag (the LM modules raise it too).
             sys.exit(f"error: {e}")
-        except OSError as e:  # a full disk or a folder that cannot be written, else a bug
+        except Exception as e:  # a full disk or a folder that cannot be written, else a bug
             if (message := disk_error(e)) is None:
                 raise
             sys.exit(f"error: {message}")

@@ -9,27 +9,36 @@ it when the OS does not).
 
 import errno
 import os
+import re
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
+# Orbax writes through tensorstore, which reports the OS error inside a ValueError's text, with
+# the checkpoint's temporary folder.
+_TENSORSTORE = re.compile(r"local file \"([^\"]+)\".*\[os_error_code='(\d+)'\]", re.S)
 
 
 class UserError(ValueError):
     """A problem the user can fix from the message alone."""
 
 
-def disk_error(e: OSError) -> UserError | None:
-    """The one-line error for a full disk or an unwritable file or folder; None for another
-    OSError."""
-    where = e.filename or "a file of the run"
-    if e.errno in _DISK_FULL:
+def disk_error(e: Exception) -> UserError | None:
+    """The one-line error for a full disk or an unwritable file or folder (an OSError, or
+    tensorstore's error while Orbax saves); None for any other error."""
+    if isinstance(e, OSError):
+        code, where = e.errno, e.filename or "a file of the run"
+    elif match := _TENSORSTORE.search(str(e)):
+        code, where = int(match.group(2)), match.group(1).split(".orbax-checkpoint-tmp")[0]
+    else:
+        return None
+    if code in _DISK_FULL:
         return UserError(
-            f"cannot write {where}: {os.strerror(e.errno)}: free space on that disk, or use a "
+            f"cannot write {where}: {os.strerror(code)}: free space on that disk, or use a "
             "--workdir on another, then rerun (what was saved before is kept)"
         )
-    if e.errno in _NOT_WRITABLE:
+    if code in _NOT_WRITABLE:
         return UserError(
-            f"cannot write {where}: {os.strerror(e.errno)}: use a --workdir you can write to, "
+            f"cannot write {where}: {os.strerror(code)}: use a --workdir you can write to, "
             "then rerun"
         )
     return None

@@ -427,3 +427,21 @@ def test_a_shard_that_fills_the_disk_is_named(tmp_path, monkeypatch):
         "kept)"
     )
     assert not (workdir / "merged").exists()
+
+
+def test_a_checkpoint_save_that_fills_the_disk_is_named():
+    # The error Orbax 0.12.8 raised when a 512 KB tmpfs filled during a grokking save (copied from
+    # that run: tensorstore reports the OS error inside a ValueError).
+    raised = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "opt_state.0.mu.blocks_0.attn.bias/0.0" in OCDBT '
+        'database at local file "/mnt/tiny/w/x_plus_y/checkpoints/10.orbax-checkpoint-tmp/'
+        'default.orbax-checkpoint-tmp/ocdbt.process_0/": Failed writing: "/mnt/tiny/w/x_plus_y/'
+        "checkpoints/10.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/ocdbt.process_0/d/"
+        'ffd0b7e89d8238e4bc8c06b31dc1d0d3": Failed to write 78010 bytes to file 12: No space left '
+        "on device [os_error_code='28']"
+    )
+    assert str(disk_error(raised)) == (
+        "cannot write /mnt/tiny/w/x_plus_y/checkpoints/10: No space left on device: free space "
+        "on that disk, or use a --workdir on another, then rerun (what was saved before is kept)"
+    )
+    assert disk_error(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
