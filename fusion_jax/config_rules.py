@@ -582,17 +582,23 @@ def _compatible_checkpoints(config, devices) -> Problem:
 
 
 def _two_documents(config, devices) -> Problem:
-    # Without a record separator each file is one document; the training and the validation
-    # split need one each. (With one, the records are counted when the text is read.) Only
-    # before training (`devices` given): generating from a workdir needs no text. Empty and
-    # binary sources are refused here too, by name, before the workdir is bound.
+    # The training and the validation split need a document each: without a record separator
+    # each file is one; with one, the records are counted (the text is read here, before the
+    # workdir is bound). Only before training (`devices` given): generating from a workdir
+    # needs no text. Empty and binary sources are refused here too, by name.
     if devices is None:
         return None
     paths = text.text_files(config.data.sources)
-    if not config.data.record_separator and len(paths) < 2:
+    separator = config.data.record_separator
+    if not separator and len(paths) < 2:
         return "data.sources", (
             "2 or more files (one document each: a training and a validation split need one "
             "each), or files split into records by config.data.record_separator"
+        )
+    if separator and (n := len(text.read_documents(paths, separator))) < 2:
+        return "data.sources", (
+            f"text of 2 or more records split by config.data.record_separator={separator!r} "
+            f"(it holds {n}): a training and a validation split need one each"
         )
     return None
 

@@ -361,15 +361,17 @@ def test_fusion_errors(tmp_path):
         "embedding per position)"
     )
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
-    # Records are counted once the text is read.
+    # Records are counted before the workdir is bound, too.
     config = _config(tmp_path, experts, 2)
     config.data.sources, config.data.record_separator = str(one), "%"
     with pytest.raises(ValueError) as e:
         lm_fuse.train(config, str(tmp_path / "d"))
     assert str(e.value) == (
-        f"config.data.sources='{one}' holds 1 record(s) split by "
-        "config.data.record_separator='%': a training and a validation split need 2 or more"
+        f"config.data.sources='{one}': must be text of 2 or more records split by "
+        "config.data.record_separator='%' (it holds 1): a training and a validation split need "
+        "one each"
     )
+    assert not (tmp_path / "d").exists()
     # Generation needs a trained workdir, and leaves an untrained one as it was.
     fresh = tmp_path / "fresh"
     fresh.mkdir()

@@ -77,13 +77,8 @@ class Setup:
         # The text is part of the workdir's identity: a resume on other text would mix the two.
         hc.check_inputs(os.path.join(workdir, "text.json"), hc.input_records(paths), "text files")
         docs = text.read_documents(paths, d.record_separator or None)
+        # Two or more documents (config_rules): both splits get one.
         train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
-        if not val_docs:  # one record in all (fewer than 2 files are refused by config_rules)
-            raise UserError(
-                f"config.data.sources={d.sources!r} holds {len(docs)} record(s) split by "
-                f"config.data.record_separator={d.record_separator!r}: a training and a "
-                "validation split need 2 or more"
-            )
         eos = getattr(self.tokenizer, "eos_id", None)
         pad = self.tokenizer.pad_id
 
