@@ -32,7 +32,7 @@ from fusion_jax.train import checkpoint
 
 
 def _non_finite(metrics) -> list[str] | None:
-    """Names of the metrics holding NaN or Inf ([] for an unnamed array), None if all finite."""
+    """Names of the metrics holding NaN or Inf ("" for an unnamed array), None if all finite."""
     bad = [
         ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
         for path, x in jax.tree_util.tree_flatten_with_path(metrics)[0]
