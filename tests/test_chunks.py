@@ -125,3 +125,16 @@ def test_a_non_finite_chunk_is_neither_logged_nor_saved_and_names_the_metric(tmp
 def test_time_based_saves_come_after_chunks_and_the_end_is_left_to_the_stage(tmp_path):
     run = Run(tmp_path).train(chunk=3, every_secs=1e-9, save_at_end=False)
     assert run.logged == [3, 6, 8] and run.saved == [3, 6]
+
+
+def test_a_program_is_compiled_once_with_its_memory_logged(caplog):
+    jitted = jax.jit(lambda x, y, n: (x * n + y, y.sum()), static_argnums=2, donate_argnums=0)
+    x, y = jnp.ones(10**6), jnp.ones(10**6)  # 4 MB each
+    with caplog.at_level("INFO"):
+        program = chunks.compile_reporting("[t] chunk", jitted, x, y, static=(3,))
+    assert (
+        "[t] chunk program per device: arguments 0.008 GB, outputs 0.004 GB (0.004 GB of them "
+        "reusing donated arguments), temporaries 0.000 GB" in caplog.text
+    )
+    out, total = program(x, y)
+    assert float(out[0]) == 4.0 and float(total) == 1e6 and x.is_deleted()

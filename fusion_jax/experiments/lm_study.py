@@ -48,6 +48,7 @@ from fusion_jax.evaluate.comparisons import study_markdown
 from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_stage
 from fusion_jax.merging import dam
 from fusion_jax.models import decoding, lm, lm_fusion
+from fusion_jax.train import chunks
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -202,7 +203,14 @@ def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg,
         fn = jax.vmap(fn, in_axes=(0, 0, data_axes if axis == 0 else None, 0, None))
         init = jax.vmap(init)
     # The state is donated: each chunk writes the new parameters and moments over the old.
-    compiled = jax.jit(fn, static_argnums=4, donate_argnums=0)
+    jitted, programs = jax.jit(fn, static_argnums=4, donate_argnums=0), {}
+
+    def compiled(s, frozen, data, keys, n):  # one program per chunk length, memory logged
+        if n not in programs:
+            programs[n] = chunks.compile_reporting(
+                f"[lm_study] {tag}", jitted, s, frozen, data, keys, static=(n,)
+            )
+        return programs[n](s, frozen, data, keys)
 
     single = _shapes(params, lead_axes)
     step_state = (single, jax.eval_shape(tx.init, single), jax.ShapeDtypeStruct((), jnp.int32))

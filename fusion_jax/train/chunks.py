@@ -41,6 +41,22 @@ def _non_finite(metrics) -> list[str] | None:
     return bad or None
 
 
+def compile_reporting(tag: str, jitted, *args, static: tuple = ()):
+    """`jitted` compiled ahead of time for `args` (then `static`, its static arguments), with
+    the per-device memory XLA plans for it logged: what a run needs, measured rather than
+    guessed. Call the result with `args`' kind of arrays only (no static arguments)."""
+    compiled = jitted.lower(*args, *static).compile()
+    m = compiled.memory_analysis()
+    if m is not None:  # backends without the analysis give None
+        logging.info(
+            "%s program per device: arguments %.3f GB, outputs %.3f GB (%.3f GB of them reusing "
+            "donated arguments), temporaries %.3f GB",
+            tag, m.argument_size_in_bytes / 1e9, m.output_size_in_bytes / 1e9,
+            m.alias_size_in_bytes / 1e9, m.temp_size_in_bytes / 1e9,
+        )  # fmt: skip
+    return compiled
+
+
 def _intact(tree) -> bool:
     """False once a leaf was donated to a chunk (its buffer is then gone)."""
     return not any(x.is_deleted() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
