@@ -20,8 +20,8 @@ def largest_constant_bytes(program_text: str) -> int:
 
 
 def record_programs(monkeypatch) -> list[str]:
-    """Records the lowered text of every call of a function jitted (by `jax.jit` at run time)
-    after this call, for checks on what the programs hold."""
+    """Records the lowered text of every call (or ahead-of-time lowering) of a function jitted
+    (by `jax.jit` at run time) after this call, for checks on what the programs hold."""
     programs, jit = [], jax.jit
 
     class Recording:
@@ -31,6 +31,11 @@ def record_programs(monkeypatch) -> list[str]:
         def __call__(self, *args):
             programs.append(self.jitted.lower(*args).as_text())
             return self.jitted(*args)
+
+        def lower(self, *args, **kwargs):  # programs compiled ahead of time are recorded too
+            lowered = self.jitted.lower(*args, **kwargs)
+            programs.append(lowered.as_text())
+            return lowered
 
         def __getattr__(self, name):  # .lower, .trace, ... as the jitted function's
             return getattr(self.jitted, name)

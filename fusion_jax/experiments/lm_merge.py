@@ -18,6 +18,7 @@ never looks finished) and `<workdir>/merge_info.json`.
 """
 
 import dataclasses
+import functools
 import os
 import shutil
 import time
@@ -25,7 +26,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import logging
 from tqdm import tqdm
 
@@ -34,9 +34,10 @@ from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text
 from fusion_jax.errors import UserError
+from fusion_jax.experiments import engine
 from fusion_jax.merging import dam
 from fusion_jax.models import lm
-from fusion_jax.train import checkpoint, chunks, logs
+from fusion_jax.train import checkpoint, logs
 
 
 def method_hparams(config) -> dict:
@@ -158,17 +159,6 @@ def streaming_merge(
     return len(names)
 
 
-def _dam_batches(tokens, mask, batch_size, step, seed):
-    """Expert k's batch for `step`: its windows in a seed-fixed order, taken cyclically."""
-    out_tokens, out_mask = [], []
-    for k, (t, m) in enumerate(zip(tokens, mask, strict=True)):
-        order = np.random.default_rng([seed, k]).permutation(len(t))
-        idx = order[(step * batch_size + np.arange(batch_size)) % len(t)]
-        out_tokens.append(t[idx])
-        out_mask.append(m[idx])
-    return np.stack(out_tokens), np.stack(out_mask)
-
-
 def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[dict, list[dict]]:
     """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model.
     Returns its summary and the models' `hc.input_records` (read once: gigabytes each)."""
@@ -214,85 +204,36 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     trainable = jax.tree.map(
         lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
     )
-    tx = optax.adam(d.learning_rate)
-
-    def apply_fn(params, tokens_bt):
-        return model.apply({"params": params}, tokens_bt[:, :-1])
-
-    # The K models are an argument: arrays a jitted function closes over become constants of its
-    # program (K whole models compiled into it).
-    @jax.jit
-    def step_fn(state, stacked, tokens_kbt, mask_kbt):
-        (_, aux), grads = jax.value_and_grad(dam.dam_loss, has_aux=True)(
-            state["coefficients"],
-            stacked,
-            apply_fn,
-            tokens_kbt,
-            temperature=d.temperature,
-            similarity_weight=d.similarity_weight,
-            l1_weight=d.l1_weight,
-            l2_weight=d.l2_weight,
-            nonlinearity=d.nonlinearity,
-            mask_per_expert=mask_kbt,
-            similarity_granularity=d.similarity,
-            trainable=trainable,
-        )
-        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["coefficients"])
-        coefficients = optax.apply_updates(state["coefficients"], updates)
-        return {
-            "step": state["step"] + 1,
-            "coefficients": coefficients,
-            "opt_state": opt_state,
-        }, aux
-
-    coefficients = dam.init_coefficients(stacked)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "coefficients": coefficients,
-        "opt_state": tx.init(coefficients),
-    }
+    # Every expert's windows padded to the longest text, with the true counts.
+    sizes = np.asarray([len(t) for t in tokens], np.int32)
+    padded = [np.concatenate([x, np.zeros((sizes.max() - len(x), *x.shape[1:]), x.dtype)])
+              for x in tokens + mask]  # fmt: skip
+    tables = jax.device_put((np.stack(padded[: len(tokens)]), np.stack(padded[len(tokens) :]),
+                             sizes), replicated)  # fmt: skip
     mngr = checkpoint.manager(os.path.join(workdir, "dam", "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "dam", "metrics.jsonl")
+    history = []
 
-    def run_chunk(state, n):
-        first = int(state["step"])
-        for step in range(first, first + n):
-            batch = jax.device_put(
-                _dam_batches(tokens, mask, d.batch_size, step, config.seed), rows
-            )
-            state, aux = step_fn(state, stacked, *batch)
-        return state, aux  # of the chunk's last step: the one a log line records
+    def progress(state):  # resumes from the newest checkpoint; the log is cut back to it
+        found = checkpoint.restore_newest(mngr, state)
+        history[:] = logs.truncate(log_path, 0 if found is None else found[0])
+        return mngr, found
 
-    # Chunks end at log lines and at checkpoints (`train_in_chunks`); each step's batch is drawn
-    # on the host.
-
-    def log(aux, done):
+    def log(metrics, done):
         if done % d.log_every == 0 or done == num_steps:
+            aux = jax.tree.map(lambda x: x[-1], metrics[1])  # the chunk's last step
             record = {"step": done, **{k: np.asarray(v).tolist() for k, v in aux.items()}}
             logs.append(log_path, [record])
             history.append(record)
 
-    def report(aux, done, rate, compile_secs):
-        if done % d.log_every == 0 or done == num_steps:
-            logging.info(
-                "[dam] step %d/%d  kl %.5f  similarity %.4f  %.2f steps/s  ETA %.0f s",
-                done, num_steps, aux["kl"], aux["similarity"], rate, (num_steps - done) / rate,
-            )  # fmt: skip
-
-    try:
-        if mngr.latest_step() is not None:
-            state = checkpoint.restore(mngr, state)
-            logging.info("[dam] resumed at step %d of %d", int(state["step"]), num_steps)
-        start = int(state["step"])
-        history = logs.truncate(log_path, start)  # drops lines past the restored checkpoint
-        state = chunks.train_in_chunks(
-            "[dam]", run_chunk, jax.device_put(state, replicated), start, num_steps, mngr=mngr,
-            chunk=d.log_every, log=log, report=report, every_steps=d.checkpoint_every,
-        )  # fmt: skip
-    finally:
-        mngr.close()
-    merged = dam.merge(state["coefficients"], stacked, d.nonlinearity)
+    coefficients, _, _ = engine.train_dam(
+        "[dam]", stacked, d, lambda params, x: model.apply({"params": params}, x[:, :-1]),
+        functools.partial(engine.sample_experts, batch_size=d.batch_size), tables,
+        jax.random.key(config.seed), num_steps=num_steps, data_axes=(), trainable=trainable,
+        chunk=d.log_every, progress=progress, every_steps=d.checkpoint_every, save_at_end=True,
+        constrain=lambda batch: jax.lax.with_sharding_constraint(batch, rows), log=log,
+    )  # fmt: skip
+    merged = dam.merge(coefficients, stacked, d.nonlinearity)
     hc.save(
         merged,
         hf_config,

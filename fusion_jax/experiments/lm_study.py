@@ -26,7 +26,6 @@ domain half way) and `fusion_selection.png` (fusion's holdout curve).
 
 import dataclasses
 import functools
-import math
 import os
 import time
 
@@ -43,12 +42,12 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds
-from fusion_jax.evaluate import results
+from fusion_jax.evaluate import plots
 from fusion_jax.evaluate.comparisons import study_markdown
-from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_stage
+from fusion_jax.experiments import engine
+from fusion_jax.experiments.stages import Stages, flops_of, stack, take
 from fusion_jax.merging import dam
 from fusion_jax.models import decoding, lm, lm_fusion
-from fusion_jax.train import chunks
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -143,129 +142,12 @@ def lm_loss(model, params, frozen, tokens, mask):
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def sample_domain(tokens, mask, size, key, batch_size):
-    """A batch of one domain's windows (`tokens [N, L+1]`, true count `size`)."""
-    idx = jax.random.randint(key, (batch_size,), 0, size)
-    return tokens[idx], mask[idx]
-
-
 def sample_mixture(tokens, mask, sizes, key, batch_size):
     """A batch drawn from the domains in equal shares (domain first, then a window)."""
     kd, kw = jax.random.split(key)
     dom = jax.random.randint(kd, (batch_size,), 0, sizes.shape[0])
     idx = jnp.floor(jax.random.uniform(kw, (batch_size,)) * sizes[dom]).astype(jnp.int32)
     return tokens[dom, idx], mask[dom, idx]
-
-
-def _shapes(tree, lead: int):
-    """The leaves' shapes and dtypes without their `lead` leading axes (nothing allocated)."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[lead:], x.dtype), tree)
-
-
-def train(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, train_cfg, tokens_per_step,
-          progress, lead_axes=1, save_at_end=False, select=None, frozen=None,
-          hand_over=False):  # fmt: skip
-    """Trains `params` (leaves with `lead_axes` leading run axes, 0 for one run; keys likewise)
-    for `num_steps` Adam steps; one compiled chunk of `train_cfg.log_every` steps at a time.
-    Returns (params, FLOPs per run, curve).
-
-    `loss_fn(params, frozen, batch...)`, `sample_fn(*data, key) -> batch`; batches use
-    `fold_in(run key, step)`, so the result does not depend on the chunking. `frozen` (leaves
-    with the same run axes; None: nothing) is an argument of every step, never updated nor
-    saved: models the training reads but does not change. `progress` is `Stages.progress` for
-    this training: it resumes from there, and saves there every
-    `train_cfg.checkpoint_every_secs`, when interrupted (`stages.train_stage`) and, with
-    `save_at_end` (one part of a stage), once it is done.
-
-    `select(params) -> [runs]` (held-out bits per byte, lower is better), when given, scores the
-    runs before training and after every chunk; each run then returns its best parameters (its
-    start included) and `curve` `[runs, chunks + 1]` holds the scores (None without `select`).
-
-    The training state is donated to each chunk (new parameters and moments are written over
-    the old); `params` is copied first unless `hand_over` (the caller no longer uses them).
-    """
-    frozen = {} if frozen is None else frozen
-
-    def one_run_chunk(state, frozen, run_data, key, n):
-        def body(state, _):
-            params, opt_state, step = state
-            batch = sample_fn(*run_data, jax.random.fold_in(key, step))
-            loss, grads = jax.value_and_grad(loss_fn)(params, frozen, *batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), opt_state, step + 1), loss
-
-        return jax.lax.scan(body, state, None, length=n)
-
-    data_axes = 0 if lead_axes == 2 else None  # experts: one domain's data per expert
-    fn, init = one_run_chunk, tx.init
-    for axis in range(lead_axes):
-        # The innermost vmap runs over domains when each expert has its own domain's data.
-        fn = jax.vmap(fn, in_axes=(0, 0, data_axes if axis == 0 else None, 0, None))
-        init = jax.vmap(init)
-    # The state is donated: each chunk writes the new parameters and moments over the old.
-    jitted, programs = jax.jit(fn, static_argnums=4, donate_argnums=0), {}
-
-    def compiled(s, frozen, data, keys, n):  # one program per chunk length, memory logged
-        if n not in programs:
-            programs[n] = chunks.compile_reporting(
-                f"[lm_study] {tag}", jitted, s, frozen, data, keys, static=(n,)
-            )
-        return programs[n](s, frozen, data, keys)
-
-    single = _shapes(params, lead_axes)
-    step_state = (single, jax.eval_shape(tx.init, single), jax.ShapeDtypeStruct((), jnp.int32))
-    one_data = _shapes(data, 1) if data_axes == 0 else data
-    step_flops = flops_of(lambda s, f, d: one_run_chunk(s, f, d, jax.random.key(0), 1),
-                          step_state, _shapes(frozen, lead_axes), one_data)  # fmt: skip
-    if not hand_over:  # donating the state must not invalidate the caller's arrays
-        params = jax.tree.map(jnp.copy, params)
-    state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
-    chunk = train_cfg.log_every
-
-    def step_of(s):
-        return int(np.asarray((s["run"] if select is not None else s)[2]).flat[0])
-
-    def plain_chunk(s, n):
-        return compiled(s, frozen, data, keys, n)
-
-    def selecting_chunk(s, n):
-        run, losses = compiled(s["run"], frozen, data, keys, n)
-        score = jnp.asarray(select(run[0]), jnp.float32)
-        better = score < s["best_score"]
-
-        def keep(best, new):
-            return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new,
-                             best)  # fmt: skip
-
-        point = -(-int(np.asarray(run[2]).flat[0]) // chunk)
-        return {"run": run, "best": jax.tree.map(keep, s["best"], run[0]),
-                "best_score": jnp.minimum(score, s["best_score"]),
-                "curve": s["curve"].at[..., point].set(score)}, (losses, score)  # fmt: skip
-
-    if select is not None:
-        first = jnp.asarray(select(params), jnp.float32)
-        curve = jnp.full((*keys.shape, -(-num_steps // chunk) + 1), jnp.nan).at[..., 0].set(first)
-        best = jax.tree.map(jnp.copy, params)  # the state's own params are donated
-        state = {"run": state, "best": best, "best_score": first, "curve": curve}
-
-    def report(metrics, done, rate, compile_secs):
-        losses, score = metrics if select is not None else (metrics, None)
-        held_out = "" if score is None else f"  holdout bpb {float(jnp.mean(score)):.4f}"
-        logging.info(
-            "[lm_study] %s step %d/%d  loss %.4f%s  %.0f tokens/s  ETA %.0f s",
-            tag, done, num_steps, float(jnp.mean(losses[..., -1])), held_out,
-            rate * tokens_per_step * math.prod(keys.shape), (num_steps - done) / rate,
-        )  # fmt: skip
-
-    state = train_stage(
-        f"[lm_study] {tag}", plain_chunk if select is None else selecting_chunk, state,
-        num_steps, chunk=chunk, progress=progress,
-        every_secs=train_cfg.checkpoint_every_secs, step_of=step_of, report=report,
-        save_at_end=save_at_end,
-    )  # fmt: skip
-    if select is None:
-        return state[0], step_flops * num_steps, None
-    return state["best"], step_flops * num_steps, state["curve"]
 
 
 class Study:
@@ -312,6 +194,16 @@ class Study:
 
     # -- stages ------------------------------------------------------------------------------
 
+    def _train(self, tag, params, loss_fn, sample, data, keys, num_steps, tx, tokens_per_step,
+               progress, **options):  # fmt: skip
+        """`engine.train_runs` chunked, saved and logged as `config.train` says."""
+        t = self.config.train
+        return engine.train_runs(
+            f"[lm_study] {tag}", params, loss_fn, sample, data, keys, num_steps, tx,
+            chunk=t.log_every, every_secs=t.checkpoint_every_secs,
+            tokens_per_step=tokens_per_step, progress=progress, **options,
+        )  # fmt: skip
+
     def _progress(self, stage: str, part: str | None = None, seeds=None):
         """Where stage `stage` (the name given to `Stages.run`, which clears it once the stage
         is saved) keeps its unfinished training (of `part` for `seeds`, when in parts)."""
@@ -328,9 +220,9 @@ class Study:
         t = self.config.train
         sample = functools.partial(sample_mixture, batch_size=t.batch_size)
         keys = jax.vmap(lambda k: jax.random.fold_in(k, stream))(self.keys)
-        trained, flops, _ = train(stage, params, self.loss, sample, self.data.padded("train"),
-                                  keys, num_steps, self.tx, t, self.tokens_per_step,
-                                  self._progress(stage))  # fmt: skip
+        trained, flops, _ = self._train(stage, params, self.loss, sample,
+                                        self.data.padded("train"), keys, num_steps, self.tx,
+                                        self.tokens_per_step, self._progress(stage))  # fmt: skip
         return trained, flops
 
     def base(self):
@@ -364,7 +256,7 @@ class Study:
         k = len(self.expert_names)
         t = self.config.train
         tx = optax.adam(t.expert_learning_rate)
-        sample = functools.partial(sample_domain, batch_size=t.batch_size)
+        sample = functools.partial(engine.sample_windows, batch_size=t.batch_size)
 
         def together():
             params = jax.tree.map(
@@ -372,10 +264,11 @@ class Study:
             )
             tokens, mask, sizes = self.data.padded("train")
             rows = jnp.asarray(self.expert_domain)
-            trained, flops, _ = train("experts", params, self.loss, sample,
-                                      (tokens[rows], mask[rows], sizes[rows]), self._expert_keys(),
-                                      t.expert_steps, tx, t, self.tokens_per_step,
-                                      self._progress("experts"), lead_axes=2)  # fmt: skip
+            trained, flops, _ = self._train(
+                "experts", params, self.loss, sample, (tokens[rows], mask[rows], sizes[rows]),
+                self._expert_keys(), t.expert_steps, tx, self.tokens_per_step,
+                self._progress("experts"), data_axes=(None, 0),
+            )  # fmt: skip
             return trained, flops
 
         def in_sequence():
@@ -388,10 +281,10 @@ class Study:
                     tokens, mask = self.data.splits["train"][d]
                     data = (jnp.asarray(tokens), jnp.asarray(mask), jnp.int32(len(tokens)))
                     name = self.expert_names[i]
-                    params, flops, _ = train(
+                    params, flops, _ = self._train(
                         f"experts/{name} (seed {seed})", take(base, r), self.loss, sample, data,
-                        keys[r, i], t.expert_steps, tx, t, self.tokens_per_step,
-                        self._progress("experts", name, [seed]), lead_axes=0, save_at_end=True,
+                        keys[r, i], t.expert_steps, tx, self.tokens_per_step,
+                        self._progress("experts", name, [seed]), data_axes=(), save_at_end=True,
                     )  # fmt: skip
                     row.append(params)
                 runs.append(stack(row))
@@ -481,10 +374,9 @@ class Study:
             batch = (end_to_end and f.e2e_batch_size) or t.batch_size
             sample = functools.partial(sample_mixture, batch_size=batch)
             keys = jax.vmap(lambda k: jax.random.fold_in(k, 3))(self.keys)
-            trained, flops, curve = train(
+            trained, flops, curve = self._train(
                 name, params, loss_fn, sample, self.data.padded("train"), keys, t.fusion_steps,
-                tx, t, batch * self.config.model.seq_len,
-                self._progress(name),
+                tx, batch * self.config.model.seq_len, self._progress(name),
                 select=select if f.select_windows else None, frozen=frozen,
                 hand_over=end_to_end,
             )  # fmt: skip
@@ -506,38 +398,26 @@ class Study:
         one_coeffs = jax.eval_shape(dam.init_coefficients, take(experts, 0))
         trainable = jax.tree.map(lambda g: g == "linear", dam.coefficient_groups(one_coeffs))
 
-        def apply_fn(params, tokens):
-            return self.model.apply({"params": params}, tokens[:, :-1])
-
-        def loss_fn(coefficients, frozen, tokens, mask):
-            loss, _ = dam.dam_loss(
-                coefficients, jax.lax.stop_gradient(frozen["experts"]), apply_fn, tokens,
-                mask_per_expert=mask, similarity_granularity="per_layer", trainable=trainable,
-            )  # fmt: skip
-            return loss
-
-        def sample(tables, masks, sizes, key):  # `[K, B, L+1]`: domain k's batch for expert k
-            one = functools.partial(sample_domain, batch_size=d.batch_size)
-            return jax.vmap(one)(tables, masks, sizes, jax.random.split(key, k))
-
-        def coefficients():
-            return jax.vmap(lambda e: dam.init_coefficients(e, value))(experts)
-
         name = "dam" if init == "repository" else f"dam_{init}"
 
         def run():
             keys = jax.vmap(lambda kk: jax.random.fold_in(kk, 4))(self.keys)
             tokens, mask, sizes = self.data.padded("train")
             rows = jnp.asarray(self.expert_domain)
-            trained, flops, _ = train(
-                name, coefficients(), loss_fn, sample, (tokens[rows], mask[rows], sizes[rows]),
-                keys, d.num_steps, optax.adam(d.learning_rate), self.config.train,
-                d.batch_size * k * self.config.model.seq_len, self._progress(name),
-                frozen={"experts": experts},
+            t = self.config.train
+            trained, flops, _ = engine.train_dam(
+                f"[lm_study] {name}", experts, d, self.plain_logits,
+                functools.partial(engine.sample_experts, batch_size=d.batch_size),
+                (tokens[rows], mask[rows], sizes[rows]), keys, init=value, trainable=trainable,
+                similarity="per_layer", chunk=t.log_every, every_secs=t.checkpoint_every_secs,
+                tokens_per_step=d.batch_size * k * self.config.model.seq_len,
+                progress=self._progress(name),
             )  # fmt: skip
             return trained, flops
 
-        return self.stages.run(name, run, jax.eval_shape(coefficients))
+        abstract = jax.eval_shape(lambda: jax.vmap(lambda e: dam.init_coefficients(e, value))(
+            experts))  # fmt: skip
+        return self.stages.run(name, run, abstract)
 
     def control(self, base, extra_flops):
         """The base trained on the mixture for `extra_flops` more (per seed)."""
@@ -593,30 +473,6 @@ class Study:
 
     def plain_logits(self, params, tokens):
         return self.model.apply({"params": params}, tokens[:, :-1])
-
-    def grid(self, make, points: list[dict], experts, base):
-        """Per seed, the grid point with the lowest mean holdout bits per byte.
-
-        `make(experts, base, hp, leaf)` merges one parameter (trees holding that one leaf,
-        `leaf` its index): a model is merged a parameter at a time, so the merge's working
-        memory is one tensor's K task vectors, not the whole model's.
-        Returns (merged params `[R, ...]`, chosen point per seed)."""
-        leaves, treedef = jax.tree.flatten(experts)
-        base_leaves = treedef.flatten_up_to(base)
-        merged, chosen = [], []
-        for r in range(len(self.seeds)):
-            best = None
-            for hp in points:
-                m = treedef.unflatten([
-                    make({"w": e[r]}, {"w": b[r]}, hp, i)["w"]
-                    for i, (e, b) in enumerate(zip(leaves, base_leaves, strict=True))
-                ])  # fmt: skip
-                s = self.score(self.plain_logits, stack([m]), "holdout")[0].mean()
-                if best is None or s < best[0]:
-                    best = (s, m, hp)
-            merged.append(best[1])
-            chosen.append(best[2])
-        return stack(merged), chosen
 
     def cost(self, params, logits_fn):
         """(parameters, forward FLOPs per token, measured tokens/s) of one seed's model."""
@@ -722,15 +578,6 @@ def run(config, workdir: str) -> dict:
 
     plain = study.plain_logits
 
-    def ensemble(mode):
-        def fn(params, tokens):
-            logits = jax.vmap(lambda p: plain(p, tokens))(params)
-            if mode == "logits":
-                return jnp.mean(logits, 0)
-            return jnp.log(jnp.mean(jax.nn.softmax(logits, -1), 0))
-
-        return fn
-
     def fusion_logits(params, tokens):
         return fusion_model.apply({"params": params}, tokens[:, :-1])
 
@@ -766,18 +613,24 @@ def run(config, workdir: str) -> dict:
     add(oracle_label, take(experts, (slice(None), 0)), plain, expert_flops, scores=oracle)
     add(f"control: base + {control_steps} steps (experts' + fusion's FLOPs)", control, plain,
         base_flops + costs["control"])  # fmt: skip
-    add("output ensemble (mean logits)", experts, ensemble("logits"), expert_flops)
-    add("output ensemble (mean probs)", experts, ensemble("probs"), expert_flops)
+    add("output ensemble (mean logits)", experts, engine.output_ensemble(plain, "logits"),
+        expert_flops)  # fmt: skip
+    add("output ensemble (mean probs)", experts, engine.output_ensemble(plain, "probs"),
+        expert_flops)  # fmt: skip
     add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
     first_two = f" ({study.expert_names[0]}, {study.expert_names[1]})"
     for row in merging.ROWS:
         label = row.label + (first_two if row.pairwise else "")
-        # `Study.grid` merges a model a parameter at a time; a merge that draws (DARE) takes
-        # each parameter's masks from fold_in(key, its index).
+        # Merged a parameter at a time (the working memory is one tensor's K task vectors); a
+        # merge that draws (DARE) takes each parameter's masks from fold_in(key, its index).
         make = functools.partial(
             lambda row, e, b, hp, i: row.merge(e, b, jax.random.fold_in(rng, i), hp), row
         )
-        merged, chosen = study.grid(make, row.grid(config.grid), experts, base)
+        merged, chosen, _ = engine.grid_search(
+            row.grid(config.grid), engine.merge_per_leaf(make, experts, base, len(seeds)),
+            lambda m: {"holdout_bits_per_byte": study.score(plain, m, "holdout").mean(1)},
+            lambda scores: (scores["holdout_bits_per_byte"],),
+        )  # fmt: skip
         if label == "TIES":  # kept for the samples; the other merges are let go once scored
             merged_by[label] = merged
         add(label, merged, plain, expert_flops, hparams=chosen)
@@ -820,7 +673,11 @@ def run(config, workdir: str) -> dict:
     files.write_json(os.path.join(workdir, "comparison.json"), out)
     with open(os.path.join(workdir, "comparison.md"), "w") as f:
         f.write(study_markdown(out))
-    plot_frontier(out, os.path.join(workdir, "frontier.png"))
+    plots.plot_frontier(
+        [(r["method"], r["flops_per_token"], r["mean_bits_per_byte"]) for r in rows],
+        os.path.join(workdir, "frontier.png"), xlabel="forward FLOPs per token",
+        ylabel="mean validation bits per byte", title="Bits per byte against inference cost",
+    )  # fmt: skip
     plot_routing(out, os.path.join(workdir, "routing.png"))
     plot_gate_tokens(study, fusion_model, fusion_frozen, os.path.join(workdir, "gate_tokens.png"))
     if out["fusion_selection"]:
@@ -879,22 +736,6 @@ def export(config, workdir: str, out_type: str = "float32") -> list[str]:
         logging.info("[lm_study] exported %s (seed %d) to %s", name, study.seeds[0], folder)
         folders.append(folder)
     return folders
-
-
-def plot_frontier(out: dict, path: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for row in out["rows"]:
-        v = np.asarray(row["mean_bits_per_byte"])
-        err = results.stderr(v) if len(v) > 1 else 0.0
-        ax.errorbar(row["flops_per_token"], v.mean(), yerr=err, fmt="o", capsize=3)
-        ax.annotate(row["method"], (row["flops_per_token"], v.mean()), fontsize=6,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("forward FLOPs per token")
-    ax.set_ylabel("mean validation bits per byte")
-    ax.set_title("Bits per byte against inference cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_routing(out: dict, path: str) -> None:

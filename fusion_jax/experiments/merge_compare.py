@@ -37,6 +37,7 @@ from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.evaluate import analysis, plots, results
 from fusion_jax.evaluate.comparisons import mean_se, merge_markdown
+from fusion_jax.experiments import engine
 from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_stage
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
@@ -85,13 +86,6 @@ def _stack_splits(splits: list[pipeline.Split]) -> pipeline.Split:
 def _pad_rows(x, n: int):
     """`x [R, N, ...]` padded with zeros to `[R, n, ...]`."""
     return np.concatenate([x, np.zeros((x.shape[0], n - x.shape[1]) + x.shape[2:], x.dtype)], 1)
-
-
-def _where_seeds(pick, new, old):
-    """Per seed (`pick [R]` bools), `new`'s tree where true, else `old`'s."""
-    return jax.tree.map(
-        lambda a, b: jnp.where(pick.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old
-    )
 
 
 def _one_seed(abstract):
@@ -143,18 +137,12 @@ def kit_for(config, mt: multitask.MultiTask) -> Kit:
                             balance_weight=f.balance_weight)
     )  # fmt: skip
 
-    def mean_logits(stacked, x):
-        return jnp.mean(jax.vmap(apply, in_axes=(0, None))(stacked, x), 0)
-
-    def mean_probs(stacked, x):
-        logits = jax.vmap(apply, in_axes=(0, None))(stacked, x)
-        return jnp.log(jnp.mean(jax.nn.softmax(logits, -1), 0))
-
     _KITS[key] = Kit(
         model=model, apply=apply, apply_aux=steps.model_apply_fn(model, numerics),
         fusion_model=fusion_model, fusion_apply=functools.partial(numerics.apply, fusion_model),
-        fusion_apply_aux=steps.model_apply_fn(fusion_model, numerics), mean_logits=mean_logits,
-        mean_probs=mean_probs, tx=make_optimizer(config.opt),
+        fusion_apply_aux=steps.model_apply_fn(fusion_model, numerics),
+        mean_logits=engine.output_ensemble(apply, "logits"),
+        mean_probs=engine.output_ensemble(apply, "probs"), tx=make_optimizer(config.opt),
         tx_frozen=make_optimizer(config.opt, ("ensemble",)),
     )  # fmt: skip
     return _KITS[key]
@@ -350,68 +338,34 @@ def train_experts(p: Pipeline, base=None):
 
 
 def train_dam(p: Pipeline, experts):
-    """DAM coefficients `[R, ...]`: trained per seed to match each expert on its task's data."""
+    """DAM coefficients `[R, ...]`: trained per seed to match each expert on its task's data,
+    through the one DAM trainer (resumable mid-stage)."""
     d = p.config.dam
     sizes = [len(s) for s in p.splits["train"]]
     tables = pipeline.Split(
         np.stack([_pad_rows(s.inputs, max(sizes)) for s in p.splits["train"]], 1),
         np.stack([_pad_rows(s.labels, max(sizes)) for s in p.splits["train"]], 1),
     )  # [R, K, N_max, ...]
-    if "dam" not in p.kit.programs:
-        p.kit.programs["dam"] = _dam_program(p.kit.apply, d, jnp.asarray(sizes, jnp.float32))
-    program, step = p.kit.programs["dam"]
+
+    def sample(tables, sizes, key):  # `[K, B, 4]`: task k's inputs for expert k
+        return (sample_per_task(tables, sizes, key, d.batch_size).inputs,)
 
     def run(todo):
-        e, t = take(experts, todo), jax.tree.map(jnp.asarray, take(tables, todo))
-        keys = _streams(p.keys[np.asarray(todo)], DAM)
-        coeffs, kl = program(e, t, keys)
-        logging.info("[compare] DAM KL %.4f -> %.4f (mean of %d seeds)",
-                     float(kl[:, 0].mean()), float(kl[:, -1].mean()), len(todo))  # fmt: skip
-        if "dam" not in p.kit.step_flops:
-            e0, t0 = take(e, 0), take(t, 0)
-            p.kit.step_flops["dam"] = flops_of(
-                lambda c: step(c, 0, e0, t0, keys[0]), merging.init_coefficients(e0),
-                optimized=False,
-            )  # fmt: skip
-        return coeffs, p.kit.step_flops["dam"] * d.num_steps
+        runs = len(todo)
+        sizes_r = jnp.broadcast_to(jnp.asarray(sizes, jnp.float32), (runs, len(sizes)))
+        coeffs, flops, _ = engine.train_dam(
+            "[compare] dam", take(experts, todo), d, p.kit.apply, sample,
+            (jax.tree.map(jnp.asarray, take(tables, todo)), sizes_r),
+            _streams(p.keys[np.asarray(todo)], DAM), data_axes=(0,),
+            chunk=p.config.train.log_every, every_secs=p.config.train.checkpoint_every_secs,
+            progress=functools.partial(p.stages.progress, "dam", None,
+                                       [p.seeds[i] for i in todo]),
+            compiled_flops=False,
+        )  # fmt: skip
+        return coeffs, flops
 
     abstract = jax.eval_shape(merging.init_coefficients, take(experts, 0))
     return p.stages.run_seeds("dam", p.seeds, run, abstract)
-
-
-def _dam_program(apply, d, sizes):
-    """(the compiled DAM training of seeds `(experts [M, K, ...], tables [M, K, N, ...], keys
-    [M]) -> (coefficients [M, ...], KL per step [M, S])`, one seed's step from fresh
-    coefficients `(coeffs, i, experts, tables, key)` for its FLOPs)."""
-    tx = optax.adam(d.learning_rate)
-    loss_fn = functools.partial(
-        merging.dam_loss, apply_fn=apply, temperature=d.temperature,
-        similarity_weight=d.similarity_weight, l1_weight=d.l1_weight, l2_weight=d.l2_weight,
-        nonlinearity=d.nonlinearity,
-    )  # fmt: skip
-
-    def step(carry, i, experts, tables, key):
-        coeffs, opt = carry
-        batch = sample_per_task(tables, sizes, jax.random.fold_in(key, i), d.batch_size)
-        (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(
-            coeffs, experts, inputs_per_expert=batch.inputs
-        )
-        updates, opt = tx.update(g, opt, coeffs)
-        return (optax.apply_updates(coeffs, updates), opt), aux["kl"]
-
-    def one_seed(experts, tables, key):
-        coeffs = merging.init_coefficients(experts)
-        (coeffs, _), kl = jax.lax.scan(
-            lambda c, i: step(c, i, experts, tables, key),
-            (coeffs, tx.init(coeffs)),
-            jnp.arange(d.num_steps),
-        )
-        return coeffs, kl
-
-    def first_step(coeffs, i, experts, tables, key):
-        return step((coeffs, tx.init(coeffs)), i, experts, tables, key)
-
-    return jax.jit(jax.vmap(one_seed)), first_step
 
 
 def train_fusion(p: Pipeline, experts, frozen: bool):
@@ -453,23 +407,11 @@ def ensembles(p: Pipeline, experts) -> list[Method]:
     ]
 
 
-def grid_search(p: Pipeline, make, grid: list[dict], per_seed):
-    """Per seed, the grid point with the best mean held-out accuracy (then loss; the first in
-    grid order on a tie); validation is not used. `make(experts, base, key, **hp)` merges one
-    seed (jit-compiled merges compile once for all seeds); `per_seed`: (experts, base, key) of
-    each seed. Returns (merged params `[R, ...]`, {"chosen": [hp per seed], "grid": [...]})."""
-    r_all = len(per_seed)
-    best, best_score, chosen, scored = None, [None] * r_all, [None] * r_all, []
-    for hp in grid:
-        merged = stack([make(e, b, key, **hp) for e, b, key in per_seed])
-        m = p.evaluate(p.kit.apply, merged, "holdout")
-        acc, loss = m["acc"].mean(1), m["loss"].mean(1)  # [R]
-        scored.append({"hparams": hp, "holdout_acc": acc.tolist(), "holdout_loss": loss.tolist()})
-        better = np.array([s is None or (-acc[r], loss[r]) < s for r, s in enumerate(best_score)])
-        for r in np.flatnonzero(better):
-            best_score[r], chosen[r] = (-acc[r], loss[r]), hp
-        best = merged if best is None else _where_seeds(better, merged, best)
-    return best, {"chosen": chosen, "grid": scored}
+def _holdout_scores(p: Pipeline, merged) -> dict:
+    """Mean held-out accuracy and loss over tasks `[R]` of every seed's merged model; the grid
+    search picks the best accuracy, then loss (validation is not used)."""
+    m = p.evaluate(p.kit.apply, merged, "holdout")
+    return {"holdout_acc": m["acc"].mean(1), "holdout_loss": m["loss"].mean(1)}
 
 
 _weight_average = jax.jit(jax.vmap(merging.weight_average))
@@ -488,9 +430,14 @@ def static_merges(p: Pipeline, base, experts, random_experts):
     searches = {}
     for row in merging.ROWS:
         label = row.label + (f" ({p.names[0]}, {p.names[1 % p.k]})" if row.pairwise else "")
-        make = functools.partial(lambda row, e, b, key, **hp: row.merge(e, b, key, hp), row)
-        merged, searches[label] = grid_search(p, make, row.grid(p.config.grid), per_seed)
-        methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=searches[label]["chosen"]))
+        merged, chosen, scored = engine.grid_search(
+            row.grid(p.config.grid),
+            functools.partial(lambda row, hp: stack([row.merge(*s, hp) for s in per_seed]), row),
+            functools.partial(_holdout_scores, p),
+            lambda scores: (-scores["holdout_acc"], scores["holdout_loss"]),
+        )  # fmt: skip
+        searches[label] = {"chosen": chosen, "grid": scored}
+        methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=chosen))
     return methods, searches
 
 
