@@ -24,7 +24,7 @@ import pytest
 from fusion_jax import gguf_checkpoint as gc
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import pretrained
-from fusion_jax.data import text
+from fusion_jax.data import tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm
 
@@ -60,7 +60,7 @@ def test_smollm2_config_from_metadata(smollm2):
 
 
 def test_smollm2_tokenizer_matches_transformers(smollm2, golden):
-    tok = text.HFTokenizer(smollm2)
+    tok = tokenize.HFTokenizer(smollm2)
     got = [tok.encode_prompt(s) for s in golden["strings"]]
     differ = [s for s, a, b in zip(golden["strings"], got, golden["ids"], strict=True) if a != b]
     # One deviation, on purpose: `tokenizer.ggml.pre = smollm` splits digits before GPT-2's
@@ -99,7 +99,7 @@ def test_smollm2_logits_and_greedy_tokens_match_transformers(smollm2, golden):
 def test_sentencepiece_tokenizer_matches_transformers():
     with open(os.path.join(SPM, "golden.json"), encoding="utf-8") as f:
         g = json.load(f)
-    tok = text.HFTokenizer(os.path.join(SPM, "tokenizer.gguf"))
+    tok = tokenize.HFTokenizer(os.path.join(SPM, "tokenizer.gguf"))
     got = [tok.encode_prompt(s) for s in g["strings"]]
     assert got == g["ids"]
     assert [tok.decode(ids) for ids in got] == g["decoded"]
@@ -158,8 +158,8 @@ def test_gguf_to_folder_and_back_with_the_tokenizer(tmp_path, smollm2):
     assert tok_config["chat_template"].startswith("{% for message in messages %}")
     assert not tok_config["add_bos_token"]
     strings = ["Hallo Welt, wie geht's?", "def f(x):\n\treturn 2 * x\n", "¿Qué tal? 🙂"]
-    direct = text.HFTokenizer(smollm2)
-    via_json = text.HFTokenizer(folder)
+    direct = tokenize.HFTokenizer(smollm2)
+    via_json = tokenize.HFTokenizer(folder)
     expected = [direct.encode_prompt(s) for s in strings]
     assert [via_json.encode_prompt(s) for s in strings] == expected
     # tokenizer.json -> GGUF metadata -> a tokenizer again (on the tiny model's weights).
@@ -168,7 +168,7 @@ def test_gguf_to_folder_and_back_with_the_tokenizer(tmp_path, smollm2):
     tensors = hc.open_tensors(TINY_LLAMA)
     info = gc.write_gguf(path, hf_config, _Only(tensors, "model.norm.weight"), "float32", folder)
     assert info["tokenizer"]
-    again = text.HFTokenizer(path)
+    again = tokenize.HFTokenizer(path)
     assert [again.encode_prompt(s) for s in strings] == expected
     assert again.eos_id == 2
 
@@ -225,21 +225,21 @@ def test_errors_name_the_problem_and_what_is_supported(tmp_path):
 
     path = _write(str(tmp_path / "pre.gguf"), tokenizer=("gpt2", "qwen9"))
     with pytest.raises(UserError) as e:
-        text.HFTokenizer(path)
+        tokenize.HFTokenizer(path)
     assert str(e.value) == (
         f"{path}: unsupported tokenizer.ggml.pre 'qwen9'; supported: default, gpt2, smollm, "
         "llama-bpe"
     )
     path = _write(str(tmp_path / "merges.gguf"), tokenizer=("gpt2", "default"), merges=["a c"])
     with pytest.raises(UserError) as e:
-        text.HFTokenizer(path)
+        tokenize.HFTokenizer(path)
     assert str(e.value) == (
         f"{path}: tokenizer.ggml.merges has 1 merge(s) of tokens outside the vocabulary, the "
         "first 'a c'"
     )
     path = _write(str(tmp_path / "model.gguf"), tokenizer=("t5", "default"))
     with pytest.raises(UserError) as e:
-        text.HFTokenizer(path)
+        tokenize.HFTokenizer(path)
     assert str(e.value) == f"{path}: unsupported tokenizer.ggml.model 't5'; supported: gpt2, llama"
 
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + b"\0" * 5)
@@ -292,7 +292,7 @@ def test_lm_merge_converts_gguf_to_a_folder_and_back(tmp_path, tiny_gguf):
         for name in source.files:
             np.testing.assert_array_equal(reader.get(name), source.get(name))
     strings = ["Die Sonne scheint.", "The quick brown fox"]
-    tokenizers = [text.HFTokenizer(p) for p in (tiny_gguf, merged, f"{merged}/model.gguf")]
+    tokenizers = [tokenize.HFTokenizer(p) for p in (tiny_gguf, merged, f"{merged}/model.gguf")]
     ids = [[t.encode_prompt(s) for s in strings] for t in tokenizers]
     assert ids[0] == ids[1] == ids[2] and ids[0][0][0] == 1  # SentencePiece adds BOS
 

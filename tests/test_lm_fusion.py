@@ -17,7 +17,7 @@ from hlo_checks import dot_precisions
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import modes
-from fusion_jax.data import text
+from fusion_jax.data import tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import decoding, lm, lm_fusion
@@ -422,7 +422,7 @@ def test_generate_stops_at_the_tokenizers_eos_and_refuses_an_empty_prompt(tmp_pa
     config.generate.prompt, config.generate.max_new_tokens = "the cat ", 4
     assert lm_fuse.generate(config, workdir) == "the cat hi"
     # The text was packed with the byte tokenizer's end (258), not the experts' config's (257).
-    assert calls == [(text.ByteTokenizer.eos_id,)] and text.ByteTokenizer.eos_id == 258
+    assert calls == [(tokenize.ByteTokenizer.eos_id,)] and tokenize.ByteTokenizer.eos_id == 258
     config.generate.prompt = ""
     with pytest.raises(ValueError, match=r"^config.generate.prompt is empty$"):
         lm_fuse.generate(config, workdir)

@@ -13,7 +13,7 @@ import pytest
 
 from configs import lm_study as lm_study_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax.data import domains, text, text_tfds
+from fusion_jax.data import domains, text, text_tfds, tokenize
 from fusion_jax.experiments import lm_study
 from fusion_jax.experiments.stages import stack
 from fusion_jax.models import lm_fusion
@@ -238,12 +238,12 @@ def test_state_fusion_with_a_trained_head_and_its_decay(study, tmp_path):
 
 
 def test_bits_per_byte_on_a_hand_example():
-    v = text.ByteTokenizer.vocab_size
-    tokens = jnp.asarray([[65, 66, text.ByteTokenizer.eos_id, 67, 0]])
+    v = tokenize.ByteTokenizer.vocab_size
+    tokens = jnp.asarray([[65, 66, tokenize.ByteTokenizer.eos_id, 67, 0]])
     mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])  # the last target is padding
     logits = jnp.zeros((1, 4, v))  # uniform: every target costs ln(v) nats
     nll, count = lm_study.bpb_sums(
-        logits, tokens, mask, jnp.asarray(text.ByteTokenizer().token_bytes())
+        logits, tokens, mask, jnp.asarray(tokenize.ByteTokenizer().token_bytes())
     )
     # Three counted targets (66, EOS, 67); EOS covers no byte, so two bytes.
     assert float(count) == 2.0
@@ -262,7 +262,7 @@ def test_tfds_windows_equal_packing_the_split_documents(tmp_path):
     docs = sorted(text.read_documents(files))
     assert sorted(sum(names, [])) == docs  # complete and disjoint
     assert all(len(n) > 0 for n in names)
-    tok = text.ByteTokenizer()
+    tok = tokenize.ByteTokenizer()
     for split in text_tfds.SPLITS:
         expected = text.pack([tok.encode(d) for d in parts[split]], 8, tok.eos_id, tok.pad_id)
         np.testing.assert_array_equal(windows[split][0], expected[0])

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from fusion_jax.data import text
+from fusion_jax.data import text, tokenize
 
 # ---------------------------------------------------------------------------------------------
 # expand_sources
@@ -146,7 +146,7 @@ def test_split_rejects_bad_fraction(bad):
 
 
 def test_byte_tokenizer_round_trip_non_ascii():
-    tok = text.ByteTokenizer()
+    tok = tokenize.ByteTokenizer()
     s = "Grüße, 世界! ∑ 🙂"
     ids = tok.encode(s)
     assert ids[:4] == [71, 114, 0xC3, 0xBC]  # "G", "r", then the two UTF-8 bytes of "ü"
@@ -178,14 +178,14 @@ def test_hf_tokenizer_eos_from_config_dict(tmp_path):
     d = _save_word_tokenizer(tmp_path / "tok")
     config = {"eos_token": {"content": "</s>", "special": True}, "pad_token": "<pad>"}
     (d / "tokenizer_config.json").write_text(json.dumps(config))
-    tok = text.HFTokenizer(str(d))
+    tok = tokenize.HFTokenizer(str(d))
     assert tok.vocab_size == 5
     assert (tok.eos_id, tok.pad_id) == (2, 2)
     # No "</s>" from the post-processor: special tokens are not added, except to a prompt
     # (transformers' tokenizer adds them by default).
     assert tok.encode("hello world nope") == [3, 4, 0]
     assert tok.encode_prompt("hello world") == [3, 4, 2]
-    assert text.ByteTokenizer().encode_prompt("hé") == [104, 195, 169]
+    assert tokenize.ByteTokenizer().encode_prompt("hé") == [104, 195, 169]
     assert tok.decode([3, 2, 4]) == "hello world"
 
 
@@ -206,7 +206,7 @@ def test_hf_documents_are_packed_as_the_tokenizer_gives_them(tmp_path, template)
     tok.save(str(tmp_path / "tok" / "tokenizer.json"))
     (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     _write(tmp_path / "docs", "hello world\n%\nworld\n%\n")
-    tokenizer = text.HFTokenizer(str(tmp_path / "tok"))
+    tokenizer = tokenize.HFTokenizer(str(tmp_path / "tok"))
     tokens, mask = text.load_text(str(tmp_path / "docs"), tokenizer, 3, record_separator="%")
     # Stream <s> hello world </s> <s> world </s>: 6 targets, two windows of 3.
     np.testing.assert_array_equal(tokens, [[1, 3, 4, 2], [2, 1, 4, 2]])
@@ -223,29 +223,29 @@ def test_hf_tokenizer_eos_from_config_string_and_argument(tmp_path):
     d = _save_word_tokenizer(tmp_path / "tok")
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
     # A file path works too, and the config beside it is read.
-    assert text.HFTokenizer(str(d / "tokenizer.json")).eos_id == 2
+    assert tokenize.HFTokenizer(str(d / "tokenizer.json")).eos_id == 2
     # An explicit eos_token wins over the config.
-    tok = text.HFTokenizer(str(d), eos_token="<pad>")
+    tok = tokenize.HFTokenizer(str(d), eos_token="<pad>")
     assert (tok.eos_id, tok.pad_id) == (1, 1)
     with pytest.raises(ValueError, match="'<bos>' is not in the vocabulary"):
-        text.HFTokenizer(str(d), eos_token="<bos>")
+        tokenize.HFTokenizer(str(d), eos_token="<bos>")
 
 
 def test_hf_tokenizer_without_eos(tmp_path):
     d = _save_word_tokenizer(tmp_path / "tok")
-    tok = text.load_tokenizer(str(d))
-    assert isinstance(tok, text.HFTokenizer)
+    tok = tokenize.load_tokenizer(str(d))
+    assert isinstance(tok, tokenize.HFTokenizer)
     assert (tok.eos_id, tok.pad_id) == (None, 0)
 
 
 def test_hf_tokenizer_missing_file_message(tmp_path):
     with pytest.raises(FileNotFoundError) as info:
-        text.HFTokenizer(str(tmp_path))
+        tokenize.HFTokenizer(str(tmp_path))
     assert str(info.value) == f"no tokenizer.json at {str(tmp_path)!r}"
 
 
 def test_load_tokenizer_bytes():
-    assert isinstance(text.load_tokenizer("bytes"), text.ByteTokenizer)
+    assert isinstance(tokenize.load_tokenizer("bytes"), tokenize.ByteTokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +294,7 @@ def test_load_text_fortune_bytes(tmp_path):
     _write(tmp_path / "f", "ab\n%\nc\n%\n")
     _write(tmp_path / "f.dat", "binary index")
     tokens, mask = text.load_text(
-        str(tmp_path), text.ByteTokenizer(), seq_len=3, record_separator="%"
+        str(tmp_path), tokenize.ByteTokenizer(), seq_len=3, record_separator="%"
     )
     e, p = 258, 256
     # Stream: a b E c E -> 4 targets -> windows [a b E c], [c E p p].

@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from fusion_jax.data import text
+from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
 
 SPLITS = ("train", "holdout", "validation")
@@ -117,7 +117,7 @@ class TextWindows(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, docs):
         c = self.builder_config
-        tokenizer = text.load_tokenizer(c.tokenizer)
+        tokenizer = tokenize.load_tokenizer(c.tokenizer)
         eos = getattr(tokenizer, "eos_id", None)
         tokens, mask = text.pack(
             [tokenizer.encode_document(d) for d in docs], c.seq_len, eos, tokenizer.pad_id

@@ -28,7 +28,7 @@ from fusion_jax import files
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
-from fusion_jax.data import text
+from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm, lm_fusion
 from fusion_jax.train import checkpoint, chunks, logs
@@ -67,7 +67,7 @@ class Setup:
             self.model, jax.random.key(config.seed), expert_params
         )
         tok = config.data.tokenizer
-        self.tokenizer = text.load_tokenizer(models[0] if tok == "model" else tok)
+        self.tokenizer = tokenize.load_tokenizer(models[0] if tok == "model" else tok)
         if load_data:
             self._load_data(workdir)
 

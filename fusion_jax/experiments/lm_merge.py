@@ -32,7 +32,7 @@ from tqdm import tqdm
 from fusion_jax import config_rules, files, gguf_checkpoint, merging
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
-from fusion_jax.data import text
+from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import engine
 from fusion_jax.merging import dam
@@ -169,7 +169,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     lm_config = dataclasses.replace(
         lm_config, dtype=d.compute_dtype, matmul_precision=d.matmul_precision
     )
-    tokenizer = text.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
+    tokenizer = tokenize.load_tokenizer(d.tokenizer if d.tokenizer != "model" else models[0])
     text_files = [text.text_files(s) for s in sources]
     data = [
         text.load_text(f, tokenizer, d.seq_len, special_tokens=d.special_tokens) for f in text_files

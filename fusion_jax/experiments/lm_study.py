@@ -41,7 +41,7 @@ from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.config_rules import split_list
 from fusion_jax.data import domains as domains_lib
-from fusion_jax.data import text, text_tfds
+from fusion_jax.data import text, text_tfds, tokenize
 from fusion_jax.evaluate import plots
 from fusion_jax.evaluate.comparisons import study_markdown
 from fusion_jax.experiments import engine
@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fusion_jax.errors import UserError
 
-BYTES = text.ByteTokenizer()
+BYTES = tokenize.ByteTokenizer()
 
 
 def model_config(c) -> lm.LMConfig:
@@ -165,7 +165,7 @@ class Study:
         else:
             self.cfg = model_config(m)
         spec = self.base_path or "bytes"
-        self.tokenizer = text.load_tokenizer(spec)
+        self.tokenizer = tokenize.load_tokenizer(spec)
         self.data = load_data(config, workdir, spec)
         self.names = self.data.names
         # The domains that get an expert (all by default; config_rules checks the names); the
