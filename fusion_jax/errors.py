@@ -3,13 +3,18 @@
 main.py prints a `UserError` as one line and exits non-zero; any other exception is a bug and
 keeps its traceback. It subclasses ValueError so callers that catch bad values still do. A full
 disk or a folder that cannot be written is the user's to fix too: `disk_error` turns that
-OSError into one line naming the file (the writers in files.py, logs and checkpoint exports name
-it when the OS does not).
+OSError into one line naming the file (`naming` makes the writers in files.py, logs and
+checkpoint exports name it when the OS does not). `check_finite` refuses NaN or Inf before a
+tensor is written.
 """
 
+import contextlib
 import errno
 import os
 import re
+
+import jax.numpy as jnp
+import numpy as np
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
@@ -42,3 +47,30 @@ def disk_error(e: Exception) -> UserError | None:
             "then rerun"
         )
     return None
+
+
+@contextlib.contextmanager
+def naming(path: str):
+    """Names `path` in an OSError raised while it is written (errors.disk_error then says which
+    file): a write that fills the disk raises one without a file name, and one raised for the
+    temporary file beside `path` would name that."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is None or e.filename == path:
+            raise
+        raise OSError(e.errno, e.strerror, path) from e
+
+
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raises a UserError naming `what` if the float `array` holds NaN or Inf (after a cast to
+    float16 or bfloat16, an overflow shows as Inf here)."""
+    if not jnp.issubdtype(array.dtype, jnp.floating):
+        return
+    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
+    if bad:
+        raise UserError(
+            f"{what}: {bad} of its {np.size(array)} {array.dtype} values are NaN or Inf "
+            "(a non-finite input, a merge that is not finite, or an overflow of the output "
+            "dtype); nothing is written from it"
+        )

@@ -6,13 +6,10 @@ one. JSON is strict: NaN and Inf have no JSON spelling, and a reader in another 
 `json.loads(..., parse_constant=...)`) would reject the file, so they are refused instead.
 """
 
-import contextlib
 import json
 import os
 
-import jax.numpy as jnp
-import numpy as np
-
+from fusion_jax import errors
 from fusion_jax.errors import UserError
 
 _REQUIRED = object()
@@ -26,23 +23,10 @@ def read_json(path: str, default=_REQUIRED):
         return json.load(f)
 
 
-@contextlib.contextmanager
-def naming(path: str):
-    """Names `path` in an OSError raised while it is written (errors.disk_error then says which
-    file): a write that fills the disk raises one without a file name, and one raised for the
-    temporary file beside `path` would name that."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno is None or e.filename == path:
-            raise
-        raise OSError(e.errno, e.strerror, path) from e
-
-
 def write_text(path: str, text: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
-    with naming(path), open(tmp, "w") as f:
+    with errors.naming(path), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
@@ -67,15 +51,19 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def check_finite(array: np.ndarray, what: str) -> None:
-    """Raises a UserError naming `what` if the float `array` holds NaN or Inf (after a cast to
-    float16 or bfloat16, an overflow shows as Inf here)."""
-    if not jnp.issubdtype(array.dtype, jnp.floating):
-        return
-    bad = np.size(array) - int(np.count_nonzero(np.isfinite(array)))
-    if bad:
-        raise UserError(
-            f"{what}: {bad} of its {np.size(array)} {array.dtype} values are NaN or Inf "
-            "(a non-finite input, a merge that is not finite, or an overflow of the output "
-            "dtype); nothing is written from it"
-        )
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def check_apart(output: str, inputs: list[str], workdir: str | None = None) -> None:
+    """Refuses an `output` path that is an input, contains one or lies inside one (writing it
+    would replace, delete or add to a model that the run reads and the user keeps), and a
+    `workdir` inside an input."""
+    for path in inputs:
+        if _inside(output, path) or _inside(path, output) or (workdir and _inside(workdir, path)):
+            raise UserError(
+                f"the output {workdir or output} overlaps the input {path} (the same path, or "
+                "one inside the other); choose a --workdir apart from every input"
+            )

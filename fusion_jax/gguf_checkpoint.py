@@ -26,7 +26,7 @@ import re
 import gguf
 import numpy as np
 
-from fusion_jax import files
+from fusion_jax import errors
 from fusion_jax.errors import UserError
 
 SUFFIX = ".gguf"
@@ -597,7 +597,7 @@ def write_gguf(path: str, hf_config: dict, reader, out_type: str = "float32",
             byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
             writer.add_tensor_info(gguf_name(hf), byte_shape, np.dtype(np.uint8),
                                    int(np.prod(byte_shape)), raw_dtype=qtype)  # fmt: skip
-    with files.naming(path):
+    with errors.naming(path):
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -611,7 +611,7 @@ def write_gguf(path: str, hf_config: dict, reader, out_type: str = "float32",
             # Q8_0 keeps one float16 scale per block of 32: max|x| / 127 must fit float16.
             limit = {Q.F16: 1.0, Q.Q8_0: 127.0}.get(qtype)
             with np.errstate(over="ignore"):  # an overflow is refused below, by name
-                files.check_finite(
+                errors.check_finite(
                     x if limit is None else (x / limit).astype(np.float16),
                     f"tensor {hf} to be written to {path} as {qtype.name}",
                 )

@@ -32,7 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tokenizers import Tokenizer
 
-from fusion_jax import files, gguf_checkpoint
+from fusion_jax import errors, files, gguf_checkpoint
 from fusion_jax.errors import UserError
 from fusion_jax.models.lm import LanguageModel, LMConfig
 
@@ -429,13 +429,13 @@ class ShardWriter:
     def add(self, name: str, array: np.ndarray) -> None:
         """Queues tensor `name` (already in its stored dtype); refuses NaN or Inf in it, which
         no input may bring and no computation or cast to a narrower float may produce."""
-        files.check_finite(array, f"tensor {name} to be written to {self.directory}")
+        errors.check_finite(array, f"tensor {name} to be written to {self.directory}")
         i = self.shard_of[name]
         self._pending[i][name] = np.ascontiguousarray(array)
         self._remaining[i] -= 1
         if self._remaining[i] == 0:
             path = os.path.join(self.directory, self.files[i])
-            with files.naming(path):
+            with errors.naming(path):
                 save_file(self._pending[i], path, metadata={"format": "pt"})
             os.chmod(path, files.default_file_mode())  # safetensors creates 0600
             self._pending[i] = {}

@@ -1,54 +1,98 @@
-"""One entry function per `--mode` of main.py, each `(config, workdir, **flags)`.
+"""One entry function per `--mode` of main.py, each `(config, workdir, **flags)`, and the one
+registry of experiment kinds (`KINDS`): a config's kind (`config.experiment`; None is grokking
+training) -> its spec (fusion_jax/specs/: field rules, safe changes, back-compat defaults), the
+modes that run it, its runner and the renderer of its comparison.json. Adding an experiment: its
+spec module, its runner under experiments/, its config file and one line in `KINDS`.
 
 Every mode that writes into a workdir holds its lock, and checks the config against the
 workdir's config.json first (fusion_jax/workdir.py). Modes that read a trained workdir (eval,
 analyze, report) use its config.json; `--config` is optional there and must agree with it.
 """
 
+import dataclasses
 import os
+from collections.abc import Callable
 
 import ml_collections
 
-from fusion_jax import config_rules, pretrained, runtime
+from fusion_jax import pretrained, runtime, schema
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
-from fusion_jax.evaluate import eval_loop, results, results_report
+from fusion_jax.evaluate import comparisons, eval_loop, results, results_report
 from fusion_jax.experiments import lm_fuse, lm_merge, lm_study
 from fusion_jax.experiments import merge_compare as merge_compare_lib
+from fusion_jax.specs import grokking
+from fusion_jax.specs import lm_fuse as lm_fuse_spec
+from fusion_jax.specs import lm_merge as lm_merge_spec
+from fusion_jax.specs import lm_study as lm_study_spec
+from fusion_jax.specs import merge_compare as merge_compare_spec
 from fusion_jax.train import loop
 
-# Configs with `config.experiment` set run that experiment's entry point as their main job.
-EXPERIMENTS = {
-    "merge_compare": merge_compare_lib.run,
-    "lm_merge": lm_merge.run,
-    "lm_fuse": lm_fuse.train,
-    "lm_study": lm_study.run,
-}
 
-# The modes that can run each kind of config (config_rules.kind_of); `compare` and `results`
-# need none.
-KIND_MODES = {
-    None: ("train", "eval", "analyze", "report"),
-    "merge_compare": ("train", "merge_compare"),
-    "lm_merge": ("train",),
-    "lm_fuse": ("train", "generate"),
-    "lm_study": ("train", "merge_compare", "export"),
-}
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    spec: schema.Spec
+    modes: tuple[str, ...]  # `compare`, `results` and `fetch` need no config
+    # The main job (`--mode=train`); None: grokking training (train/loop.py).
+    run: Callable | None = None
+    markdown: Callable[[dict], str] | None = None  # comparison.json -> comparison.md
+
+
+KINDS: dict[str | None, Kind] = {
+    None: Kind(grokking.SPEC, ("train", "eval", "analyze", "report")),
+    "merge_compare": Kind(merge_compare_spec.SPEC, ("train", "merge_compare"),
+                          merge_compare_lib.run, comparisons.merge_markdown),
+    "lm_merge": Kind(lm_merge_spec.SPEC, ("train",), lm_merge.run),
+    "lm_fuse": Kind(lm_fuse_spec.SPEC, ("train", "generate"), lm_fuse.train),
+    "lm_study": Kind(lm_study_spec.SPEC, ("train", "merge_compare", "export"), lm_study.run,
+                     comparisons.study_markdown),
+}  # fmt: skip
+
+
+def kind_of(config) -> str | None:
+    """The config's kind; refuses unknown ones."""
+    kind = config.get("experiment")
+    if kind not in KINDS:
+        raise UserError(
+            f"config.experiment={kind!r}: must be one of "
+            + ", ".join(repr(k) for k in KINDS if k is not None)
+        )
+    return kind
+
+
+def spec_of(config) -> schema.Spec:
+    return KINDS[kind_of(config)].spec
+
+
+def validate(config, devices: int | None = None) -> None:
+    """`Spec.validate` of the config's kind."""
+    spec_of(config).validate(config, devices)
+
+
+def stored_config(workdir: str) -> dict | None:
+    """The workdir's config.json with the fields added since it was written filled in (its
+    kind's `added_fields`), or None if the workdir has none."""
+    return workdir_lib.stored_config(workdir, spec_of)
+
+
+def markdown_of(kind: str | None):
+    """The renderer of the kind's comparison.json (None: the kind writes none)."""
+    return KINDS[kind].markdown if kind in KINDS else None
 
 
 def check_mode(config, mode: str) -> None:
     """Refuses a config that `mode` cannot run, naming the modes and configs to use instead."""
     if config is None:
         raise UserError(f"--config is required for --mode={mode}")
-    kind = config_rules.kind_of(config)
-    if mode in KIND_MODES[kind]:
+    kind = KINDS[kind_of(config)]
+    if mode in kind.modes:
         return
-    runs = [config_rules.CONFIG_FILES[k] for k, modes in KIND_MODES.items() if mode in modes]
+    runs = [k.spec.config_files for k in KINDS.values() if mode in k.modes]
     raise UserError(
-        f"--mode={mode} does not run {config_rules.CONFIG_FILES[kind]} configs: their modes are "
-        f"{', '.join(KIND_MODES[kind])}; --mode={mode} is for {', '.join(runs)}"
+        f"--mode={mode} does not run {kind.spec.config_files} configs: their modes are "
+        f"{', '.join(kind.modes)}; --mode={mode} is for {', '.join(runs)}"
     )
 
 
@@ -56,7 +100,7 @@ def _trained_config(config, workdir: str, mode: str):
     """The workdir's own config for a mode that reads it; a `--config` given must agree."""
     if config is not None:
         check_mode(config, mode)
-    config = workdir_lib.read_config(config, workdir)
+    config = workdir_lib.read_config(config, workdir, spec_of)
     check_mode(config, mode)
     return config
 
@@ -67,11 +111,11 @@ def train(config, workdir: str, **_):
     A config naming an `experiment` (configs/lm_merge.py, ...) runs that experiment instead.
     """
     check_mode(config, "train")
-    config_rules.validate(config)  # Before jax.distributed reads config.train.
+    validate(config)  # Before jax.distributed reads config.train.
     runtime.start(config)
-    with workdir_lib.claim(config, workdir):
-        if "experiment" in config:
-            return EXPERIMENTS[config.experiment](config, workdir)
+    with workdir_lib.claim(config, workdir, spec_of(config)):
+        if (run := KINDS[kind_of(config)].run) is not None:
+            return run(config, workdir)
         task_records = loop.train(config, workdir)
         info = results.write_report(config, workdir, task_records) if runtime.is_primary() else None
         eval_loop.analyze(config, workdir)
@@ -121,7 +165,7 @@ def results_folder(config, workdir: str, workdirs: str = "", **_):
     the source's numbers, final_info.json, plots and gate analysis; reads the workdirs only."""
     del config  # Each workdir carries its own config.json.
     with workdir_lib.lock(workdir):
-        return results_report.write_results(workdirs, workdir)
+        return results_report.write_results(workdirs, workdir, markdown_of)
 
 
 def merge_compare(config, workdir: str, **_):
@@ -144,14 +188,14 @@ def generate(config, workdir: str, **_):
     the model is the workdir's (its config.json); --config supplies the generate section."""
     check_mode(config, "generate")
     workdir_lib.check_exists(workdir)
-    stored = workdir_lib.stored_config(workdir)
+    stored = stored_config(workdir)
     if stored is not None:
         # The workdir's config describes the trained model; only the generate section (prompt,
         # length, sampling) comes from --config, so training flags need not be repeated.
         generate_section = config.generate
         config = ml_collections.ConfigDict(stored)
         config.generate = generate_section
-    config_rules.validate(config)
+    validate(config)
     return lm_fuse.generate(config, workdir)
 
 

@@ -27,10 +27,12 @@ from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
+from fusion_jax.specs import grokking, merge_compare
 from fusion_jax.train import logs as logs_lib
 
-# Kinds of workdir (config.experiment) that load_run reads; None is a training workdir.
-_READABLE = (None, "merge_compare")
+# The kinds of workdir (config.experiment) that load_run reads, with their specs; None is a
+# training workdir.
+_READABLE = {None: grokking.SPEC, "merge_compare": merge_compare.SPEC}
 
 
 def load_run(workdir: str) -> "Run | MergeRun":
@@ -39,7 +41,9 @@ def load_run(workdir: str) -> "Run | MergeRun":
         raise UserError(f"{workdir} is a file, not a workdir")
     if not os.path.isdir(workdir):
         raise UserError(f"{workdir} does not exist; train into it first")
-    stored = workdir_lib.stored_config(workdir)
+    stored = workdir_lib.stored_config(
+        workdir, lambda c: _READABLE.get(c.get("experiment"), grokking.SPEC)
+    )
     if stored is None:
         raise UserError(
             f"{workdir} has no {workdir_lib.CONFIG_FILE}: it is not a fusion_jax workdir, or its "

@@ -2,8 +2,9 @@
 
 * Binding: `<workdir>/config.json` is the config the workdir's results come from. A run that
   extends the workdir (`claim`) or reads it (`read_config`) refuses a config that differs in any
-  field outside `config_rules.SAFE_CHANGES` that the runs read (`config_rules.unused_fields`),
-  listing the differences as `field: old → new`.
+  field outside its kind's safe changes that the runs read (`schema.Spec`: `safe_changes`,
+  `unused`), listing the differences as `field: old → new`. The caller gives the spec
+  (`modes.spec_of` maps a config to it), so this module knows no kind.
 * Lock: `<workdir>/.lock`, held with `fcntl.flock` for as long as a process writes there. The OS
   drops the lock when its holder exits, even by kill -9, so a dead process never blocks the
   workdir; the file keeps the holder's pid for the message another process gets.
@@ -21,7 +22,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from fusion_jax import config_rules, files
+from fusion_jax import files, schema
 from fusion_jax.errors import UserError
 
 CONFIG_FILE = "config.json"
@@ -43,9 +44,9 @@ def check_exists(workdir: str) -> None:
         raise UserError(f"--workdir={workdir} does not exist; train into it first")
 
 
-def stored_config(workdir: str) -> dict | None:
+def stored_config(workdir: str, spec_of) -> dict | None:
     """The workdir's config.json as a dict (fields added since it was written filled in with the
-    values that reproduce it, config_rules.ADDED_FIELDS), or None if the workdir has none."""
+    values that reproduce it: `spec_of(stored).upgrade`), or None if the workdir has none."""
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return None
@@ -54,7 +55,7 @@ def stored_config(workdir: str) -> dict | None:
             stored = json.load(f)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e}); restore it or use a new --workdir") from e
-    return config_rules.upgrade(stored)
+    return spec_of(stored).upgrade(stored)
 
 
 def _items(value) -> list[str] | None:
@@ -67,7 +68,7 @@ def _grows(old, new) -> bool:
     return all(isinstance(v, int | float) for v in (old, new)) and new > old
 
 
-# How each kind of safe field may change (config_rules.SAFE_CHANGES): a test of
+# How each kind of safe field may change (`Spec.safe_changes`): a test of
 # `(old, new, extending)`, and what a refusal adds. Reading a workdir ignores an "increase"
 # field's value, so only a run that extends the workdir must not shrink it.
 _SAFE_KINDS = {
@@ -87,13 +88,15 @@ def _show(value) -> str:
     return value if value is _ABSENT else repr(value)
 
 
-def _differences(stored: dict, config, extending: bool) -> tuple[list[str], list[str]]:
+def _differences(stored: dict, config, extending: bool, spec) -> tuple[list[str], list[str]]:
     """(refused, allowed) differences of `config` from `stored`, each as `field: old → new`."""
-    old = config_rules.flatten(stored)
-    new = config_rules.flatten(json.loads(config.to_json()))
-    safe = config_rules.SAFE_CHANGES.get(config.get("experiment"), {})
-    # Fields that neither the workdir's run nor this one reads change no result.
-    unused = config_rules.unused_fields(stored) & config_rules.unused_fields(config)
+    old = schema.flatten(stored)
+    new = schema.flatten(json.loads(config.to_json()))
+    safe = spec.safe_changes
+    # Fields that neither the workdir's run nor this one reads change no result (a kind that
+    # differs is refused: `experiment` differs).
+    same_kind = stored.get("experiment") == spec.kind
+    unused = spec.unused(stored) & spec.unused(config) if same_kind else set()
     refused, allowed = [], []
     for field in list(new) + [f for f in old if f not in new]:
         a, b = old.get(field, _ABSENT), new.get(field, _ABSENT)
@@ -114,52 +117,53 @@ def _differences(stored: dict, config, extending: bool) -> tuple[list[str], list
     return refused, allowed
 
 
-def _safe_list(config) -> str:
-    safe = config_rules.SAFE_CHANGES.get(config.get("experiment"), {})
+def _safe_list(spec) -> str:
+    safe = spec.safe_changes
     return ", ".join(f if how == "any" else f"{f} ({how} only)" for f, how in safe.items())
 
 
-def check_binding(config, workdir: str, extending: bool) -> list[str]:
+def check_binding(config, workdir: str, extending: bool, spec) -> list[str]:
     """Refuses a config that differs from the workdir's config.json in a field that changes
-    results; returns the allowed differences. `extending`: the run continues the workdir (a
-    safe "increase only" field may then not decrease)."""
-    stored = stored_config(workdir)
+    results (`spec`: the config's kind's); returns the allowed differences. `extending`: the run
+    continues the workdir (a safe "increase only" field may then not decrease)."""
+    stored = stored_config(workdir, lambda _: spec)
     if stored is None:
         return []
-    refused, allowed = _differences(stored, config, extending)
+    refused, allowed = _differences(stored, config, extending, spec)
     if refused:
         raise UserError(
             f"--config differs from the config of {workdir} ({CONFIG_FILE}) in fields that "
             f"change results: {', '.join(refused)}. Use a new --workdir, or the workdir's "
-            f"values; fields that may change: {_safe_list(config)}"
+            f"values; fields that may change: {_safe_list(spec)}"
         )
     return allowed
 
 
-def read_config(config, workdir: str) -> ml_collections.ConfigDict:
+def read_config(config, workdir: str, spec_of) -> ml_collections.ConfigDict:
     """The workdir's own config, for modes that read a workdir; a `config` given too must agree.
+    `spec_of(config)`: the spec of a config's kind.
 
     Differences in safe fields are ignored (with a warning): the workdir's values describe it.
     """
     check_exists(workdir)
-    stored = stored_config(workdir)
+    stored = stored_config(workdir, spec_of)
     if stored is None:
         raise UserError(
             f"{workdir} has no {CONFIG_FILE}: it is not a fusion_jax workdir, or its training "
             "never started"
         )
     if config is not None:
-        config_rules.validate(config)
-        for change in check_binding(config, workdir, extending=False):
+        spec_of(config).validate(config)
+        for change in check_binding(config, workdir, False, spec_of(config)):
             logging.warning("ignoring --config %s: %s describes this workdir", change, CONFIG_FILE)
     return ml_collections.ConfigDict(stored)
 
 
-def _write_config(config, workdir: str) -> None:
+def _write_config(config, workdir: str, spec) -> None:
     """Records the config; atomically, so an interruption never leaves half a config.json."""
     path = os.path.join(workdir, CONFIG_FILE)
     text = config.to_json(indent=2)
-    if stored_config(workdir) == json.loads(text):
+    if stored_config(workdir, lambda _: spec) == json.loads(text):
         return
     files.write_text(path, text)
 
@@ -210,33 +214,36 @@ def lock(workdir: str):
 
 
 @contextlib.contextmanager
-def claim(config, workdir: str):
-    """For runs that write a workdir: validates the config, checks it against the workdir's,
-    takes the lock and records the config. Nothing is written before the checks pass."""
-    config_rules.validate(config, devices=jax.local_device_count())
+def claim(config, workdir: str, spec):
+    """For runs that write a workdir: validates the config against `spec` (its kind's), checks
+    it against the workdir's, takes the lock and records the config. Nothing is written before
+    the checks pass."""
+    spec.validate(config, devices=jax.local_device_count())
     check_not_file(workdir)
-    if check := config_rules.OUTPUT_RULES.get(config_rules.kind_of(config)):
-        check(config, workdir)
-    check_binding(config, workdir, extending=True)
+    spec.outputs(config, workdir)
+    check_binding(config, workdir, True, spec)
     if jax.process_index() > 0:
         # A multi-process run: process 0 holds the lock and records the config for all.
         yield
         return
     with lock(workdir):
         # Again under the lock: another process may have bound the workdir in the meantime.
-        check_binding(config, workdir, extending=True)
-        _write_config(config, workdir)
+        check_binding(config, workdir, True, spec)
+        _write_config(config, workdir, spec)
         yield
 
 
-def claims_workdir(run):
-    """Decorates an experiment's `run(config, workdir)` to hold `claim` around it, so a call from
-    Python validates the config and binds the workdir as main.py does (re-entrant: under
-    main.py, `modes.train`'s claim is already held)."""
+def claims_workdir(spec):
+    """Decorates an experiment's `run(config, workdir)` to hold `claim` (with its kind's `spec`)
+    around it, so a call from Python validates the config and binds the workdir as main.py does
+    (re-entrant: under main.py, `modes.train`'s claim is already held)."""
 
-    @functools.wraps(run)
-    def claimed(config, workdir: str):
-        with claim(config, workdir):
-            return run(config, workdir)
+    def decorate(run):
+        @functools.wraps(run)
+        def claimed(config, workdir: str):
+            with claim(config, workdir, spec):
+                return run(config, workdir)
 
-    return claimed
+        return claimed
+
+    return decorate

@@ -226,7 +226,7 @@ def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_name_the_field(tmp_path, fields, message):
-    """The checks of every experiment's config (fusion_jax/config_rules.py), before any work."""
+    """The checks of every experiment's config (fusion_jax/specs/), before any work."""
     with pytest.raises(UserError) as e:
         modes.train(_config(**fields), str(tmp_path / "w"))
     assert str(e.value) == message

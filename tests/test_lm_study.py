@@ -442,19 +442,19 @@ def test_export_needs_a_pretrained_base(study):
 
 
 def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny_gguf):
-    from fusion_jax import config_rules
+    from fusion_jax import modes
     from fusion_jax.errors import UserError
 
     config = _config(tmp_path)
     config.model.base = tiny_gguf
     config.model.seq_len = 100
     with pytest.raises(UserError) as e:
-        config_rules.validate(config, devices=1)
+        modes.validate(config, devices=1)
     assert str(e.value) == "config.model.seq_len=100: must be at most the base's 64 positions"
     config.model.seq_len = 32
     config.data.expert_domains = "lower"
     with pytest.raises(UserError) as e:
-        config_rules.validate(config, devices=1)
+        modes.validate(config, devices=1)
     assert str(e.value) == (
         "config.data.expert_domains='lower': must be '' or 2 or more of the names in "
         "config.data.domains"
@@ -462,7 +462,7 @@ def test_a_pretrained_base_is_checked_before_the_workdir_is_bound(tmp_path, tiny
     config.data.expert_domains = ""
     config.model.base = str(tmp_path / "missing.gguf")
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
-        config_rules.validate(config, devices=1)
+        modes.validate(config, devices=1)
 
 
 def test_a_merge_method_registered_in_merging_is_a_searched_row(study, tmp_path, toy_merge):

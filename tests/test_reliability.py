@@ -1,6 +1,7 @@
 """Trustworthy runs: config validation, workdir binding, damaged checkpoints, the lock, one-line
 user errors (DESIGN.md §5, issue 9)."""
 
+import dataclasses
 import functools
 import glob
 import importlib
@@ -18,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import baseline, compare, dyn_fusion
-from fusion_jax import config_rules, modes
+from fusion_jax import modes, schema
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import stages
@@ -34,7 +35,7 @@ GROKKING_SAFE = (
 )
 
 # Every config file and its variants. A new config file must be added here, and its kind needs
-# a table in fusion_jax/config_rules.py.
+# a table in its spec module (fusion_jax/specs/).
 CONFIG_VARIANTS = {
     "baseline": [None, "quick", "tiny"],
     "dyn_fusion": [None, "layers4", "heads6", "layers5", "quick", "tiny", "layers4,tiny",
@@ -123,14 +124,15 @@ def test_a_misspelt_variant_names_the_known_ones(name, arg, message):
 
 
 def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
-    seen = {kind: set() for kind in config_rules.RULES}
+    seen = {kind: set() for kind in modes.KINDS}
     for label, config in all_configs():
-        kind = config_rules.kind_of(config)
-        fields = set(config_rules.flatten(config))
-        missing = fields - set(config_rules.RULES[kind])
+        kind = modes.kind_of(config)
+        fields = set(schema.flatten(config))
+        missing = fields - set(modes.KINDS[kind].spec.rules)
         assert not missing, f"{label}: fields without a validation rule: {sorted(missing)}"
         seen[kind] |= fields
-    for kind, rules in config_rules.RULES.items():
+    for kind, entry in modes.KINDS.items():
+        rules = entry.spec.rules
         assert set(rules) == seen[kind], (
             f"rules of {kind!r} for no field: {set(rules) - seen[kind]}"
         )
@@ -146,19 +148,20 @@ def test_every_field_of_every_config_has_a_rule_and_every_rule_a_field():
      ("merge_compare", "config.seed=-1: must be an integer >= 0")],
 )  # fmt: skip
 def test_experiments_called_from_python_check_the_config_before_writing(tmp_path, kind, message):
-    assert set(modes.EXPERIMENTS) == {"lm_fuse", "lm_merge", "lm_study", "merge_compare"}
-    file = config_rules.CONFIG_FILES[kind]
+    runners = {k: entry.run for k, entry in modes.KINDS.items() if entry.run is not None}
+    assert set(runners) == {"lm_fuse", "lm_merge", "lm_study", "merge_compare"}
+    file = modes.KINDS[kind].spec.config_files
     config = importlib.import_module(file[: -len(".py")].replace("/", ".")).get_config()
     config.seed = -1
     with pytest.raises(UserError) as e:
-        modes.EXPERIMENTS[kind](config, str(tmp_path / "w"))
+        runners[kind](config, str(tmp_path / "w"))
     assert str(e.value) == message
     assert not (tmp_path / "w").exists()
 
 
 def test_shipped_configs_are_valid():
     for _, config in all_configs():
-        config_rules.validate(with_inputs(config), devices=4)
+        modes.validate(with_inputs(config), devices=4)
 
 
 def lm_merge_config(**changes):
@@ -236,22 +239,22 @@ def test_unknown_missing_and_unknown_kind_fields_are_refused():
     config = tiny()
     config.train.tran = 8
     with pytest.raises(UserError) as e:
-        config_rules.validate(config)
+        modes.validate(config)
     assert str(e.value) == (
         "config.train.tran=8: not a field of configs/baseline.py, configs/dyn_fusion.py configs "
-        "(every field needs a rule in fusion_jax/config_rules.py)"
+        "(every field needs a rule in fusion_jax/specs/grokking.py)"
     )
     config = tiny()
     del config.train["batch_size"]
     with pytest.raises(UserError) as e:
-        config_rules.validate(config)
+        modes.validate(config)
     assert str(e.value) == (
         "config.train.batch_size is missing: configs/baseline.py, configs/dyn_fusion.py configs "
         "need it"
     )
     config = lm_merge_config(experiment="lm_mystery")
     with pytest.raises(UserError) as e:
-        config_rules.validate(config)
+        modes.validate(config)
     assert str(e.value) == (
         "config.experiment='lm_mystery': must be one of 'merge_compare', 'lm_merge', 'lm_fuse', "
         "'lm_study'"
@@ -263,7 +266,9 @@ def test_unknown_missing_and_unknown_kind_fields_are_refused():
 
 def test_compare_config_runs_the_merging_experiment_by_default(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setitem(modes.EXPERIMENTS, "merge_compare", lambda c, w: calls.append(w) or "ran")
+    ran = lambda c, w: calls.append(w) or "ran"  # noqa: E731
+    kind = dataclasses.replace(modes.KINDS["merge_compare"], run=ran)
+    monkeypatch.setitem(modes.KINDS, "merge_compare", kind)
     assert modes.train(compare.get_config("tiny"), str(tmp_path)) == "ran"
     assert calls == [str(tmp_path)]
     assert json.load(open(tmp_path / "config.json"))["experiment"] == "merge_compare"
@@ -350,14 +355,14 @@ def test_safe_changes_are_allowed_and_others_listed(tmp_path):
     config.tasks = "x_plus_y,x_minus_y"
     (tmp_path / "config.json").write_text(config.to_json())
     config.tasks, config.name, config.num_steps = "x_minus_y, x_plus_y", "Renamed", 40
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == [
+    assert workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config)) == [
         "name: 'Baseline' → 'Renamed'",
         "tasks: 'x_plus_y,x_minus_y' → 'x_minus_y, x_plus_y'",
         "num_steps: 20 → 40",
     ]
     config.tasks, config.num_steps, config.opt.b1 = "x_minus_y", 10, 0.8
     with pytest.raises(UserError) as e:
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
     assert str(e.value) == drift_message(
         str(tmp_path),
         "tasks: 'x_plus_y,x_minus_y' → 'x_minus_y' (only a reordering is safe), num_steps: 20 → "
@@ -366,7 +371,7 @@ def test_safe_changes_are_allowed_and_others_listed(tmp_path):
     # A mode that only reads the workdir uses its values: a shorter num_steps does not matter.
     config = tiny()
     config.tasks, config.num_steps = "x_plus_y,x_minus_y", 10
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=False) == [
+    assert workdir_lib.check_binding(config, str(tmp_path), False, modes.spec_of(config)) == [
         "num_steps: 20 → 10"
     ]
 
@@ -388,14 +393,14 @@ def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
     del functools.reduce(dict.__getitem__, parents, stored)[leaf]
     (tmp_path / "config.json").write_text(json.dumps(stored))
     with pytest.raises(UserError, match=rf"results: {field}: 'default' → 'highest'\. "):
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
     config.update_from_flattened_dict({field: "default"})
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+    assert workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config)) == []
 
 
 def test_the_fields_each_lm_merge_method_never_reads():
     config = importlib.import_module("configs.lm_merge").get_config()
-    dam_fields = {f for f in config_rules.flatten(config) if f.startswith("dam.")}
+    dam_fields = {f for f in schema.flatten(config) if f.startswith("dam.")}
     expected = {
         "weight_average": {"lam", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
         "task_arithmetic": {"weights", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
@@ -406,8 +411,11 @@ def test_the_fields_each_lm_merge_method_never_reads():
     }
     for method, unused in expected.items():
         config.method = method
-        assert config_rules.unused_fields(config) == unused, method
-    assert len(dam_fields) == 19 and config_rules.unused_fields(dyn_fusion.get_config()) == set()
+        assert modes.spec_of(config).unused(config) == unused, method
+    assert (
+        len(dam_fields) == 19
+        and modes.spec_of(dyn_fusion.get_config()).unused(dyn_fusion.get_config()) == set()
+    )
 
 
 def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_path):
@@ -416,9 +424,9 @@ def test_an_lm_study_workdir_from_before_capped_windows_kept_the_first_ones(tmp_
     del stored["data"]["capped_windows"]
     (tmp_path / "config.json").write_text(json.dumps(stored))
     with pytest.raises(UserError, match=r"results: data.capped_windows: 'first' → 'spread'\. "):
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
     config.data.capped_windows = "first"
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+    assert workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config)) == []
 
 
 @pytest.mark.parametrize("name, field", [("lm_fuse", "data"), ("lm_merge", "dam")])
@@ -433,9 +441,9 @@ def test_an_lm_workdir_from_before_special_tokens_keeps_the_plain_text_tokens(
     (tmp_path / "config.json").write_text(json.dumps(stored))
     message = rf"results: {field}.special_tokens: False → True\. "
     with pytest.raises(UserError, match=message):
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
     config[field].special_tokens = False
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == []
+    assert workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config)) == []
 
 
 def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
@@ -445,7 +453,7 @@ def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
     del stored["dam"]["matmul_precision"], stored["dam"]["special_tokens"]
     (tmp_path / "config.json").write_text(json.dumps(stored))
     config.t, config.dam.seq_len = 0.25, 64
-    assert workdir_lib.check_binding(config, str(tmp_path), extending=True) == [
+    assert workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config)) == [
         "t: 0.5 → 0.25",
         "dam.special_tokens: False → True",
         "dam.seq_len: 256 → 64",
@@ -453,11 +461,11 @@ def test_an_lm_merge_workdir_may_change_what_its_method_never_reads(tmp_path):
     ]
     config.density = 0.2
     with pytest.raises(UserError, match=r"results: density: 0\.5 → 0\.2\. Use a new"):
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
     # Another method reads other fields: the method's change is refused with theirs.
     config.density, config.method = 0.5, "slerp"
     with pytest.raises(UserError, match=r"results: method: 'ties' → 'slerp', t: 0\.5 → 0\.25\. "):
-        workdir_lib.check_binding(config, str(tmp_path), extending=True)
+        workdir_lib.check_binding(config, str(tmp_path), True, modes.spec_of(config))
 
 
 def test_eval_reads_the_workdir_config_and_refuses_a_different_one(trained):

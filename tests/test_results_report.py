@@ -170,11 +170,16 @@ def test_committed_tables_regenerate(committed, tmp_path, monkeypatch):
                 f.write("stale\n")
     out = str(tmp_path / "regenerated")
     spec = ",".join(f"{n}={os.path.join(committed, n)}" for n in runs)
-    rr.write_results(spec, out, plots=False)
+    rr.write_results(spec, out, markdown_of=modes.markdown_of, plots=False)
     # index.md counts the plots, which this check does not draw; README.md is written by hand.
     skip = {"index.md", "README.md"}
     _assert_same(committed, out, skip=skip)
-    rr.write_results(",".join(f"{n}={os.path.join(copy, n)}" for n in runs), copy, plots=False)
+    rr.write_results(
+        ",".join(f"{n}={os.path.join(copy, n)}" for n in runs),
+        copy,
+        markdown_of=modes.markdown_of,
+        plots=False,
+    )
     _assert_same(committed, copy, skip=skip)
 
 
@@ -182,13 +187,20 @@ def test_refusals(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     baseline = os.path.join(FIXTURE, "workdirs", "baseline")
     with pytest.raises(UserError, match="share a results folder"):
-        rr.write_results(f"{baseline},{baseline}", str(tmp_path / "out"), plots=False)
+        rr.write_results(
+            f"{baseline},{baseline}",
+            str(tmp_path / "out"),
+            markdown_of=modes.markdown_of,
+            plots=False,
+        )
     with pytest.raises(UserError, match="training workdir"):
-        rr.write_results(baseline, baseline, plots=False)
+        rr.write_results(baseline, baseline, markdown_of=modes.markdown_of, plots=False)
     with pytest.raises(UserError, match="no config.json"):
-        rr.write_results(str(tmp_path), str(tmp_path / "out"), plots=False)
+        rr.write_results(
+            str(tmp_path), str(tmp_path / "out"), markdown_of=modes.markdown_of, plots=False
+        )
     with pytest.raises(UserError, match="at least one"):
-        rr.write_results("", str(tmp_path / "out"), plots=False)
+        rr.write_results("", str(tmp_path / "out"), markdown_of=modes.markdown_of, plots=False)
 
 
 def test_a_log_is_read_to_its_last_complete_line_and_a_resume_cuts_the_rest(tmp_path):
@@ -214,7 +226,7 @@ def test_final_info_of_an_unfinished_run_says_the_step_it_describes():
 def test_regenerating_a_run_folder_removes_what_its_workdir_no_longer_has(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = str(tmp_path / "results")
-    rr.write_results(FIXTURE_WORKDIRS, out, plots=False)
+    rr.write_results(FIXTURE_WORKDIRS, out, markdown_of=modes.markdown_of, plots=False)
     # As left by an earlier generation from a workdir that had more: gates, compute, a task.
     stale = ["gate_analysis.json", "compute.json", "gate_heatmap_x_plus_y.png"]
     for name in stale:
@@ -222,5 +234,5 @@ def test_regenerating_a_run_folder_removes_what_its_workdir_no_longer_has(tmp_pa
     os.makedirs(os.path.join(out, "run_0", "x_minus_y"))
     open(os.path.join(out, "run_0", "x_minus_y", "metrics.jsonl"), "w").write("")
     open(os.path.join(out, "compare", "frontier.png"), "w").write("")
-    rr.write_results(FIXTURE_WORKDIRS, out, plots=False)
+    rr.write_results(FIXTURE_WORKDIRS, out, markdown_of=modes.markdown_of, plots=False)
     _assert_same(os.path.join(FIXTURE, "expected"), out, skip={"index.md"})

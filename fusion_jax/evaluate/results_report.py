@@ -33,7 +33,7 @@ import numpy as np
 from fusion_jax import files
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
-from fusion_jax.evaluate import comparisons, results
+from fusion_jax.evaluate import results
 from fusion_jax.train import logs
 
 REFERENCE_DIR = os.path.dirname(compare_lib.REFERENCE)
@@ -466,10 +466,11 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
     return table
 
 
-def write_experiment_run(workdir: str, run_dir: str, kind: str) -> None:
-    """The experiment's files, with comparison.md rendered anew from its comparison.json."""
+def write_experiment_run(workdir: str, run_dir: str, render) -> None:
+    """The experiment's files, with comparison.md rendered anew from its comparison.json by
+    `render` (None: copied)."""
     _mirror(workdir, run_dir, list(COMPARISON_FILES))
-    data, render = os.path.join(workdir, "comparison.json"), comparisons.MARKDOWN.get(kind)
+    data = os.path.join(workdir, "comparison.json")
     if render and os.path.exists(data):
         _write_text(os.path.join(run_dir, "comparison.md"), render(files.read_json(data)))
 
@@ -549,9 +550,11 @@ def write_index(out_dir: str) -> str:
 
 
 def write_results(
-    workdirs, out_dir: str, seed_runs_path: str = SEED_RUNS, plots: bool = True
+    workdirs, out_dir: str, markdown_of, seed_runs_path: str = SEED_RUNS, plots: bool = True
 ) -> dict:
-    """Writes `out_dir/<name>/` for every workdir and `out_dir/index.md`; returns the tables."""
+    """Writes `out_dir/<name>/` for every workdir and `out_dir/index.md`; returns the tables.
+    `markdown_of(kind)`: the renderer of an experiment kind's comparison.json
+    (`modes.markdown_of`)."""
     if os.path.exists(os.path.join(out_dir, "config.json")):
         raise UserError(f"--workdir={out_dir} is a training workdir; give a results folder")
     entries = []
@@ -582,7 +585,7 @@ def write_results(
         if kind is None:
             tables[name] = write_grokking_run(name, workdir, config, run_dir, seed_runs, plots)
         else:
-            write_experiment_run(workdir, run_dir, kind)
+            write_experiment_run(workdir, run_dir, markdown_of(kind))
         files.write_json(os.path.join(run_dir, "run.json"), info)
     write_index(out_dir)
     return tables

@@ -27,10 +27,11 @@ from absl import logging
 from fusion_jax import files
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
-from fusion_jax.config_rules import split_list
 from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.models import decoding, lm, lm_fusion
+from fusion_jax.schema import split_list
+from fusion_jax.specs.lm_fuse import SPEC
 from fusion_jax.train import checkpoint, chunks, logs
 
 
@@ -77,7 +78,7 @@ class Setup:
         # The text is part of the workdir's identity: a resume on other text would mix the two.
         hc.check_inputs(os.path.join(workdir, "text.json"), hc.input_records(paths), "text files")
         docs = text.read_documents(paths, d.record_separator or None)
-        # Two or more documents (config_rules): both splits get one.
+        # Two or more documents (specs/lm_fuse.py): both splits get one.
         train_docs, val_docs = text.split_documents(docs, self.config.seed, d.val_fraction)
         eos = getattr(self.tokenizer, "eos_id", None)
         pad = self.tokenizer.pad_id
@@ -190,7 +191,7 @@ def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None):
     return step_fn
 
 
-@workdir_lib.claims_workdir
+@workdir_lib.claims_workdir(SPEC)
 def train(config, workdir: str) -> dict:
     """Trains the fusion gate (and head; everything with end_to_end), resuming if possible."""
     t = config.train

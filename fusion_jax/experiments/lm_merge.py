@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from fusion_jax import config_rules, files, gguf_checkpoint, merging
+from fusion_jax import errors, files, gguf_checkpoint, merging, schema
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text, tokenize
@@ -37,6 +37,7 @@ from fusion_jax.errors import UserError
 from fusion_jax.experiments import engine
 from fusion_jax.merging import dam
 from fusion_jax.models import lm
+from fusion_jax.specs.lm_merge import SPEC
 from fusion_jax.train import checkpoint, logs
 
 
@@ -49,7 +50,7 @@ def method_hparams(config) -> dict:
             continue
         value = config[name]
         if name == "weights":
-            value = tuple(float(w) for w in config_rules.split_list(value)) or None
+            value = tuple(float(w) for w in schema.split_list(value)) or None
         out[name] = value
     return out
 
@@ -114,7 +115,7 @@ def streaming_merge(
 ) -> int:
     """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count."""
     inputs = ([base] if base else []) + models
-    config_rules.check_apart(out_dir, inputs)
+    files.check_apart(out_dir, inputs)
     _, hf_config, names = hc.check_compatible(inputs)
     readers = [hc.open_tensors(d) for d in models]
     base_reader = hc.open_tensors(base) if base else None
@@ -139,13 +140,13 @@ def streaming_merge(
         stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
-            files.check_finite(stacked[k], f"{models[k]}: tensor {name}")
+            errors.check_finite(stacked[k], f"{models[k]}: tensor {name}")
         # One fixed key for every tensor: the jitted merges are compiled once per shape and
         # dtype, not once per tensor name (a tree keyed by the name is a new structure each time).
         args = {}
         if merge_base:
             args["base"] = {"w": merge_base.get(name)}
-            files.check_finite(args["base"]["w"], f"{base}: tensor {name}")
+            errors.check_finite(args["base"]["w"], f"{base}: tensor {name}")
         merged = merging.merge(
             method, {"w": jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
         )["w"]
@@ -163,7 +164,7 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     """Trains DAM coefficients (resuming from `<workdir>/dam`) and exports the merged model.
     Returns its summary and the models' `hc.input_records` (read once: gigabytes each)."""
     d = config.dam
-    groups = config_rules.split_list(d.train)
+    groups = schema.split_list(d.train)
     sources = [s for s in str(d.data).split(";") if s.strip()]
     lm_config, hf_config, _ = hc.check_compatible(models)
     lm_config = dataclasses.replace(
@@ -245,13 +246,13 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     return {"num_steps": num_steps, "final": history[-1] if history else None}, inputs
 
 
-@workdir_lib.claims_workdir
+@workdir_lib.claims_workdir(SPEC)
 def run(config, workdir: str) -> dict:
     """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`.
 
-    The config is checked by fusion_jax.config_rules first: method, inputs and their counts,
+    The config is checked by fusion_jax/specs/lm_merge.py first: method, inputs and their counts,
     dtype and DAM's groups and text sources."""
-    models, base = config_rules.split_list(config.models), config.base or None
+    models, base = schema.split_list(config.models), config.base or None
     os.makedirs(workdir, exist_ok=True)
     out_dir, tmp_dir, old_dir = _outputs(workdir)
     if os.path.exists(tmp_dir):

@@ -39,7 +39,6 @@ from absl import logging
 from fusion_jax import files, gguf_checkpoint, merging, pretrained
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
-from fusion_jax.config_rules import split_list
 from fusion_jax.data import domains as domains_lib
 from fusion_jax.data import text, text_tfds, tokenize
 from fusion_jax.evaluate import plots
@@ -48,6 +47,8 @@ from fusion_jax.experiments import engine
 from fusion_jax.experiments.stages import Stages, flops_of, stack, take
 from fusion_jax.merging import dam
 from fusion_jax.models import decoding, lm, lm_fusion
+from fusion_jax.schema import split_list
+from fusion_jax.specs.lm_study import SPEC
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -168,7 +169,7 @@ class Study:
         self.tokenizer = tokenize.load_tokenizer(spec)
         self.data = load_data(config, workdir, spec)
         self.names = self.data.names
-        # The domains that get an expert (all by default; config_rules checks the names); the
+        # The domains that get an expert (all by default; specs/lm_study.py checks the names); the
         # others are scored only.
         self.expert_names = split_list(config.data.expert_domains) or self.names
         self.expert_domain = [self.names.index(n) for n in self.expert_names]
@@ -553,7 +554,7 @@ def bpb_sums(logits, tokens, mask, token_bytes):
 DAM_ROWS = {"average": "DAM", "repository": "DAM, repository init (c = 1/K)"}
 
 
-@workdir_lib.claims_workdir
+@workdir_lib.claims_workdir(SPEC)
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
     study = Study(config, workdir)

@@ -42,6 +42,7 @@ from fusion_jax.experiments.stages import Stages, flops_of, stack, take, train_s
 from fusion_jax.models import fusion
 from fusion_jax.models.numerics import Numerics
 from fusion_jax.models.transformer import Transformer
+from fusion_jax.specs.merge_compare import SPEC
 from fusion_jax.train import steps
 from fusion_jax.train.optimizer import make_optimizer
 
@@ -491,7 +492,7 @@ def report(p: Pipeline, rows, searches, coeffs) -> dict:
     return out
 
 
-@workdir_lib.claims_workdir
+@workdir_lib.claims_workdir(SPEC)
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
     p = Pipeline(config, workdir)

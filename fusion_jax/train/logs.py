@@ -5,13 +5,13 @@ import os
 
 import numpy as np
 
-from fusion_jax import files
+from fusion_jax import errors, files
 
 METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 def append(path: str, records: list[dict]) -> None:
-    with files.naming(path), open(path, "a") as f:
+    with errors.naming(path), open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
 

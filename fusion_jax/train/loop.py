@@ -24,6 +24,7 @@ from fusion_jax.data import pipeline
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.errors import UserError
 from fusion_jax.models.numerics import NUMERICS_FIELDS, Numerics
+from fusion_jax.specs import grokking
 from fusion_jax.train import checkpoint, chunks, logs, steps
 from fusion_jax.train.optimizer import make_optimizer
 
@@ -84,7 +85,7 @@ def setup_task(config: ml_collections.ConfigDict, task_name: str) -> TaskSetup:
 
 
 def frozen_collections(config) -> tuple[str, ...]:
-    # config_rules allows freeze_experts only for models with experts.
+    # specs/grokking.py allows freeze_experts only for models with experts.
     return ("ensemble",) if config.model.get("freeze_experts", False) else ()
 
 
@@ -259,7 +260,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, list[dic
 
     The config is validated and bound to the workdir first (fusion_jax/workdir.py).
     """
-    with workdir_lib.claim(config, workdir):
+    with workdir_lib.claim(config, workdir, grokking.SPEC):
         records = {}
         for name in tasks_lib.parse_task_names(config.tasks):
             # A signal that reached a process of several after the last chunk of the task before

@@ -1,0 +1,161 @@
+"""lm_merge configs (configs/lm_merge.py): the kind "lm_merge"."""
+
+import math
+import os
+from collections.abc import Mapping
+
+from fusion_jax import files, gguf_checkpoint, hf_checkpoint, merging, schema
+from fusion_jax.data import text
+from fusion_jax.merging import dam
+from fusion_jax.schema import (
+    COMPUTE_DTYPE,
+    FLAG,
+    MATMUL_PRECISION,
+    NON_NEGATIVE,
+    POSITIVE,
+    SEED,
+    TEXT,
+    Problem,
+    Rule,
+    Spec,
+    choice,
+    integer,
+    number,
+    split_list,
+)
+from fusion_jax.specs import checkpoints
+
+
+def _shard_size(v) -> bool:
+    if schema.is_int(v):
+        return v >= 1
+    try:
+        return isinstance(v, str) and hf_checkpoint.parse_size(v) >= 1
+    except ValueError:
+        return False
+
+
+def _weights(v) -> bool:
+    try:
+        return isinstance(v, str) and all(math.isfinite(float(w)) for w in split_list(v))
+    except ValueError:
+        return False
+
+
+DAM_GROUPS = dam.GROUPS
+
+LM_MERGE = {
+    "experiment": choice("lm_merge"),
+    "base": Rule(
+        lambda v: isinstance(v, str) and (v == "" or checkpoints.is_checkpoint(v)),
+        "'' or an existing checkpoint directory or .gguf file",
+    ),
+    "models": checkpoints.directories(1),
+    # Read when checked, so a method registered in merging.MERGES after import is offered too.
+    "method": Rule(
+        lambda v: v == "dam" or v in merging.MERGES,
+        "one of " + ", ".join(map(repr, [*merging.MERGES, "dam"])),
+    ),
+    "weights": Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
+    "lam": number(),
+    "density": number(0, 1, low_open=True),
+    "drop_rate": number(0, 1, high_open=True),
+    "combine": choice("linear", "ties"),
+    "t": number(0, 1),
+    "seed": SEED,
+    "dtype": choice("", *hf_checkpoint.DTYPES),
+    "max_shard_size": Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
+    "output_format": choice("safetensors", "gguf", "both"),
+    "gguf_type": choice("", *gguf_checkpoint.WRITE_TYPES),
+    "dam.data": TEXT,
+    "dam.tokenizer": checkpoints.TOKENIZER,
+    "dam.special_tokens": FLAG,
+    "dam.seq_len": integer(1),
+    "dam.batch_size": integer(1),
+    "dam.num_devices": integer(0),
+    "dam.num_steps": integer(0),
+    "dam.learning_rate": POSITIVE,
+    "dam.temperature": POSITIVE,
+    "dam.similarity": choice(*merging.SIMILARITIES),
+    "dam.similarity_weight": NON_NEGATIVE,
+    "dam.l1_weight": NON_NEGATIVE,
+    "dam.l2_weight": NON_NEGATIVE,
+    "dam.nonlinearity": choice(*merging.NONLINEARITIES),
+    "dam.train": Rule(
+        lambda v: (
+            isinstance(v, str) and bool(split_list(v)) and set(split_list(v)) <= set(DAM_GROUPS)
+        ),
+        "comma-separated groups from " + ", ".join(DAM_GROUPS),
+    ),
+    "dam.compute_dtype": COMPUTE_DTYPE,
+    "dam.matmul_precision": MATMUL_PRECISION,
+    "dam.log_every": integer(1),
+    "dam.checkpoint_every": integer(1),
+}
+
+
+def _lm_merge_inputs(config, devices) -> Problem:
+    n = len(split_list(config.models))
+    if config.method in ("task_arithmetic", "ties", "dare") and not config.base:
+        return "base", f"a checkpoint directory for config.method={config.method!r}"
+    if config.method == "slerp" and n != 2:
+        return "models", "exactly 2 checkpoint directories for config.method='slerp'"
+    if config.method == "weight_average" and len(split_list(config.weights)) not in (0, n):
+        return "weights", f"'' or {n} comma-separated numbers (one per model)"
+    if math.fsum(float(w) for w in split_list(config.weights)) == 0 and config.weights.strip():
+        return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
+    sources = [s for s in config.dam.data.split(";") if s.strip()]
+    if config.method == "dam" and len(sources) != n:
+        return "dam.data", f"{n} text sources separated by ';' (one per model)"
+    if config.method == "dam" and devices is not None:  # about to train: read before binding
+        for source in sources:
+            text.text_files(source)
+    return None
+
+
+def _lm_merge_outputs(config, workdir: str) -> None:
+    # The folders lm_merge replaces: merged/, and merged.partial/ and merged.old/ beside it.
+    inputs = [p for p in [config.base, *split_list(config.models)] if p]
+    for suffix in ("", ".partial", ".old"):
+        files.check_apart(os.path.join(workdir, "merged" + suffix), inputs, workdir)
+
+
+# lm_merge's hyper-parameter fields, each named as the argument of the merge functions that take it.
+_LM_MERGE_HPARAMS = ("weights", "lam", "density", "drop_rate", "combine", "t")
+
+
+def _lm_merge_unused(config: Mapping) -> set[str]:
+    """The fields a merge with `config["method"]` never reads (a static merge reads no `dam.*`
+    field, and only a merge that draws (DARE) its seed; DAM reads no static hyper-parameter)."""
+    method = config["method"]
+    if method == "dam":
+        return set(_LM_MERGE_HPARAMS)
+    unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method))
+    unused |= {f for f in schema.flatten(config) if f.startswith("dam.")}
+    return unused | (set() if merging.needs_rng(method) else {"seed"})
+
+
+SPEC = Spec(
+    kind="lm_merge",
+    config_files="configs/lm_merge.py",
+    rules=LM_MERGE,
+    cross_rules=(_lm_merge_inputs, checkpoints.compatible_checkpoints,
+                 checkpoints.within_positions("dam.seq_len"),
+                 checkpoints.data_parallel("dam", lambda config: config.method == "dam")),
+    safe_changes={
+        "max_shard_size": "any",
+        "dam.log_every": "any",
+        "dam.checkpoint_every": "any",
+        "dam.num_devices": "any",  # the same sums, added in another order
+    },
+    added_fields={
+        "output_format": "safetensors",
+        "gguf_type": "",
+        "dam.matmul_precision": "default",
+        "dam.special_tokens": False,
+        "dam.num_devices": 1,
+    },
+    unused=_lm_merge_unused,
+    outputs=_lm_merge_outputs,
+    module="fusion_jax/specs/lm_merge.py",
+)  # fmt: skip
