@@ -5,28 +5,9 @@ import re
 
 import jax
 
-from fusion_jax import models
+from fusion_jax import models, schema
 from fusion_jax.data import tasks as tasks_lib
 from fusion_jax.models import fusion
-from fusion_jax.schema import (
-    COMPUTE_DTYPE,
-    FLAG,
-    FRACTION,
-    MATMUL_PRECISION,
-    NAME,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    TEXT,
-    Problem,
-    Rule,
-    Spec,
-    choice,
-    integer,
-    lookup,
-    number,
-    split_list,
-)
 
 
 def _is_prime(n: int) -> bool:
@@ -36,77 +17,77 @@ def _is_prime(n: int) -> bool:
 def _task_list(v) -> bool:
     if not isinstance(v, str):
         return False
-    names = split_list(v)
+    names = schema.split_list(v)
     return bool(names) and len(set(names)) == len(names) and set(names) <= set(tasks_lib.TASKS)
 
 
-TASKS = Rule(
+TASKS = schema.Rule(
     _task_list, "distinct comma-separated task names from " + ", ".join(sorted(tasks_lib.TASKS))
 )
 
 # The grokking training configs (configs/baseline.py, configs/dyn_fusion.py).
 GROKKING = {
-    "name": NAME,
+    "name": schema.NAME,
     # A run key of reference/seed_runs.json for comparison tables, or None.
-    "reference_run": Rule(lambda v: v is None or isinstance(v, str), "None or a string"),
+    "reference_run": schema.Rule(lambda v: v is None or isinstance(v, str), "None or a string"),
     "tasks": TASKS,
-    "num_steps": integer(1),
-    "num_seeds": integer(1),
-    "seed": SEED,
-    "data.p": integer(2),
-    "data.frac_train": FRACTION,
-    "data.source": choice("tfds", "algebra"),
-    "data.tfds_dir": NAME,
-    "model.name": choice(*models.MODELS),
-    "model.num_layers": integer(1),
-    "model.dim": integer(1),
-    "model.num_heads": integer(1),
-    "model.mlp_ratio": integer(1),
-    "model.last_position_only": FLAG,
-    "model.freeze_experts": FLAG,
-    "model.matmul_precision": MATMUL_PRECISION,
-    "model.compute_dtype": COMPUTE_DTYPE,
+    "num_steps": schema.integer(1),
+    "num_seeds": schema.integer(1),
+    "seed": schema.SEED,
+    "data.p": schema.integer(2),
+    "data.frac_train": schema.FRACTION,
+    "data.source": schema.choice("tfds", "algebra"),
+    "data.tfds_dir": schema.NAME,
+    "model.name": schema.choice(*models.MODELS),
+    "model.num_layers": schema.integer(1),
+    "model.dim": schema.integer(1),
+    "model.num_heads": schema.integer(1),
+    "model.mlp_ratio": schema.integer(1),
+    "model.last_position_only": schema.FLAG,
+    "model.freeze_experts": schema.FLAG,
+    "model.matmul_precision": schema.MATMUL_PRECISION,
+    "model.compute_dtype": schema.COMPUTE_DTYPE,
     # The fusion model's fields (configs/dyn_fusion.py).
-    "model.num_experts": integer(1, required=False),
-    "model.fusion_context": choice(*fusion.CONTEXTS, required=False),
-    "model.gate_dim": integer(1, required=False),
-    "model.temperature": number(0, low_open=True, required=False),
-    "model.top_k": integer(0, required=False),
-    "model.balance_weight": number(0, required=False),
-    "model.entropy_weight": number(required=False),
-    "opt.learning_rate": POSITIVE,
-    "opt.b1": number(0, 1, high_open=True),
-    "opt.b2": number(0, 1, high_open=True),
-    "opt.eps": POSITIVE,
-    "opt.weight_decay": NON_NEGATIVE,
-    "opt.warmup_steps": integer(0),
-    "train.batch_size": integer(1),
-    "train.eval_every": integer(1),
-    "train.log_every": integer(1),
-    "train.checkpoint_every": integer(1),
-    "train.max_to_keep": integer(1),
-    "train.num_devices": integer(0),
-    "train.checkpoint_every_secs": NON_NEGATIVE,
-    "train.require_accelerator": FLAG,
-    "train.num_processes": integer(0),
-    "train.coordinator_address": TEXT,
-    "train.process_id": integer(0),
-    "eval.mode": choice("exact", "sampled"),
-    "eval.num_batches": integer(1),
-    "eval.batch_size": integer(1),
-    "eval.acc_threshold": number(0, 1),
+    "model.num_experts": schema.integer(1, required=False),
+    "model.fusion_context": schema.choice(*fusion.CONTEXTS, required=False),
+    "model.gate_dim": schema.integer(1, required=False),
+    "model.temperature": schema.number(0, low_open=True, required=False),
+    "model.top_k": schema.integer(0, required=False),
+    "model.balance_weight": schema.number(0, required=False),
+    "model.entropy_weight": schema.number(required=False),
+    "opt.learning_rate": schema.POSITIVE,
+    "opt.b1": schema.number(0, 1, high_open=True),
+    "opt.b2": schema.number(0, 1, high_open=True),
+    "opt.eps": schema.POSITIVE,
+    "opt.weight_decay": schema.NON_NEGATIVE,
+    "opt.warmup_steps": schema.integer(0),
+    "train.batch_size": schema.integer(1),
+    "train.eval_every": schema.integer(1),
+    "train.log_every": schema.integer(1),
+    "train.checkpoint_every": schema.integer(1),
+    "train.max_to_keep": schema.integer(1),
+    "train.num_devices": schema.integer(0),
+    "train.checkpoint_every_secs": schema.NON_NEGATIVE,
+    "train.require_accelerator": schema.FLAG,
+    "train.num_processes": schema.integer(0),
+    "train.coordinator_address": schema.TEXT,
+    "train.process_id": schema.integer(0),
+    "eval.mode": schema.choice("exact", "sampled"),
+    "eval.num_batches": schema.integer(1),
+    "eval.batch_size": schema.integer(1),
+    "eval.acc_threshold": schema.number(0, 1),
 }
 FUSION_MODEL_FIELDS = tuple(f for f, rule in GROKKING.items() if not rule.required)
 
 
-def heads_divide_width(config, devices) -> Problem:
+def heads_divide_width(config, devices) -> schema.Problem:
     m = config.model
     if m.dim % m.num_heads:
         return "model.num_heads", f"a divisor of config.model.dim={m.dim}"
     return None
 
 
-def _fusion_fields(config, devices) -> Problem:
+def _fusion_fields(config, devices) -> schema.Problem:
     m = config.model
     has_fields = all(f.split(".")[1] in m for f in FUSION_MODEL_FIELDS)
     if m.name == "fusion" and not has_fields:
@@ -124,8 +105,8 @@ def _fusion_fields(config, devices) -> Problem:
     return None
 
 
-def prime_modulus(config, devices) -> Problem:
-    if "x_div_y" in split_list(config.tasks) and not _is_prime(config.data.p):
+def prime_modulus(config, devices) -> schema.Problem:
+    if "x_div_y" in schema.split_list(config.tasks) and not _is_prime(config.data.p):
         return (
             "data.p",
             "a prime for task x_div_y (b^(p-2) is the inverse of b mod p only when p is prime)",
@@ -139,8 +120,8 @@ def train_pairs(config, name: str) -> tuple[int, int]:
     return n, int(n * config.data.frac_train)
 
 
-def both_splits(config, devices) -> Problem:
-    for name in split_list(config.tasks):
+def both_splits(config, devices) -> schema.Problem:
+    for name in schema.split_list(config.tasks):
         n, n_train = train_pairs(config, name)
         if not 1 <= n_train <= n - 1:
             return (
@@ -151,7 +132,7 @@ def both_splits(config, devices) -> Problem:
     return None
 
 
-def _intervals(config, devices) -> Problem:
+def _intervals(config, devices) -> schema.Problem:
     t = config.train
     if t.log_every % t.eval_every:
         return "train.log_every", f"a multiple of config.train.eval_every={t.eval_every}"
@@ -162,7 +143,7 @@ def _intervals(config, devices) -> Problem:
     return None
 
 
-def _devices(config, devices) -> Problem:
+def _devices(config, devices) -> schema.Problem:
     if devices is None:
         return None
     if config.train.num_devices > devices:
@@ -170,7 +151,7 @@ def _devices(config, devices) -> Problem:
     # The batch is split over the devices of every process of a multi-process run.
     n = (config.train.num_devices or devices) * jax.process_count()
     for field in ("train.batch_size", "eval.batch_size"):
-        if lookup(config, field) % n:
+        if schema.lookup(config, field) % n:
             return (
                 field,
                 f"divisible by the {n} devices used for data parallelism (or set "
@@ -179,7 +160,7 @@ def _devices(config, devices) -> Problem:
     return None
 
 
-def _processes(config, devices) -> Problem:
+def _processes(config, devices) -> schema.Problem:
     t = config.train
     if t.num_processes > 1 and not re.fullmatch(r"[^:\s]+:\d+", t.coordinator_address):
         return (
@@ -228,7 +209,7 @@ GROKKING_ADDED = {
     "train.process_id": 0,
 }
 
-SPEC = Spec(
+SPEC = schema.Spec(
     kind=None,
     config_files="configs/baseline.py, configs/dyn_fusion.py",
     rules=GROKKING,

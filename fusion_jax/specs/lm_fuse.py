@@ -1,65 +1,50 @@
 """lm_fuse configs (configs/lm_fuse.py): the kind "lm_fuse"."""
 
+from fusion_jax import schema
 from fusion_jax.data import text
-from fusion_jax.schema import (
-    COMPUTE_DTYPE,
-    FLAG,
-    FRACTION,
-    MATMUL_PRECISION,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    TEXT,
-    Problem,
-    Spec,
-    choice,
-    integer,
-    number,
-    split_list,
-)
 from fusion_jax.specs import checkpoints
 
 LM_FUSE = {
-    "experiment": choice("lm_fuse"),
+    "experiment": schema.choice("lm_fuse"),
     "models": checkpoints.directories(2),
-    "seed": SEED,
-    "compute_dtype": COMPUTE_DTYPE,
-    "matmul_precision": MATMUL_PRECISION,
-    "data.sources": TEXT,
-    "data.record_separator": TEXT,
+    "seed": schema.SEED,
+    "compute_dtype": schema.COMPUTE_DTYPE,
+    "matmul_precision": schema.MATMUL_PRECISION,
+    "data.sources": schema.TEXT,
+    "data.record_separator": schema.TEXT,
     "data.tokenizer": checkpoints.TOKENIZER,
-    "data.special_tokens": FLAG,
-    "data.seq_len": integer(1),
-    "data.val_fraction": FRACTION,
-    "fusion.gate_dim": integer(1),
-    "fusion.temperature": POSITIVE,
-    "fusion.top_k": integer(0),
-    "fusion.balance_weight": NON_NEGATIVE,
-    "fusion.entropy_weight": number(),
-    "train.end_to_end": FLAG,
-    "train.num_steps": integer(1),
-    "train.batch_size": integer(1),
-    "train.num_devices": integer(0),
-    "train.learning_rate": POSITIVE,
-    "train.weight_decay": NON_NEGATIVE,
-    "train.log_every": integer(1),
-    "train.checkpoint_every": integer(1),
-    "train.require_accelerator": FLAG,
-    "generate.prompt": TEXT,
-    "generate.max_new_tokens": integer(1),
-    "generate.temperature": NON_NEGATIVE,
-    "generate.seed": SEED,
+    "data.special_tokens": schema.FLAG,
+    "data.seq_len": schema.integer(1),
+    "data.val_fraction": schema.FRACTION,
+    "fusion.gate_dim": schema.integer(1),
+    "fusion.temperature": schema.POSITIVE,
+    "fusion.top_k": schema.integer(0),
+    "fusion.balance_weight": schema.NON_NEGATIVE,
+    "fusion.entropy_weight": schema.number(),
+    "train.end_to_end": schema.FLAG,
+    "train.num_steps": schema.integer(1),
+    "train.batch_size": schema.integer(1),
+    "train.num_devices": schema.integer(0),
+    "train.learning_rate": schema.POSITIVE,
+    "train.weight_decay": schema.NON_NEGATIVE,
+    "train.log_every": schema.integer(1),
+    "train.checkpoint_every": schema.integer(1),
+    "train.require_accelerator": schema.FLAG,
+    "generate.prompt": schema.TEXT,
+    "generate.max_new_tokens": schema.integer(1),
+    "generate.temperature": schema.NON_NEGATIVE,
+    "generate.seed": schema.SEED,
 }
 
 
-def _lm_fuse_top_k(config, devices) -> Problem:
-    n = len(split_list(config.models))
+def _lm_fuse_top_k(config, devices) -> schema.Problem:
+    n = len(schema.split_list(config.models))
     if config.fusion.top_k > n:
         return "fusion.top_k", f"<= the {n} experts in config.models (0 = all experts)"
     return None
 
 
-def _two_documents(config, devices) -> Problem:
+def _two_documents(config, devices) -> schema.Problem:
     # The training and the validation split need a document each: without a record separator
     # each file is one; with one, the records are counted (the text is read here, before the
     # workdir is bound). Only before training (`devices` given): generating from a workdir
@@ -81,7 +66,7 @@ def _two_documents(config, devices) -> Problem:
     return None
 
 
-SPEC = Spec(
+SPEC = schema.Spec(
     kind="lm_fuse",
     config_files="configs/lm_fuse.py",
     rules=LM_FUSE,

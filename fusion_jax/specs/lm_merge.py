@@ -7,22 +7,6 @@ from collections.abc import Mapping
 from fusion_jax import files, gguf_checkpoint, hf_checkpoint, merging, schema
 from fusion_jax.data import text
 from fusion_jax.merging import dam
-from fusion_jax.schema import (
-    COMPUTE_DTYPE,
-    FLAG,
-    MATMUL_PRECISION,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    TEXT,
-    Problem,
-    Rule,
-    Spec,
-    choice,
-    integer,
-    number,
-    split_list,
-)
 from fusion_jax.specs import checkpoints
 
 
@@ -37,7 +21,7 @@ def _shard_size(v) -> bool:
 
 def _weights(v) -> bool:
     try:
-        return isinstance(v, str) and all(math.isfinite(float(w)) for w in split_list(v))
+        return isinstance(v, str) and all(math.isfinite(float(w)) for w in schema.split_list(v))
     except ValueError:
         return False
 
@@ -45,64 +29,69 @@ def _weights(v) -> bool:
 DAM_GROUPS = dam.GROUPS
 
 LM_MERGE = {
-    "experiment": choice("lm_merge"),
-    "base": Rule(
+    "experiment": schema.choice("lm_merge"),
+    "base": schema.Rule(
         lambda v: isinstance(v, str) and (v == "" or checkpoints.is_checkpoint(v)),
         "'' or an existing checkpoint directory or .gguf file",
     ),
     "models": checkpoints.directories(1),
     # Read when checked, so a method registered in merging.MERGES after import is offered too.
-    "method": Rule(
+    "method": schema.Rule(
         lambda v: v == "dam" or v in merging.MERGES,
         "one of " + ", ".join(map(repr, [*merging.MERGES, "dam"])),
     ),
-    "weights": Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
-    "lam": number(),
-    "density": number(0, 1, low_open=True),
-    "drop_rate": number(0, 1, high_open=True),
-    "combine": choice("linear", "ties"),
-    "t": number(0, 1),
-    "seed": SEED,
-    "dtype": choice("", *hf_checkpoint.DTYPES),
-    "max_shard_size": Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
-    "output_format": choice("safetensors", "gguf", "both"),
-    "gguf_type": choice("", *gguf_checkpoint.WRITE_TYPES),
-    "dam.data": TEXT,
+    "weights": schema.Rule(_weights, "'' (uniform) or comma-separated numbers, one per model"),
+    "lam": schema.number(),
+    "density": schema.number(0, 1, low_open=True),
+    "drop_rate": schema.number(0, 1, high_open=True),
+    "combine": schema.choice("linear", "ties"),
+    "t": schema.number(0, 1),
+    "seed": schema.SEED,
+    "dtype": schema.choice("", *hf_checkpoint.DTYPES),
+    "max_shard_size": schema.Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
+    "output_format": schema.choice("safetensors", "gguf", "both"),
+    "gguf_type": schema.choice("", *gguf_checkpoint.WRITE_TYPES),
+    "dam.data": schema.TEXT,
     "dam.tokenizer": checkpoints.TOKENIZER,
-    "dam.special_tokens": FLAG,
-    "dam.seq_len": integer(1),
-    "dam.batch_size": integer(1),
-    "dam.num_devices": integer(0),
-    "dam.num_steps": integer(0),
-    "dam.learning_rate": POSITIVE,
-    "dam.temperature": POSITIVE,
-    "dam.similarity": choice(*merging.SIMILARITIES),
-    "dam.similarity_weight": NON_NEGATIVE,
-    "dam.l1_weight": NON_NEGATIVE,
-    "dam.l2_weight": NON_NEGATIVE,
-    "dam.nonlinearity": choice(*merging.NONLINEARITIES),
-    "dam.train": Rule(
+    "dam.special_tokens": schema.FLAG,
+    "dam.seq_len": schema.integer(1),
+    "dam.batch_size": schema.integer(1),
+    "dam.num_devices": schema.integer(0),
+    "dam.num_steps": schema.integer(0),
+    "dam.learning_rate": schema.POSITIVE,
+    "dam.temperature": schema.POSITIVE,
+    "dam.similarity": schema.choice(*merging.SIMILARITIES),
+    "dam.similarity_weight": schema.NON_NEGATIVE,
+    "dam.l1_weight": schema.NON_NEGATIVE,
+    "dam.l2_weight": schema.NON_NEGATIVE,
+    "dam.nonlinearity": schema.choice(*merging.NONLINEARITIES),
+    "dam.train": schema.Rule(
         lambda v: (
-            isinstance(v, str) and bool(split_list(v)) and set(split_list(v)) <= set(DAM_GROUPS)
+            isinstance(v, str)
+            and bool(schema.split_list(v))
+            and set(schema.split_list(v)) <= set(DAM_GROUPS)
         ),
         "comma-separated groups from " + ", ".join(DAM_GROUPS),
     ),
-    "dam.compute_dtype": COMPUTE_DTYPE,
-    "dam.matmul_precision": MATMUL_PRECISION,
-    "dam.log_every": integer(1),
-    "dam.checkpoint_every": integer(1),
+    "dam.compute_dtype": schema.COMPUTE_DTYPE,
+    "dam.matmul_precision": schema.MATMUL_PRECISION,
+    "dam.log_every": schema.integer(1),
+    "dam.checkpoint_every": schema.integer(1),
 }
 
 
-def _lm_merge_inputs(config, devices) -> Problem:
-    n = len(split_list(config.models))
+def _lm_merge_inputs(config, devices) -> schema.Problem:
+    n = len(schema.split_list(config.models))
     if config.method in ("task_arithmetic", "ties", "dare") and not config.base:
         return "base", f"a checkpoint directory for config.method={config.method!r}"
     if config.method == "slerp" and n != 2:
         return "models", "exactly 2 checkpoint directories for config.method='slerp'"
-    if config.method == "weight_average" and len(split_list(config.weights)) not in (0, n):
+    if config.method == "weight_average" and len(schema.split_list(config.weights)) not in (0, n):
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
-    if math.fsum(float(w) for w in split_list(config.weights)) == 0 and config.weights.strip():
+    if (
+        math.fsum(float(w) for w in schema.split_list(config.weights)) == 0
+        and config.weights.strip()
+    ):
         return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
     sources = [s for s in config.dam.data.split(";") if s.strip()]
     if config.method == "dam" and len(sources) != n:
@@ -115,7 +104,7 @@ def _lm_merge_inputs(config, devices) -> Problem:
 
 def _lm_merge_outputs(config, workdir: str) -> None:
     # The folders lm_merge replaces: merged/, and merged.partial/ and merged.old/ beside it.
-    inputs = [p for p in [config.base, *split_list(config.models)] if p]
+    inputs = [p for p in [config.base, *schema.split_list(config.models)] if p]
     for suffix in ("", ".partial", ".old"):
         files.check_apart(os.path.join(workdir, "merged" + suffix), inputs, workdir)
 
@@ -135,7 +124,7 @@ def _lm_merge_unused(config: Mapping) -> set[str]:
     return unused | (set() if merging.needs_rng(method) else {"seed"})
 
 
-SPEC = Spec(
+SPEC = schema.Spec(
     kind="lm_merge",
     config_files="configs/lm_merge.py",
     rules=LM_MERGE,

@@ -5,85 +5,68 @@ from fusion_jax.data import domains
 from fusion_jax.merging import dam
 from fusion_jax.models import lm_fusion
 from fusion_jax.models.lm import LMConfig
-from fusion_jax.schema import (
-    COMPUTE_DTYPE,
-    FLAG,
-    FRACTION,
-    MATMUL_PRECISION,
-    NAME,
-    NON_NEGATIVE,
-    POSITIVE,
-    SEED,
-    TEXT,
-    Problem,
-    Rule,
-    Spec,
-    choice,
-    integer,
-    split_list,
-)
 
 LM_STUDY = {
-    "experiment": choice("lm_study"),
-    "seed": SEED,
-    "num_seeds": integer(1),
-    "data.domains": NAME,
-    "data.split_seed": SEED,
-    "data.val_fraction": FRACTION,
-    "data.holdout_fraction": FRACTION,
-    "data.max_train_windows": integer(0),
-    "data.max_eval_windows": integer(0),
-    "data.capped_windows": choice("spread", "first"),
-    "data.tfds_dir": TEXT,
-    "data.expert_domains": TEXT,
-    "model.base": TEXT,
-    "model.num_layers": integer(1),
-    "model.dim": integer(1),
-    "model.num_heads": integer(1),
-    "model.num_kv_heads": integer(1),
-    "model.mlp_dim": integer(1),
-    "model.seq_len": integer(2),
-    "model.compute_dtype": COMPUTE_DTYPE,
-    "model.matmul_precision": MATMUL_PRECISION,
-    "train.batch_size": integer(1),
-    "train.learning_rate": POSITIVE,
-    "train.base_steps": integer(1),
-    "train.expert_steps": integer(1),
-    "train.expert_learning_rate": POSITIVE,
-    "train.experts_in_sequence": FLAG,
-    "train.fusion_steps": integer(1),
-    "train.fusion_learning_rate": POSITIVE,
-    "train.log_every": integer(1),
-    "train.checkpoint_every_secs": NON_NEGATIVE,
-    "train.require_accelerator": FLAG,
-    "fusion.gate_dim": integer(1),
-    "fusion.balance_weight": NON_NEGATIVE,
-    "fusion.mix": choice(*lm_fusion.MIXES),
-    "fusion.train_head": FLAG,
-    "fusion.head_decay": NON_NEGATIVE,
-    "fusion.select_windows": integer(0),
-    "fusion.e2e_batch_size": integer(0),
-    "fusion.e2e_expert_learning_rate": NON_NEGATIVE,
-    "dam.num_steps": integer(1),
-    "dam.batch_size": integer(1),
-    "dam.learning_rate": POSITIVE,
-    "dam.inits": Rule(
+    "experiment": schema.choice("lm_study"),
+    "seed": schema.SEED,
+    "num_seeds": schema.integer(1),
+    "data.domains": schema.NAME,
+    "data.split_seed": schema.SEED,
+    "data.val_fraction": schema.FRACTION,
+    "data.holdout_fraction": schema.FRACTION,
+    "data.max_train_windows": schema.integer(0),
+    "data.max_eval_windows": schema.integer(0),
+    "data.capped_windows": schema.choice("spread", "first"),
+    "data.tfds_dir": schema.TEXT,
+    "data.expert_domains": schema.TEXT,
+    "model.base": schema.TEXT,
+    "model.num_layers": schema.integer(1),
+    "model.dim": schema.integer(1),
+    "model.num_heads": schema.integer(1),
+    "model.num_kv_heads": schema.integer(1),
+    "model.mlp_dim": schema.integer(1),
+    "model.seq_len": schema.integer(2),
+    "model.compute_dtype": schema.COMPUTE_DTYPE,
+    "model.matmul_precision": schema.MATMUL_PRECISION,
+    "train.batch_size": schema.integer(1),
+    "train.learning_rate": schema.POSITIVE,
+    "train.base_steps": schema.integer(1),
+    "train.expert_steps": schema.integer(1),
+    "train.expert_learning_rate": schema.POSITIVE,
+    "train.experts_in_sequence": schema.FLAG,
+    "train.fusion_steps": schema.integer(1),
+    "train.fusion_learning_rate": schema.POSITIVE,
+    "train.log_every": schema.integer(1),
+    "train.checkpoint_every_secs": schema.NON_NEGATIVE,
+    "train.require_accelerator": schema.FLAG,
+    "fusion.gate_dim": schema.integer(1),
+    "fusion.balance_weight": schema.NON_NEGATIVE,
+    "fusion.mix": schema.choice(*lm_fusion.MIXES),
+    "fusion.train_head": schema.FLAG,
+    "fusion.head_decay": schema.NON_NEGATIVE,
+    "fusion.select_windows": schema.integer(0),
+    "fusion.e2e_batch_size": schema.integer(0),
+    "fusion.e2e_expert_learning_rate": schema.NON_NEGATIVE,
+    "dam.num_steps": schema.integer(1),
+    "dam.batch_size": schema.integer(1),
+    "dam.learning_rate": schema.POSITIVE,
+    "dam.inits": schema.Rule(
         lambda v: (
             isinstance(v, str)
-            and bool(split_list(v))
-            and set(split_list(v)) <= set(dam.INITS)
-            and len(set(split_list(v))) == len(split_list(v))
+            and bool(schema.split_list(v))
+            and set(schema.split_list(v)) <= set(dam.INITS)
+            and len(set(schema.split_list(v))) == len(schema.split_list(v))
         ),
         f"distinct comma-separated DAM starts among {', '.join(dam.INITS)}",
     ),
     **schema.MERGE_GRIDS,
-    "eval.batch_size": integer(1),
-    "eval.sample_tokens": integer(0),
-    **{f"eval.prompts.{d}": TEXT for d in domains.DOMAINS},
+    "eval.batch_size": schema.integer(1),
+    "eval.sample_tokens": schema.integer(0),
+    **{f"eval.prompts.{d}": schema.TEXT for d in domains.DOMAINS},
 }
 
 
-def _lm_study_heads(config, devices) -> Problem:
+def _lm_study_heads(config, devices) -> schema.Problem:
     m = config.model
     if m.dim % m.num_heads:
         return "model.num_heads", f"a divisor of config.model.dim={m.dim}"
@@ -92,7 +75,7 @@ def _lm_study_heads(config, devices) -> Problem:
     return None
 
 
-def _lm_study_domains(config, devices) -> Problem:
+def _lm_study_domains(config, devices) -> schema.Problem:
     # Resolved before the workdir is bound (`devices` given: about to train), so a typo or a
     # missing package fails at once.
     if devices is None:
@@ -100,13 +83,13 @@ def _lm_study_domains(config, devices) -> Problem:
     names = [name for name, _, _ in domains.parse_domains(config.data.domains)]
     if len(names) < 2:
         return "data.domains", "2 or more distinct domains (one expert is trained per domain)"
-    experts = split_list(config.data.expert_domains)
+    experts = schema.split_list(config.data.expert_domains)
     if experts and (len(experts) < 2 or not set(experts) <= set(names)):
         return "data.expert_domains", "'' or 2 or more of the names in config.data.domains"
     return None
 
 
-def _lm_study_base(config, devices) -> Problem:
+def _lm_study_base(config, devices) -> schema.Problem:
     # A pretrained base is fetched or read before the workdir is bound (`devices` given): a
     # missing file fails at once, and the windows must fit its positions.
     if devices is None or not config.model.base:
@@ -118,7 +101,7 @@ def _lm_study_base(config, devices) -> Problem:
     return None
 
 
-SPEC = Spec(
+SPEC = schema.Spec(
     kind="lm_study",
     config_files="configs/lm_study.py",
     rules=LM_STUDY,

@@ -1,16 +1,6 @@
 """The merging comparison's configs (configs/compare.py): the kind "merge_compare"."""
 
 from fusion_jax import merging, schema
-from fusion_jax.schema import (
-    FRACTION,
-    NON_NEGATIVE,
-    POSITIVE,
-    Problem,
-    Spec,
-    choice,
-    integer,
-    split_list,
-)
 from fusion_jax.specs import grokking
 
 # The training loop's fields that the merging pipeline has no use for: it runs in one process
@@ -25,29 +15,29 @@ MERGE_COMPARE = {
         for f, rule in grokking.GROKKING.items()
         if f not in grokking.FUSION_MODEL_FIELDS and f not in NOT_IN_MERGE_COMPARE
     },
-    "experiment": choice("merge_compare"),
+    "experiment": schema.choice("merge_compare"),
     # Runs of the whole pipeline (seed + r), trained as one vmapped program.
-    "num_seeds": integer(1),
-    "data.holdout_frac": FRACTION,
-    "base.num_steps": integer(1),
-    "experts.num_steps": integer(1),
+    "num_seeds": schema.integer(1),
+    "data.holdout_frac": schema.FRACTION,
+    "base.num_steps": schema.integer(1),
+    "experts.num_steps": schema.integer(1),
     **schema.MERGE_GRIDS,
-    "dam.num_steps": integer(1),
-    "dam.learning_rate": POSITIVE,
-    "dam.batch_size": integer(1),
-    "dam.temperature": POSITIVE,
-    "dam.similarity_weight": NON_NEGATIVE,
-    "dam.l1_weight": NON_NEGATIVE,
-    "dam.l2_weight": NON_NEGATIVE,
-    "dam.nonlinearity": choice(*merging.NONLINEARITIES),
-    "fusion.num_steps": integer(1),
-    "fusion.gate_dim": integer(1),
-    "fusion.balance_weight": NON_NEGATIVE,
+    "dam.num_steps": schema.integer(1),
+    "dam.learning_rate": schema.POSITIVE,
+    "dam.batch_size": schema.integer(1),
+    "dam.temperature": schema.POSITIVE,
+    "dam.similarity_weight": schema.NON_NEGATIVE,
+    "dam.l1_weight": schema.NON_NEGATIVE,
+    "dam.l2_weight": schema.NON_NEGATIVE,
+    "dam.nonlinearity": schema.choice(*merging.NONLINEARITIES),
+    "fusion.num_steps": schema.integer(1),
+    "fusion.gate_dim": schema.integer(1),
+    "fusion.balance_weight": schema.NON_NEGATIVE,
 }
 
 
-def _holdout(config, devices) -> Problem:
-    for name in split_list(config.tasks):
+def _holdout(config, devices) -> schema.Problem:
+    for name in schema.split_list(config.tasks):
         _, n_train = grokking.train_pairs(config, name)
         if not 1 <= int(n_train * config.data.holdout_frac) <= n_train - 1:
             return (
@@ -58,7 +48,7 @@ def _holdout(config, devices) -> Problem:
     return None
 
 
-SPEC = Spec(
+SPEC = schema.Spec(
     kind="merge_compare",
     config_files="configs/compare.py",
     rules=MERGE_COMPARE,
