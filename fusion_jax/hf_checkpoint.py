@@ -19,6 +19,7 @@ Local paths only: nothing here reaches a model hub.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -324,8 +325,10 @@ def unflatten(flat: dict) -> dict:
     return tree
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(config: LMConfig) -> dict:
-    """Flax path -> expected `ShapeDtypeStruct` of every parameter (nothing allocated)."""
+    """Flax path -> expected `ShapeDtypeStruct` of every parameter (nothing allocated); traced
+    once per config (0.4 s each for the bench's 98M Llama: K + 1 inputs share one)."""
     shapes = jax.eval_shape(
         lambda: LanguageModel(config).init(jax.random.key(0), np.zeros((1, 1), np.int32))
     )

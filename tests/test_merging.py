@@ -5,12 +5,13 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 import pytest
 from hlo_checks import dot_precisions
 
-from fusion_jax.merging import dam
+from fusion_jax.merging import dam, static
 from fusion_jax.merging.static import (
     dare,
     merge,
@@ -345,3 +346,19 @@ def test_dam_errors():
     stacked = _all_kinds(2)
     with pytest.raises(ValueError, match="unknown nonlinearity"):
         dam.merge(dam.init_coefficients(stacked), stacked, nonlinearity="gelu")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_kth_largest_by_selection_and_by_bisection_equal_a_sort(dtype):
+    # The CPU path (np.partition through a callback) and the accelerator path (bisection on
+    # the bit patterns) against a sort, with ties (repeated values, zeros) in every row.
+    rng = np.random.default_rng(0)
+    x = np.abs(rng.standard_normal((3, 1001))).astype(dtype)
+    x[:, ::7] = x[:, 3:4]
+    x[1, :300] = 0
+    reference = np.sort(x.astype(np.float32), axis=1)[:, ::-1]
+    for k in (1, 2, 300, 500, 1001):
+        selected = jax.jit(static._kth_largest, static_argnums=1)(jnp.asarray(x), k)
+        bisected = jax.jit(static._bisect_kth, static_argnums=1)(jnp.asarray(x), k)
+        np.testing.assert_array_equal(np.asarray(selected, np.float32), reference[:, k - 1])
+        np.testing.assert_array_equal(np.asarray(bisected, np.float32), reference[:, k - 1])
