@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusion_jax.evaluate import plots
 from fusion_jax.models.fusion import gate_entropy
 from fusion_jax.models.numerics import FLOAT32, Numerics
 
@@ -61,11 +62,7 @@ def analyze_gates(setup, params, out_dir: str | None, max_heatmap_rows: int = 64
 
 def plot_gate_heatmap(weights, task_name: str, out_dir: str, max_rows: int) -> str:
     """Validation examples x experts at the last position (and positions x experts if any)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     panels = [(weights[:max_rows, -1], "validation example", "last position")]
     if weights.shape[1] > 1:
         panels.append((weights.mean(0), "position", "mean over examples"))

@@ -5,19 +5,28 @@ Each line is the mean over seeds with a shaded band of one standard error.
 
 import os
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # Files only: no display on servers, CI or Colab backends needed.
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from fusion_jax.train import logs  # noqa: E402
+from fusion_jax.train import logs
 
 LABELS = {"loss": "Loss", "acc": "Accuracy"}
 
 
+def pyplot():
+    """matplotlib.pyplot, imported when a plot is drawn (0.6 s that runs without plots, a merge
+    from the CLI among them, do not spend), writing files only: no display on servers, CI or
+    Colab backends needed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def plot_curves(runs: dict[str, dict[str, list[dict]]], out_dir: str) -> list[str]:
     """`runs` maps a run label to its per-task log records; returns the written paths."""
+    plt = pyplot()
     os.makedirs(out_dir, exist_ok=True)
     tasks = sorted({t for per_task in runs.values() for t, r in per_task.items() if r})
     paths = []
@@ -77,6 +86,7 @@ def plot_frontier(points, path: str, xlabel: str, ylabel: str, title: str) -> No
     cost share a column, so their labels are spread apart (`spread_labels`), each with a line to
     its point when moved.
     """
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5.5))
     means = []
     for _, x, values in points:

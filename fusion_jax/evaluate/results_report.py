@@ -33,6 +33,7 @@ import numpy as np
 from fusion_jax import files
 from fusion_jax.errors import UserError
 from fusion_jax.evaluate import compare as compare_lib
+from fusion_jax.evaluate import plots as plots_lib
 from fusion_jax.evaluate import results
 from fusion_jax.train import logs
 
@@ -460,8 +461,6 @@ def write_grokking_run(name, workdir, config, run_dir, seed_runs, plots=True) ->
         markdown += gates_markdown(files.read_json(os.path.join(workdir, "gate_analysis.json")))
     _write_text(os.path.join(run_dir, "table.md"), markdown)
     if plots:
-        from fusion_jax.evaluate import plots as plots_lib  # matplotlib only when drawing.
-
         plots_lib.plot_curves({config.get("name", name): task_records}, run_dir)
     return table
 

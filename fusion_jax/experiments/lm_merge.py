@@ -17,6 +17,7 @@ inputs' sha256 match `<workdir>/dam/inputs.json`) and exports the merged model. 
 never looks finished) and `<workdir>/merge_info.json`.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -129,30 +130,44 @@ def streaming_merge(
     plan = [(n, int(np.prod(ref.shape_dtype(n)[0])) * out_dtypes[n].itemsize) for n in names]
     writer = hc.ShardWriter(out_dir, plan, max_shard_size)
     key = jax.random.key(seed)
-    for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
-        if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
-            writer.add(name, ref.get(name))
-            continue
-        # Read straight into the stacked array: one copy of each input tensor at a time, in the
-        # widest of the inputs' dtypes (a float32 fine-tune of a bfloat16 model keeps its bits).
+
+    def read(name):
+        """The K experts' tensors stacked (and the base's, for a merge that reads it), in the
+        widest of the inputs' dtypes (a float32 fine-tune of a bfloat16 model keeps its
+        bits), each checked finite; straight into the stacked array, one copy of each."""
         shape, _ = ref.shape_dtype(name)
         stored = jnp.result_type(*(r.get_dtype(name) for r in readers))
         stacked = np.empty((len(readers), *shape), stored)
         for k, r in enumerate(readers):
             stacked[k] = r.get(name)
             errors.check_finite(stacked[k], f"{models[k]}: tensor {name}")
-        # One fixed key for every tensor: the jitted merges are compiled once per shape and
-        # dtype, not once per tensor name (a tree keyed by the name is a new structure each time).
         args = {}
         if merge_base:
             args["base"] = {"w": merge_base.get(name)}
             errors.check_finite(args["base"]["w"], f"{base}: tensor {name}")
-        merged = merging.merge(
-            method, {"w": jnp.asarray(stacked)}, rng=jax.random.fold_in(key, i), **args, **hparams
-        )["w"]
-        del stacked
-        with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
-            writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
+        return stacked, args
+
+    floats = [n for n in names if _is_float(ref.get_dtype(n))]
+    # The next float tensor is read in a thread while this one merges (reads and NumPy's
+    # checks release the GIL): one more tensor's inputs in memory, both cores busy.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, floats[0]) if floats else None
+        j = 0
+        for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
+            if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
+                writer.add(name, ref.get(name))
+                continue
+            stacked, args = ahead.result()
+            j += 1
+            ahead = pool.submit(read, floats[j]) if j < len(floats) else None
+            # One fixed key for every tensor: the jitted merges are compiled once per shape
+            # and dtype, not once per name (a tree keyed by the name is a new structure).
+            rng = jax.random.fold_in(key, i)
+            merged = merging.merge(method, {"w": jnp.asarray(stacked)}, rng=rng, **args, **hparams)
+            merged = merged["w"]
+            del stacked, args
+            with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
+                writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
     writer.close()
     stored = str(out_dtypes[names[0]]) if names else "float32"
     hc.write_config(hf_config, out_dir, dtype or stored)
@@ -267,20 +282,25 @@ def run(config, workdir: str) -> dict:
     if config.method == "dam":
         info["hparams"] = config.dam.to_dict()
         info["dam"], inputs = dam_merge(config, workdir, models, tmp_dir)
+        base_record = hc.input_records([base])[0] if base else None
     else:
         hparams = method_hparams(config)
         info["hparams"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
-        info["tensors"] = streaming_merge(
-            config.method, hparams, models, base, tmp_dir, config.dtype or None,
-            config.max_shard_size, config.seed,
-        )  # fmt: skip
-        inputs = hc.input_records(models)
+        # The inputs are hashed in a thread while they merge (hashlib releases the GIL).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            hashed = pool.submit(hc.input_records, models + ([base] if base else []))
+            info["tensors"] = streaming_merge(
+                config.method, hparams, models, base, tmp_dir, config.dtype or None,
+                config.max_shard_size, config.seed,
+            )  # fmt: skip
+            records = hashed.result()
+        inputs, base_record = records[: len(models)], (records[-1] if base else None)
     if config.output_format != "safetensors":
         info["gguf"] = _export_gguf(config, tmp_dir, base or models[0])
     info.update(
         seed=config.seed,
         dtype=config.dtype or "as stored",
-        base=hc.input_records([base])[0] if base else None,
+        base=base_record,
         models=inputs,
         output=os.path.abspath(out_dir),
         seconds=round(time.time() - t0, 3),

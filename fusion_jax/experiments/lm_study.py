@@ -31,7 +31,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import matplotlib
 import numpy as np
 import optax
 from absl import logging
@@ -40,7 +39,8 @@ from fusion_jax import files, gguf_checkpoint, merging, pretrained
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import domains as domains_lib
-from fusion_jax.data import text, text_tfds, tokenize
+from fusion_jax.data import text, tokenize
+from fusion_jax.errors import UserError
 from fusion_jax.evaluate import plots
 from fusion_jax.evaluate.comparisons import study_markdown
 from fusion_jax.experiments import engine
@@ -49,11 +49,6 @@ from fusion_jax.merging import dam
 from fusion_jax.models import decoding, lm, lm_fusion
 from fusion_jax.schema import split_list
 from fusion_jax.specs.lm_study import SPEC
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fusion_jax.errors import UserError
 
 BYTES = tokenize.ByteTokenizer()
 
@@ -112,6 +107,9 @@ def _capped(n: int, cap: int, how: str, seed: list[int]) -> np.ndarray:
 
 def load_data(config, workdir: str, tokenizer: str = "bytes") -> Data:
     """Every domain's windows, tokenized by `tokenizer` ("bytes" or a checkpoint's)."""
+    # TFDS (0.3 s to import) only when a study reads its data, as data/pipeline.py does.
+    from fusion_jax.data import text_tfds
+
     d = config.data
     data_dir = os.path.expanduser(d.tfds_dir) if d.tfds_dir else os.path.join(workdir, "tfds")
     names, splits = [], {s: [] for s in text_tfds.SPLITS}
@@ -740,6 +738,7 @@ def export(config, workdir: str, out_type: str = "float32") -> list[str]:
 
 
 def plot_routing(out: dict, path: str) -> None:
+    plt = plots.pyplot()
     names, experts = out["domains"], out.get("experts", out["domains"])
     fig, axes = plt.subplots(1, len(out["routing"]), figsize=(5 * len(out["routing"]), 4))
     for ax, (name, r) in zip(np.atleast_1d(axes), out["routing"].items(), strict=True):
@@ -761,6 +760,7 @@ def plot_routing(out: dict, path: str) -> None:
 
 def plot_selection(out: dict, path: str) -> None:
     """Fusion's holdout bits per byte at every chunk (seed mean), and the step each seed kept."""
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, c in out["fusion_selection"].items():
         curve = np.asarray(c["holdout_bits_per_byte"], float)
@@ -786,6 +786,7 @@ def switching_paragraph(study: Study) -> np.ndarray:
 
 
 def plot_gate_tokens(study: Study, model, params, path: str) -> None:
+    plt = plots.pyplot()
     tokens = switching_paragraph(study)
     w = study.gate(model, params, tokens)[0]  # [L, K]
     chars = [study.tokenizer.decode([int(t)]).strip()[:6] or "·" for t in tokens[0, :-1]]

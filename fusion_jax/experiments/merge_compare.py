@@ -523,10 +523,7 @@ def run(config, workdir: str) -> dict:
 
 def plot_dam(coeffs, nonlinearity, names, path):
     """Mean f(c) per layer (parameter leaf) and expert over seeds (`coeffs [R, K, ...]`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     f = merging.NONLINEARITIES[nonlinearity]
     flat = jax.tree_util.tree_leaves_with_path(coeffs)
