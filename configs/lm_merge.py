@@ -28,24 +28,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     config = ml_collections.ConfigDict()
     config.experiment = "lm_merge"
-    # Base checkpoint directory (task_arithmetic, ties and dare merge task vectors against it).
+    # Base checkpoint directory (the task-vector merges, and model_stock and sce, need it).
     config.base = ""
     # Expert checkpoint directories, comma-separated.
     config.models = ""
-    # One of weight_average, task_arithmetic, ties, dare, slerp, dam.
+    # One of weight_average, task_arithmetic, ties, dare, slerp, breadcrumbs, breadcrumbs_ties,
+    # della, della_linear, model_stock, sce, multislerp, karcher (merging.MERGES), dam.
     config.method = "ties"
-    # weight_average: comma-separated weights, one per model ("" = uniform).
+    # weight_average, multislerp: comma-separated weights, one per model ("" = uniform).
     config.weights = ""
-    # task_arithmetic/ties/dare: scale of the combined task vector.
+    # The task-vector merges: scale of the combined task vector.
     config.lam = 1.0
-    # ties (and dare with combine=ties): fraction of each task vector kept, per tensor.
+    # ties, breadcrumbs, della (and dare with combine=ties): fraction of each task vector kept.
     config.density = 0.5
+    # breadcrumbs: fraction of the largest task-vector entries dropped as outliers.
+    config.gamma = 0.01
+    # della: half-width of the keep probabilities around density, by magnitude rank.
+    config.epsilon = 0.15
+    # sce: fraction of the entries (those varying most across models) kept; 1 = all.
+    config.select_topk = 1.0
+    # karcher: iterations and tolerance of the Riemannian mean.
+    config.max_iter = 10
+    config.tol = 1e-5
     # dare: probability of dropping a task-vector entry; combine "linear" or "ties".
     config.drop_rate = 0.5
     config.combine = "linear"
     # slerp: interpolation point between the two models (0 = the first).
     config.t = 0.5
-    # Seed of DARE's masks and of DAM's data order.
+    # Seed of DARE's and DELLA's masks and of DAM's batches.
     config.seed = 0
     # Stored dtype of the output ("" = as the inputs; float32, bfloat16, float16).
     config.dtype = ""

@@ -52,11 +52,14 @@ def _merge(tmp_path, method, models, base=None, **hparams):
         ("ties", {"density": 0.5, "lam": 1.0}),
         ("dare", {"drop_rate": 0.5, "lam": 1.0, "combine": "ties", "density": 1.0}),
         ("slerp", {"t": 0.3}),
+        ("multislerp", {"weights": None}),
+        ("karcher", {}),
+        ("model_stock", {}),
     ],
 )
 def test_merging_copies_of_one_checkpoint_returns_it(tmp_path, method, hparams):
     k = 2 if method == "slerp" else 3
-    base = TIED if method in ("ties", "dare") else None
+    base = TIED if lm_merge.merging.needs_base(method) else None
     merged = _merge(tmp_path, method, [TIED] * k, base, **hparams)
     original = _flat(TIED)
     for key, x in original.items():
@@ -64,7 +67,7 @@ def test_merging_copies_of_one_checkpoint_returns_it(tmp_path, method, hparams):
         np.testing.assert_allclose(
             merged[key].astype(np.float32), x.astype(np.float32), rtol=1e-2, atol=0
         )
-        if method != "slerp":  # sums of equal terms over K: exact after rounding to bf16
+        if method in ("weight_average", "ties", "dare", "model_stock"):  # exact after bf16
             np.testing.assert_array_equal(merged[key], x, err_msg=key)
 
 
@@ -74,6 +77,12 @@ def test_merging_copies_of_one_checkpoint_returns_it(tmp_path, method, hparams):
         ("task_arithmetic", {"lam": 0.7}),
         ("ties", {"density": 0.3, "lam": 1.0}),
         ("dare", {"drop_rate": 0.9, "lam": 1.0, "combine": "linear", "density": 1.0}),
+        ("breadcrumbs", {"density": 0.5, "gamma": 0.01, "lam": 1.0}),
+        ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.01, "lam": 1.0}),
+        ("della", {"density": 0.5, "epsilon": 0.15, "lam": 1.0}),
+        ("della_linear", {"density": 0.5, "epsilon": 0.15, "lam": 1.0}),
+        ("model_stock", {}),
+        ("sce", {"select_topk": 0.5}),
     ],
 )
 def test_task_vector_merges_of_experts_equal_to_the_base_return_the_base(tmp_path, method, hparams):

@@ -21,7 +21,8 @@ from fusion_jax.models.transformer import Transformer, TransformerConfig
 METHODS = {
     "base model", "own expert per task (oracle routing)", "output ensemble (mean logits)",
     "output ensemble (mean probs)", "weight average", "weight average, unrelated random inits",
-    "task arithmetic", "TIES", "DARE (linear)", "DARE (TIES)", "SLERP (x_plus_y, x_minus_y)", "DAM",
+    "task arithmetic", "TIES", "DARE (linear)", "DARE (TIES)", "SLERP (x_plus_y, x_minus_y)",
+    "breadcrumbs (TIES)", "DELLA", "Model Stock", "SCE", "multi-SLERP", "Karcher mean", "DAM",
     "dynamic fusion, frozen experts", "dynamic fusion, end to end",
 }  # fmt: skip
 STAGES = ("base", "experts", "random_experts", "dam", "fusion_frozen", "fusion_e2e")

@@ -362,3 +362,89 @@ def test_kth_largest_by_selection_and_by_bisection_equal_a_sort(dtype):
         bisected = jax.jit(static._bisect_kth, static_argnums=1)(jnp.asarray(x), k)
         np.testing.assert_array_equal(np.asarray(selected, np.float32), reference[:, k - 1])
         np.testing.assert_array_equal(np.asarray(bisected, np.float32), reference[:, k - 1])
+
+
+# -- the methods after mergekit: hand-computable cases ----------------------------------------
+
+
+def _one(values):
+    return {"w": jnp.asarray(np.asarray(values, np.float32))}
+
+
+def test_breadcrumbs_drops_the_outliers_and_keeps_the_next_density():
+    # n = 10, gamma 0.2, density 0.5: the 2 largest magnitudes (10, 9) go, the next 5 (8..4) stay.
+    tau = np.array([[1, -2, 3, -4, 5, -6, 7, -8, 9, -10]], np.float32)
+    base = np.zeros(10, np.float32)
+    out = static.breadcrumbs(_one(tau), _one(base), density=0.5, gamma=0.2, lam=2.0)["w"]
+    np.testing.assert_array_equal(out, 2.0 * np.array([0, 0, 0, -4, 5, -6, 7, -8, 0, 0]))
+    # gamma 0 drops no outlier (mergekit would keep nothing): the 5 largest stay.
+    out = static.breadcrumbs(_one(tau), _one(base), density=0.5, gamma=0.0, lam=1.0)["w"]
+    np.testing.assert_array_equal(out, [0, 0, 0, 0, 0, -6, 7, -8, 9, -10])
+
+
+def test_breadcrumbs_ties_sums_the_entries_that_agree_with_the_elected_sign():
+    tau = np.array([[4, 3, -2, 1], [-1, 2, 5, 1]], np.float32)
+    base = np.full(4, 10.0, np.float32)
+    out = static.breadcrumbs_ties(_one(base + tau), _one(base), density=1.0, gamma=0.0, lam=1.0)
+    # Masses 3, 5, 3, 2: signs +, +, +, +; agreeing entries summed (not averaged).
+    np.testing.assert_array_equal(out["w"], base + np.array([4, 5, 5, 2]))
+
+
+def test_della_keeps_by_magnitude_rank_and_restores_the_l1_norm():
+    # 4000 rows of 5 entries, ranks 1..5 by magnitude: kept with probability 0.3, 0.4, ..., 0.7.
+    row = np.array([0.1, -0.2, 0.3, -0.4, 0.5], np.float32)
+    tau = np.tile(row, (1, 4000, 1))
+    key = jax.random.key(0)
+    dropped = np.asarray(static._della_drop(key, jnp.asarray(tau), 0.5, 0.2))
+    kept = (dropped != 0).mean(axis=(0, 1))
+    np.testing.assert_allclose(kept, [0.3, 0.4, 0.5, 0.6, 0.7], atol=0.03)
+    np.testing.assert_allclose(np.abs(dropped).sum(), np.abs(tau).sum(), rtol=1e-5)
+    # Density 1 prunes nothing: della is TIES's disjoint mean, della_linear the sum.
+    t2 = np.array([[4, 3, -2, 1], [-1, 2, 5, 1]], np.float32)
+    zero = np.zeros(4, np.float32)
+    args = dict(density=1.0, epsilon=0.1, lam=1.0)
+    np.testing.assert_allclose(static.della(_one(t2), _one(zero), key, **args)["w"], [4, 2.5, 5, 1])
+    np.testing.assert_allclose(
+        static.della_linear(_one(t2), _one(zero), key, **args)["w"], [3, 5, 3, 2]
+    )
+
+
+def test_model_stock_interpolates_by_the_angle_between_task_vectors():
+    base = np.array([1.0, 1.0], np.float32)
+    # Orthogonal task vectors: cos 0, t 0 -> the base. Equal ones: cos 1, t 1 -> their mean.
+    out = static.model_stock(_one(base + np.eye(2)), _one(base))["w"]
+    np.testing.assert_allclose(out, base, atol=1e-7)
+    same = base + np.array([[1.0, 2.0], [1.0, 2.0]])
+    np.testing.assert_allclose(static.model_stock(_one(same), _one(base))["w"], [2, 3], rtol=1e-6)
+    # cos 0.5: t = 2 * 0.5 / 1.5 = 2/3 of the experts' mean, 1/3 of the base.
+    experts = base + np.array([[1.0, 0.0], [0.5, np.sqrt(3) / 2]])
+    expected = 2 / 3 * experts.mean(0) + 1 / 3 * base
+    np.testing.assert_allclose(static.model_stock(_one(experts), _one(base))["w"], expected,
+                               rtol=1e-6)  # fmt: skip
+
+
+def test_sce_weights_experts_by_energy_and_erases_disagreeing_entries():
+    # Energies mean(tau^2): 2 and 1 -> weights 2/3, 1/3. Entry 0: both agree (+):
+    # (2/3 * 2 + 1/3 * 1) / 1 = 5/3. Entry 1: elected -, only expert 1 (-1) agrees: -1.
+    tau = np.array([[2.0, 0.0], [1.0, -1.0]], np.float32)
+    out = static.sce(_one(tau), _one(np.zeros(2, np.float32)))["w"]
+    np.testing.assert_allclose(out, [5 / 3, -1.0], rtol=1e-6)
+    # select_topk 0.5 keeps 1 of the 2 entries: the one that varies most across experts
+    # (variances 4 and 0.0625); expert 1 then has no energy left and weight 0.
+    tau = np.array([[4.0, 1.0], [0.0, 1.5]], np.float32)
+    out = static.sce(_one(tau), _one(np.zeros(2, np.float32)), select_topk=0.5)["w"]
+    np.testing.assert_allclose(out, [4.0, 0.0], rtol=1e-6)
+
+
+def test_multislerp_of_two_equal_norm_experts_is_slerp_halfway_and_karcher_the_arc_mean():
+    a, b = np.array([3.0, 0.0, 0.0]), np.array([0.0, 3.0, 0.0])
+    halfway = static.slerp(_one([a, b]), t=0.5)["w"]
+    np.testing.assert_allclose(static.multislerp(_one([a, b]))["w"], halfway, rtol=1e-5)
+    np.testing.assert_allclose(halfway, [3 / np.sqrt(2), 3 / np.sqrt(2), 0], rtol=1e-5)
+    # Directions at 0, 30 and 90 degrees: on the circle the Karcher mean is the mean angle,
+    # 40 degrees; the norms 1, 2 and 3 average to 2.
+    angles = np.deg2rad([0.0, 30.0, 90.0])
+    points = np.stack([np.cos(angles), np.sin(angles)], 1) * np.array([[1.0], [2.0], [3.0]])
+    out = static.karcher(_one(points), max_iter=50, tol=1e-7)["w"]
+    np.testing.assert_allclose(out, 2 * np.array([np.cos(np.deg2rad(40)), np.sin(np.deg2rad(40))]),
+                               rtol=1e-5)  # fmt: skip

@@ -401,14 +401,25 @@ def test_a_workdir_from_before_a_field_reads_as_what_the_code_then_did(
 def test_the_fields_each_lm_merge_method_never_reads():
     config = importlib.import_module("configs.lm_merge").get_config()
     dam_fields = {f for f in schema.flatten(config) if f.startswith("dam.")}
+    later = {"gamma", "epsilon", "select_topk", "max_iter", "tol"}  # the mergekit methods' fields
+    static = {"weights", "lam", "density", "drop_rate", "combine", "t"} | later
     expected = {
-        "weight_average": {"lam", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
-        "task_arithmetic": {"weights", "density", "drop_rate", "combine", "t", "seed"} | dam_fields,
-        "ties": {"weights", "drop_rate", "combine", "t", "seed"} | dam_fields,
-        "dare": {"weights", "t"} | dam_fields,
-        "slerp": {"weights", "lam", "density", "drop_rate", "combine", "seed"} | dam_fields,
-        "dam": {"weights", "lam", "density", "drop_rate", "combine", "t"},
+        "weight_average": {"lam", "density", "drop_rate", "combine", "t", "seed"} | later,
+        "task_arithmetic": {"weights", "density", "drop_rate", "combine", "t", "seed"} | later,
+        "ties": {"weights", "drop_rate", "combine", "t", "seed"} | later,
+        "dare": {"weights", "t"} | later,
+        "slerp": {"weights", "lam", "density", "drop_rate", "combine", "seed"} | later,
+        "breadcrumbs": static - {"density", "gamma", "lam"} | {"seed"},
+        "breadcrumbs_ties": static - {"density", "gamma", "lam"} | {"seed"},
+        "della": static - {"density", "epsilon", "lam"},
+        "della_linear": static - {"density", "epsilon", "lam"},
+        "model_stock": static | {"seed"},
+        "sce": static - {"select_topk"} | {"seed"},
+        "multislerp": static - {"weights"} | {"seed"},
+        "karcher": static - {"max_iter", "tol"} | {"seed"},
     }
+    expected = {m: u | dam_fields for m, u in expected.items()}
+    expected["dam"] = static
     for method, unused in expected.items():
         config.method = method
         assert modes.spec_of(config).unused(config) == unused, method

@@ -268,6 +268,248 @@ def slerp(stacked, t, eps=1e-4):
     return jax.tree.map(lambda x: _slerp_leaf(x, t, eps), stacked)
 
 
+# -- methods after mergekit 0.1.x (merge_methods/, sparsify.py), with uniform model weights -------
+
+
+def _sum_consensus(d, normalize: bool):
+    """TIES's sign consensus on `d [K, ...]`: keep the entries whose sign is that of the total
+    mass, then their sum (or, `normalize`, their mean). An exact zero mass elects no sign (0)
+    where mergekit elects +1: those entries merge to 0 either way unless an expert's entry is
+    exactly 0 there."""
+    if normalize:
+        return _disjoint_mean(d)
+    elected = jnp.sign(functools.reduce(jnp.add, [d[i] for i in range(d.shape[0])]))
+    return functools.reduce(
+        jnp.add, [jnp.where((d[i] != 0) & (jnp.sign(d[i]) == elected), d[i], 0)
+                  for i in range(d.shape[0])],
+    )  # fmt: skip
+
+
+def _band(tau, density, gamma):
+    """Breadcrumbs' mask on tau `[K, ...]` (per expert, over the whole tensor): drop the
+    int(gamma * n) largest magnitudes, keep the next int(density * n), drop the rest."""
+    flat = jnp.abs(tau.reshape(tau.shape[0], -1))
+    n = flat.shape[1]
+    top, keep = int(gamma * n), int(density * n)
+    top = min(top, n - keep)  # mergekit: n_bot = n - keep - top, clipped at 0 by lowering top
+    keep_mask = jnp.ones_like(flat, bool)
+    if top + keep < n:
+        keep_mask = flat >= _kth_largest(flat, top + keep)[:, None]
+    if top > 0:
+        keep_mask = keep_mask & (flat < _kth_largest(flat, top)[:, None])
+    return keep_mask.reshape(tau.shape)
+
+
+def _breadcrumbs(stacked, base, density, gamma, lam, consensus: bool):
+    if not 0.0 <= float(gamma) < 1.0:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    _check_density(density)
+
+    def leaf(t):
+        if density < 1.0:
+            t = jnp.where(_band(t, density, gamma), t, 0)
+        return _sum_consensus(t, False) if consensus else jnp.sum(t, axis=0)
+
+    return _apply_to_base(base, jax.tree.map(leaf, _task_vectors(stacked, base)), lam)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "gamma"))
+def breadcrumbs(stacked, base, density, gamma, lam):
+    """Model Breadcrumbs: per expert and tensor, drop the int(gamma * n) largest task-vector
+    magnitudes (outliers) and keep the next int(density * n); base + lam * the sum.
+
+    Deviation: at int(gamma * n) = 0 mergekit keeps nothing (its slice `[n_bot:-0]` is empty);
+    we drop no outlier and keep the int(density * n) largest. Entries tied with a threshold
+    magnitude are kept at the lower one and dropped at the upper one."""
+    return _breadcrumbs(stacked, base, density, gamma, lam, consensus=False)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "gamma"))
+def breadcrumbs_ties(stacked, base, density, gamma, lam):
+    """`breadcrumbs` with TIES's sign consensus (the agreeing entries summed, not averaged,
+    as mergekit's breadcrumbs_ties, whose normalize defaults to False)."""
+    return _breadcrumbs(stacked, base, density, gamma, lam, consensus=True)
+
+
+def _della_drop(key, tau, density, epsilon):
+    """DELLA's MAGPRUNE on tau `[K, ...]`: per row (the last axis; a 1-D tensor is one row), an
+    entry of magnitude rank r (1 = smallest of n) is kept with probability (density - epsilon)
+    + 2 epsilon (r - 1) / (n - 1); then each expert's tensor is scaled back to its L1 norm."""
+    rows = tau.reshape(tau.shape[0], -1, tau.shape[-1])
+    n = rows.shape[-1]
+    rank = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=-1), axis=-1)  # 0 = smallest
+    p = (density - epsilon) + 2 * epsilon * rank / max(n - 1, 1)
+    keys = jax.random.split(key, tau.shape[0])
+    u = jax.vmap(lambda k: jax.random.uniform(k, rows.shape[1:]))(keys)
+    kept = jnp.where(u < p, rows, 0).reshape(tau.shape)
+    norm = lambda x: jnp.sum(jnp.abs(x.reshape(x.shape[0], -1)), axis=1)  # noqa: E731
+    before, after = norm(tau), norm(kept)
+    scale = jnp.where((before < 1e-7) | (after < 1e-7), 1.0, before / jnp.maximum(after, 1e-7))
+    return kept * scale.reshape((-1,) + (1,) * (tau.ndim - 1))
+
+
+def _della(stacked, base, rng, density, epsilon, lam, consensus: bool):
+    _check_density(density)
+    if density < 1.0 and not 0.0 < density - epsilon < density + epsilon < 1.0:
+        raise ValueError(
+            f"density - epsilon and density + epsilon must lie in (0, 1), got density "
+            f"{density} and epsilon {epsilon}"
+        )
+    leaves, treedef = jax.tree.flatten(_task_vectors(stacked, base))
+    merged = []
+    for i, t in enumerate(leaves):
+        if density < 1.0:
+            t = _della_drop(jax.random.fold_in(rng, i), t, density, epsilon)
+        merged.append(_sum_consensus(t, True) if consensus else jnp.sum(t, axis=0))
+    return _apply_to_base(base, jax.tree.unflatten(treedef, merged), lam)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
+def della(stacked, base, rng, density, epsilon, lam):
+    """DELLA: MAGPRUNE (`_della_drop`), then TIES's sign consensus and the mean of the agreeing
+    entries; base + lam * that. As mergekit (not the paper): the pruned tensor is rescaled to
+    its L1 norm as a whole, not each kept entry by 1/p; density 1 prunes nothing."""
+    return _della(stacked, base, rng, density, epsilon, lam, consensus=True)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
+def della_linear(stacked, base, rng, density, epsilon, lam):
+    """`della` without the sign consensus: base + lam * the sum of the pruned task vectors."""
+    return _della(stacked, base, rng, density, epsilon, lam, consensus=False)
+
+
+def _pair_cosines(tau):
+    """Mean over expert pairs of the cosine between flattened task vectors `[K, ...]`."""
+    flat = tau.reshape(tau.shape[0], -1)
+    norms = jnp.linalg.norm(flat, axis=1)
+    dots = jnp.dot(flat, flat.T, precision=HIGHEST)
+    cos = jnp.clip(dots / jnp.maximum(norms[:, None] * norms[None, :], 1e-6), -1.0, 1.0)
+    i, j = np.triu_indices(flat.shape[0], 1)
+    return jnp.mean(cos[i, j])
+
+
+@jax.jit
+def model_stock(stacked, base):
+    """Model Stock: per tensor, t = K cos / (1 + (K - 1) cos) from the mean pairwise cosine of
+    the flattened task vectors, then t * mean_k(expert_k) + (1 - t) * base (needs K >= 2; for
+    K > 2 the mean over pairs is mergekit's choice, as its code says)."""
+    if num_experts(stacked) < 2:
+        raise ValueError("model_stock needs 2 or more experts")
+
+    def leaf(x, b):
+        k = x.shape[0]
+        xc = x.astype(_compute_dtype(x))
+        cos = _pair_cosines(xc - b.astype(xc.dtype)[None])
+        t = k * cos / (1 + (k - 1) * cos)
+        return (t * jnp.mean(xc, axis=0) + (1 - t) * b.astype(xc.dtype)).astype(b.dtype)
+
+    return jax.tree.map(leaf, stacked, base)
+
+
+@functools.partial(jax.jit, static_argnames="select_topk")
+def sce(stacked, base, select_topk=1.0):
+    """SCE: Select the entries whose task vectors vary most across experts (the top
+    int(select_topk * nonzero) by variance, shared by the experts; 1: all), Calculate each
+    expert's weight from its mean squared task vector, Erase entries against the elected sign;
+    base + the weighted mean of what remains. Entries tied with the variance threshold are kept
+    (mergekit's top-k keeps exactly k)."""
+    if not 0.0 < float(select_topk) <= 1.0:
+        raise ValueError(f"select_topk must be in (0, 1], got {select_topk}")
+
+    def leaf(t):
+        k = t.shape[0]
+        if select_topk < 1.0:
+            var = jnp.var(t, axis=0).reshape(-1)
+            keep = jnp.floor(jnp.count_nonzero(var) * select_topk).astype(jnp.int32)
+            ordered = jnp.sort(var)[::-1]
+            threshold = ordered[jnp.maximum(keep - 1, 0)]
+            mask = (var >= threshold) & (keep > 0)
+            t = jnp.where(mask.reshape(t.shape[1:])[None], t, 0)
+        energy = jnp.mean(jnp.square(t.reshape(k, -1)), axis=1)
+        total = jnp.sum(energy)
+        w = jnp.where(total < 1e-6, 1.0 / k, energy / jnp.where(total < 1e-6, 1.0, total))
+        elected = jnp.sign(functools.reduce(jnp.add, [t[i] for i in range(k)]))
+        agree = [(t[i] != 0) & (jnp.sign(t[i]) == elected) for i in range(k)]
+        num = functools.reduce(jnp.add, [jnp.where(agree[i], w[i] * t[i], 0) for i in range(k)])
+        den = functools.reduce(jnp.add, [jnp.where(agree[i], w[i], 0) for i in range(k)])
+        return num / jnp.maximum(den, 1e-6)
+
+    return _apply_to_base(base, jax.tree.map(leaf, _task_vectors(stacked, base)), 1.0)
+
+
+@functools.partial(jax.jit, static_argnames="eps")
+def multislerp(stacked, weights=None, eps=1e-8):
+    """Spherical interpolation of K >= 2 experts, per flattened tensor, as mergekit's
+    multislerp without a base: the weighted mean direction of the unit tensors, one tangent
+    step from it by the weighted tangent components, scaled by the weighted mean norm.
+    `weights` (default uniform) are normalised to sum 1. Where the mean direction vanishes
+    mergekit raises for K > 2; inside a compiled program we return the weighted sum."""
+    k = num_experts(stacked)
+    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) for K={k} experts, got {w.shape}")
+    w = w / jnp.sum(w)
+
+    def leaf(x):
+        flat = x.reshape(k, -1).astype(_compute_dtype(x))
+        norms = jnp.linalg.norm(flat, axis=1)
+        units = flat / (norms[:, None] + eps)
+        mean = jnp.tensordot(w, units, axes=1, precision=HIGHEST)
+        m_norm = jnp.linalg.norm(mean)
+        m_hat = mean / jnp.where(m_norm < eps, 1.0, m_norm)
+        tangent = units - jnp.dot(units, m_hat, precision=HIGHEST)[:, None] * m_hat[None]
+        step = jnp.tensordot(w, tangent, axes=1, precision=HIGHEST)
+        a = jnp.linalg.norm(step) + eps
+        out = (m_hat * jnp.cos(a) + step * jnp.sin(a) / a) * jnp.dot(w, norms)
+        linear = jnp.tensordot(w, flat, axes=1, precision=HIGHEST)
+        return jnp.where(m_norm < eps, linear, out).reshape(x.shape[1:]).astype(x.dtype)
+
+    return jax.tree.map(leaf, stacked)
+
+
+@functools.partial(jax.jit, static_argnames=("max_iter", "tol"))
+def karcher(stacked, max_iter=10, tol=1e-5):
+    """The Karcher (Riemannian) mean of the experts' directions on the unit sphere, per
+    flattened tensor, scaled by their mean norm (mergekit's karcher: equal weights; tensors of
+    norm <= tol have no direction and take no part in it, but count in the mean norm)."""
+    k = num_experts(stacked)
+
+    def leaf(x):
+        flat = x.reshape(k, -1).astype(_compute_dtype(x))
+        norms = jnp.linalg.norm(flat, axis=1)
+        valid = norms > tol
+        units = jnp.where(valid[:, None], flat / jnp.where(valid, norms, 1.0)[:, None], 0.0)
+        alpha = valid / jnp.maximum(jnp.sum(valid), 1)
+        start = jnp.tensordot(alpha, units, axes=1, precision=HIGHEST)
+        first = units[jnp.argmax(valid)]
+        start = jnp.where(jnp.linalg.norm(start) < tol, first,
+                          start / jnp.maximum(jnp.linalg.norm(start), tol))  # fmt: skip
+
+        def body(state):
+            i, u, _ = state
+            cos = jnp.clip(jnp.dot(units, u, precision=HIGHEST), -1.0, 1.0)
+            theta = jnp.arccos(cos)
+            factor = jnp.where(
+                theta < tol, 0.0, theta / jnp.where(theta < tol, 1.0, jnp.sin(theta))
+            )
+            step = jnp.tensordot(alpha * factor, units - cos[:, None] * u[None], axes=1,
+                                 precision=HIGHEST)  # fmt: skip
+            size = jnp.linalg.norm(step)
+            moved = jnp.cos(size) * u + jnp.sin(size) * step / jnp.maximum(size, tol)
+            moved = moved / jnp.linalg.norm(moved)
+            return i + 1, jnp.where(size < tol, u, moved), size
+
+        def going(state):
+            i, _, size = state
+            return (i < max_iter) & (size >= tol)
+
+        _, u, _ = jax.lax.while_loop(going, body, (0, start, jnp.asarray(jnp.inf, start.dtype)))
+        out = jnp.where(jnp.any(valid), u * jnp.mean(norms), 0.0)
+        return out.reshape(x.shape[1:]).astype(x.dtype)
+
+    return jax.tree.map(leaf, stacked)
+
+
 # Every static merge, by the name configs use. A method registered here is offered by lm_merge
 # (`--config.method`) and, given a row in ROWS, compared by both studies.
 MERGES: dict[str, Callable] = {
@@ -276,6 +518,14 @@ MERGES: dict[str, Callable] = {
     "ties": ties,
     "dare": dare,
     "slerp": slerp,
+    "breadcrumbs": breadcrumbs,
+    "breadcrumbs_ties": breadcrumbs_ties,
+    "della": della,
+    "della_linear": della_linear,
+    "model_stock": model_stock,
+    "sce": sce,
+    "multislerp": multislerp,
+    "karcher": karcher,
 }
 
 
@@ -338,6 +588,12 @@ ROWS: list[Row] = [
     Row("DARE (linear)", "dare", searched=("drop_rate", "lam")),
     Row("DARE (TIES)", "dare", (("combine", "ties"),), ("drop_rate", "lam", "density")),
     Row("SLERP", "slerp", pairwise=True),
+    Row("breadcrumbs (TIES)", "breadcrumbs_ties", (("gamma", 0.01),)),
+    Row("DELLA", "della", (("epsilon", 0.1),)),
+    Row("Model Stock", "model_stock"),
+    Row("SCE", "sce"),
+    Row("multi-SLERP", "multislerp"),
+    Row("Karcher mean", "karcher"),
 ]
 
 

@@ -46,6 +46,11 @@ LM_MERGE = {
     "drop_rate": schema.number(0, 1, high_open=True),
     "combine": schema.choice("linear", "ties"),
     "t": schema.number(0, 1),
+    "gamma": schema.number(0, 1, high_open=True),
+    "epsilon": schema.number(0, 1, high_open=True),
+    "select_topk": schema.number(0, 1, low_open=True),
+    "max_iter": schema.integer(1),
+    "tol": schema.POSITIVE,
     "seed": schema.SEED,
     "dtype": schema.choice("", *hf_checkpoint.DTYPES),
     "max_shard_size": schema.Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
@@ -82,16 +87,15 @@ LM_MERGE = {
 
 def _lm_merge_inputs(config, devices) -> schema.Problem:
     n = len(schema.split_list(config.models))
-    if config.method in ("task_arithmetic", "ties", "dare") and not config.base:
+    hparams = merging.hyperparameters(config.method) if config.method in merging.MERGES else ()
+    if config.method in merging.MERGES and merging.needs_base(config.method) and not config.base:
         return "base", f"a checkpoint directory for config.method={config.method!r}"
     if config.method == "slerp" and n != 2:
         return "models", "exactly 2 checkpoint directories for config.method='slerp'"
-    if config.method == "weight_average" and len(schema.split_list(config.weights)) not in (0, n):
+    weights = schema.split_list(config.weights)
+    if "weights" in hparams and len(weights) not in (0, n):
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
-    if (
-        math.fsum(float(w) for w in schema.split_list(config.weights)) == 0
-        and config.weights.strip()
-    ):
+    if math.fsum(float(w) for w in weights) == 0 and config.weights.strip():
         return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
     sources = [s for s in config.dam.data.split(";") if s.strip()]
     if config.method == "dam" and len(sources) != n:
@@ -110,7 +114,10 @@ def _lm_merge_outputs(config, workdir: str) -> None:
 
 
 # lm_merge's hyper-parameter fields, each named as the argument of the merge functions that take it.
-_LM_MERGE_HPARAMS = ("weights", "lam", "density", "drop_rate", "combine", "t")
+_LM_MERGE_HPARAMS = (
+    "weights", "lam", "density", "drop_rate", "combine", "t", "gamma", "epsilon", "select_topk",
+    "max_iter", "tol",
+)  # fmt: skip
 
 
 def _lm_merge_unused(config: Mapping) -> set[str]:
@@ -143,6 +150,12 @@ SPEC = schema.Spec(
         "dam.matmul_precision": "default",
         "dam.special_tokens": False,
         "dam.num_devices": 1,
+        # Hyper-parameters of merges added later; no earlier method reads them.
+        "gamma": 0.01,
+        "epsilon": 0.15,
+        "select_topk": 1.0,
+        "max_iter": 10,
+        "tol": 1e-5,
     },
     unused=_lm_merge_unused,
     outputs=_lm_merge_outputs,
