@@ -130,7 +130,9 @@ def test_time_based_saves_come_after_chunks_and_the_end_is_left_to_the_stage(tmp
 def test_a_program_is_compiled_once_with_its_memory_logged(caplog):
     jitted = jax.jit(lambda x, y, n: (x * n + y, y.sum()), static_argnums=2, donate_argnums=0)
     x, y = jnp.ones(10**6), jnp.ones(10**6)  # 4 MB each
-    with caplog.at_level("INFO"):
+    # The absl logger's own level too: a test before this one in the same worker may have
+    # set absl's verbosity above INFO.
+    with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
         program = chunks.compile_reporting("[t] chunk", jitted, x, y, static=(3,))
     assert (
         "[t] chunk program per device: arguments 0.008 GB, outputs 0.004 GB (0.004 GB of them "

@@ -215,7 +215,9 @@ def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
     "fields, message",
     [
         ({"method": "fisher", "models": LLAMA}, "config.method='fisher': must be one of "
-         "'weight_average', 'task_arithmetic', 'ties', 'dare', 'slerp', 'dam'"),
+         "'weight_average', 'task_arithmetic', 'ties', 'dare', 'slerp', 'breadcrumbs', "
+         "'breadcrumbs_ties', 'della', 'della_linear', 'model_stock', 'sce', 'multislerp', "
+         "'karcher', 'dam'"),
         ({"method": "ties", "models": ""}, "config.models='': must be 1 or more existing "
          "checkpoint directories or .gguf files, comma-separated"),
         ({"method": "ties", "models": LLAMA}, "config.base='': must be a checkpoint directory "
@@ -471,6 +473,14 @@ def test_method_hparams_are_the_merge_functions_arguments_from_the_config():
         "ties": {"density": 0.5, "lam": 1.0},
         "dare": {"drop_rate": 0.5, "lam": 1.0, "combine": "linear", "density": 0.5},
         "slerp": {"t": 0.5},  # eps keeps the function's default
+        "breadcrumbs": {"density": 0.5, "gamma": 0.01, "lam": 1.0},
+        "breadcrumbs_ties": {"density": 0.5, "gamma": 0.01, "lam": 1.0},
+        "della": {"density": 0.5, "epsilon": 0.15, "lam": 1.0},
+        "della_linear": {"density": 0.5, "epsilon": 0.15, "lam": 1.0},
+        "model_stock": {},
+        "sce": {"select_topk": 1.0},
+        "multislerp": {"weights": (1.0, 2.0, 3.0)},
+        "karcher": {"max_iter": 10, "tol": 1e-5},
     }
     assert set(expected) == set(merging.MERGES)
     for method, hparams in expected.items():

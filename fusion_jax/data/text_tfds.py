@@ -131,13 +131,16 @@ def load_windows(config: WindowsConfig, data_dir: str) -> dict[str, tuple[np.nda
     # TFDS logs the whole custom config (every file name) and draws progress bars: keep the
     # console to our own progress lines.
     tfds.disable_progress_bar()
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.ERROR)
+    # The absl logger's own level is put back, not the verbosity it reports: with absl's
+    # flags unparsed that is the effective level, and setting it would pin INFO off for good.
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level
+    absl_logger.setLevel(logging.converter.STANDARD_ERROR)
     try:
         builder = TextWindows(config=config, data_dir=data_dir, file_format="array_record")
         builder.download_and_prepare()
     finally:
-        logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
     out = {}
     for split in SPLITS:
         source = builder.as_data_source(split=split)
