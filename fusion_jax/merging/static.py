@@ -78,6 +78,15 @@ def _check_density(density) -> None:
         raise ValueError(f"density must be in (0, 1], got {density}")
 
 
+def _mixing_weights(stacked, weights):
+    """`weights` `[K]` (None: uniform) normalised to sum 1, checked against the experts."""
+    k = num_experts(stacked)
+    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+    if w.shape != (k,):
+        raise ValueError(f"weights must have shape ({k},) for K={k} experts, got {w.shape}")
+    return w / jnp.sum(w)
+
+
 # Each public merge is one jitted program (static: the range-checked numbers) so that eager callers
 # compile once per tree instead of once per operation; inside an outer jit it simply inlines.
 @jax.jit
@@ -86,11 +95,7 @@ def weight_average(stacked, weights=None):
 
     `weights` must have a non-zero sum.
     """
-    k = num_experts(stacked)
-    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) for K={k} experts, got {w.shape}")
-    w = w / jnp.sum(w)
+    w = _mixing_weights(stacked, weights)
 
     def average(x):
         # HIGHEST: a merge is float32 arithmetic whatever the backend's default (one bfloat16
@@ -445,10 +450,7 @@ def multislerp(stacked, weights=None, eps=1e-8):
     `weights` (default uniform) are normalised to sum 1. Where the mean direction vanishes
     mergekit raises for K > 2; inside a compiled program we return the weighted sum."""
     k = num_experts(stacked)
-    w = jnp.ones((k,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-    if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) for K={k} experts, got {w.shape}")
-    w = w / jnp.sum(w)
+    w = _mixing_weights(stacked, weights)
 
     def leaf(x):
         flat = x.reshape(k, -1).astype(_compute_dtype(x))
