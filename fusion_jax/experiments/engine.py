@@ -135,7 +135,7 @@ def train_runs(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, *, ch
                      (num_steps - done) / rate)  # fmt: skip
 
     state = train_stage(
-        tag, (lambda s, n: compiled(s, n)) if select is None else selecting_chunk, state,
+        tag, compiled if select is None else selecting_chunk, state,
         num_steps, chunk=chunk, progress=progress, every_secs=every_secs, every_steps=every_steps,
         step_of=step_of, report=report, save_at_end=save_at_end,
         **({} if log is None else {"log": lambda metrics, done: log(
