@@ -254,6 +254,11 @@ class TensorReader:
         with _safetensors(self.files[name]) as f:
             return f.get_tensor(name)
 
+    def get_rows(self, name: str, rows: slice) -> np.ndarray:
+        """Rows `rows` of tensor `name`, read alone (a large tensor merged a block at a time)."""
+        with _safetensors(self.files[name]) as f:
+            return f.get_slice(name)[rows]
+
 
 def open_tensors(path: str):
     """The lazy tensor reader of a checkpoint directory (`TensorReader`) or GGUF file (its

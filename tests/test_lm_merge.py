@@ -119,6 +119,36 @@ def test_hand_computable_merges(tmp_path):
             np.testing.assert_allclose(merged[key], x, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "method, hparams",
+    [
+        ("weight_average", {"weights": (2.0, 1.0, 1.0)}),
+        ("task_arithmetic", {"lam": 0.7}),
+        ("ties", {"density": 0.3, "lam": 1.0}),
+    ],
+)
+def test_large_tensors_merged_in_row_blocks_equal_whole_tensor_merges(
+    tmp_path, monkeypatch, method, hparams
+):
+    rng = np.random.default_rng(0)
+    experts = [
+        _shifted(tmp_path, f"e{k}", LLAMA,
+                 lambda x: x + rng.standard_normal(x.shape).astype(x.dtype) * np.float32(0.1))
+        for k in range(3)
+    ]  # fmt: skip
+    base = LLAMA if merging.needs_base(method) else None
+    whole = _merge(tmp_path, method, experts, base, **hparams)
+    rows_read = []
+    get_rows = hc.TensorReader.get_rows
+    monkeypatch.setattr(hc.TensorReader, "get_rows",
+                        lambda self, name, rows: rows_read.append(rows) or get_rows(self, name, rows))  # fmt: skip
+    monkeypatch.setattr(lm_merge, "BLOCK_BYTES", 600)  # every matrix in blocks of a few rows
+    blocked = _merge(tmp_path, method, experts, base, **hparams)
+    assert len(rows_read) > 100
+    for key, x in whole.items():
+        np.testing.assert_array_equal(blocked[key], x, err_msg=key)
+
+
 def test_bf16_checkpoints_are_merged_in_float32_and_rounded_once(tmp_path):
     doubled = _shifted(tmp_path, "doubled", TIED, lambda x: x * 2)  # exact in bf16
     merged = _merge(tmp_path, "weight_average", [TIED, doubled], weights=None)

@@ -20,6 +20,7 @@ never looks finished) and `<workdir>/merge_info.json`.
 import concurrent.futures
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import time
@@ -103,6 +104,13 @@ def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
     return info
 
 
+# A float tensor of more bytes per input than this is merged in row blocks of about this size,
+# when the method has a row-block form (`merging.BLOCKWISE`) and every input reads rows
+# (safetensors; GGUF files are read whole): the working memory is then the blocks, the output
+# tensor and, for TIES, one expert's whole task vector beside the base (BUILD_NOTES: memory).
+BLOCK_BYTES = 32 * 2**20
+
+
 def streaming_merge(
     method: str,
     hparams: dict,
@@ -123,54 +131,116 @@ def streaming_merge(
     ref = base_reader or readers[0]
     # Only the merges that use a base read it (a base given to weight_average is just checked).
     merge_base = base_reader if merging.needs_base(method) else None
-    out_dtypes = {}
+    blockwise = merging.BLOCKWISE.get(method)
+    by_rows = blockwise is not None and all(
+        hasattr(r, "get_rows") for r in readers + ([merge_base] if merge_base else [])
+    )
+    shapes, stored, out_dtypes = {}, {}, {}
     for name in names:
-        stored = ref.get_dtype(name)
-        out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(stored) else stored
-    plan = [(n, int(np.prod(ref.shape_dtype(n)[0])) * out_dtypes[n].itemsize) for n in names]
+        shapes[name] = ref.shape_dtype(name)[0]
+        # The widest of the inputs' dtypes: a float32 fine-tune of a bfloat16 model keeps its bits.
+        stored[name] = np.dtype(jnp.result_type(*(r.get_dtype(name) for r in readers)))
+        kept = ref.get_dtype(name)
+        out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(kept) else kept
+    plan = [(n, math.prod(shapes[n]) * out_dtypes[n].itemsize) for n in names]
     writer = hc.ShardWriter(out_dir, plan, max_shard_size)
     key = jax.random.key(seed)
 
-    def read(name):
-        """The K experts' tensors stacked (and the base's, for a merge that reads it), in the
-        widest of the inputs' dtypes (a float32 fine-tune of a bfloat16 model keeps its
-        bits), each checked finite; straight into the stacked array, one copy of each."""
-        shape, _ = ref.shape_dtype(name)
-        stored = jnp.result_type(*(r.get_dtype(name) for r in readers))
-        stacked = np.empty((len(readers), *shape), stored)
+    def parts(name) -> list:
+        """The row blocks tensor `name` is merged in; [None]: whole."""
+        shape = shapes[name]
+        if not by_rows or len(shape) < 2:
+            return [None]
+        rows = max(1, BLOCK_BYTES // (math.prod(shape[1:]) * stored[name].itemsize))
+        if shape[0] <= rows:
+            return [None]
+        return [slice(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+    def read(name, rows):
+        """The K experts' tensors (or rows) stacked, and the base's for a merge that reads it,
+        each checked finite; straight into the stacked array, one copy of each."""
+        shape = shapes[name] if rows is None else (len(range(*rows.indices(shapes[name][0]))),
+                                                   *shapes[name][1:])  # fmt: skip
+        stacked = np.empty((len(readers), *shape), stored[name])
         for k, r in enumerate(readers):
-            stacked[k] = r.get(name)
+            stacked[k] = r.get(name) if rows is None else r.get_rows(name, rows)
             errors.check_finite(stacked[k], f"{models[k]}: tensor {name}")
         args = {}
         if merge_base:
-            args["base"] = {"w": merge_base.get(name)}
-            errors.check_finite(args["base"]["w"], f"{base}: tensor {name}")
+            b = merge_base.get(name) if rows is None else merge_base.get_rows(name, rows)
+            errors.check_finite(b, f"{base}: tensor {name}")
+            args["base"] = {"w": b}
         return stacked, args
 
+    def stats(name):
+        """`[K]`: each expert's statistic for the row-block merge, from its whole tensor, one
+        expert at a time; None if the method needs none."""
+        if blockwise.stats is None:
+            return None
+        b = merge_base.get(name) if merge_base else None
+        return np.stack([
+            blockwise.stats(r.get(name).astype(stored[name], copy=False), b, **hparams)
+            for r in readers
+        ])  # fmt: skip
+
     floats = [n for n in names if _is_float(ref.get_dtype(n))]
-    # The next float tensor is read in a thread while this one merges (reads and NumPy's
-    # checks release the GIL): one more tensor's inputs in memory, both cores busy.
+    work = [(name, rows) for name in floats for rows in parts(name)]
+
+    def small(j):  # read ahead only what adds little memory: a block, or a small tensor
+        name, rows = work[j]
+        return rows is not None or math.prod(shapes[name]) * stored[name].itemsize <= BLOCK_BYTES
+
+    # The next piece is read in a thread while this one merges (reads and NumPy's checks release
+    # the GIL): both cores busy.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(read, floats[0]) if floats else None
+        ahead = {}
+
+        def fetch(j):
+            if j in ahead:
+                return ahead.pop(j).result()
+            return read(*work[j])
+
+        def read_ahead(j):
+            if j < len(work) and small(j):
+                ahead[j] = pool.submit(read, *work[j])
+
+        read_ahead(0)
         j = 0
         for i, name in enumerate(tqdm(names, desc=method, unit="tensor", disable=not progress)):
             if not _is_float(ref.get_dtype(name)):  # integer buffers: copied, not merged
                 writer.add(name, ref.get(name))
                 continue
-            stacked, args = ahead.result()
-            j += 1
-            ahead = pool.submit(read, floats[j]) if j < len(floats) else None
-            # One fixed key for every tensor: the jitted merges are compiled once per shape
-            # and dtype, not once per name (a tree keyed by the name is a new structure).
-            rng = jax.random.fold_in(key, i)
-            merged = merging.merge(method, {"w": jnp.asarray(stacked)}, rng=rng, **args, **hparams)
-            merged = merged["w"]
-            del stacked, args
-            with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
-                writer.add(name, np.asarray(merged).astype(out_dtypes[name], copy=False))
+            blocks = parts(name)
+            given = stats(name) if blocks[0] is not None else None
+            out = None
+            for rows in blocks:
+                stacked, args = fetch(j)
+                j += 1
+                read_ahead(j)
+                w = {"w": jnp.asarray(stacked)}
+                if rows is None:
+                    # One fixed key for every tensor: the jitted merges are compiled once per
+                    # shape and dtype, not once per name (a tree keyed by the name is a new
+                    # structure).
+                    rng = jax.random.fold_in(key, i)
+                    merged = merging.merge(method, w, rng=rng, **args, **hparams)["w"]
+                else:
+                    merged = blockwise.merge(w, args.get("base"), given, **hparams)["w"]
+                del stacked, args, w
+                with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
+                    merged = np.asarray(merged).astype(out_dtypes[name], copy=False)
+                if rows is None:
+                    out = merged
+                else:
+                    if out is None:
+                        out = np.empty(shapes[name], out_dtypes[name])
+                    out[rows] = merged
+                del merged
+            writer.add(name, out)
+            del out
     writer.close()
-    stored = str(out_dtypes[names[0]]) if names else "float32"
-    hc.write_config(hf_config, out_dir, dtype or stored)
+    kept = str(out_dtypes[names[0]]) if names else "float32"
+    hc.write_config(hf_config, out_dir, dtype or kept)
     hc.copy_side_files(base or models[0], out_dir)
     return len(names)
 

@@ -4,6 +4,7 @@ from fusion_jax.merging import dam
 from fusion_jax.merging.dam import NONLINEARITIES, SIMILARITIES, dam_loss, init_coefficients
 from fusion_jax.merging.dam import merge as dam_merge
 from fusion_jax.merging.static import (
+    BLOCKWISE,
     GRID_FIELDS,
     MERGES,
     ROWS,
@@ -21,6 +22,7 @@ from fusion_jax.merging.static import (
 )
 
 __all__ = [
+    "BLOCKWISE",
     "GRID_FIELDS",
     "MERGES",
     "ROWS",

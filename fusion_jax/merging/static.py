@@ -120,13 +120,44 @@ def _trim(tau, density):
     """
     flat = tau.reshape(tau.shape[0], -1)
     n = flat.shape[1]
-    # round() first so that e.g. 0.3 * 10 = 3.0000000000000004 keeps 3 entries, not 4.
-    keep = max(1, math.ceil(round(density * n, 6)))
+    keep = _kept(n, density)
     if keep >= n:
         return tau
-    magnitude = jnp.abs(flat)
-    threshold = _kth_largest(magnitude, keep)[:, None]
-    return jnp.where(magnitude >= threshold, flat, 0).reshape(tau.shape)
+    return _cut(tau, _kth_largest(jnp.abs(flat), keep))
+
+
+def _kept(n: int, density) -> int:
+    # round() first so that e.g. 0.3 * 10 = 3.0000000000000004 keeps 3 entries, not 4.
+    return max(1, math.ceil(round(density * n, 6)))
+
+
+def _cut(tau, thresholds):
+    """Entries of tau `[K, ...]` whose magnitude reaches expert k's threshold (`[K]`), else 0."""
+    thresholds = thresholds.reshape((-1,) + (1,) * (tau.ndim - 1))
+    return jnp.where(jnp.abs(tau) >= thresholds, tau, 0)
+
+
+def ties_threshold(expert: np.ndarray, base: np.ndarray, density) -> np.ndarray:
+    """The magnitude at which TIES cuts one expert's whole task vector (its `_trim` threshold;
+    0 keeps everything), in NumPy, one expert at a time: the row-block form of TIES
+    (`BLOCKWISE`) needs the thresholds of whole tensors before it merges any block."""
+    tau = expert.astype(_compute_dtype(expert)).reshape(-1)  # a copy: the inputs stay
+    np.subtract(tau, base.reshape(-1), out=tau)  # as `_task_vectors`: base cast to tau's dtype
+    keep = _kept(tau.size, density)
+    if keep >= tau.size:
+        return np.zeros((), tau.dtype)
+    np.abs(tau, out=tau)
+    tau.partition(tau.size - keep)  # in place: no second copy of the tensor
+    return tau[tau.size - keep]
+
+
+@jax.jit
+def ties_given_thresholds(stacked, base, thresholds, lam):
+    """TIES with each expert's trim threshold given (`[K]`, from `ties_threshold`): element-wise,
+    so a row block of a tensor merges to that block of `ties`' result. One-leaf trees."""
+    tau = _task_vectors(stacked, base)
+    return _apply_to_base(base, jax.tree.map(lambda t: _disjoint_mean(_cut(t, thresholds)), tau),
+                          lam)  # fmt: skip
 
 
 def _kth_largest(x, k: int):
@@ -528,6 +559,37 @@ MERGES: dict[str, Callable] = {
     "sce": sce,
     "multislerp": multislerp,
     "karcher": karcher,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Blockwise:
+    """How the streaming merge runs `MERGES[name]` on a large tensor a block of rows at a time
+    (its working memory then is a few tensors, not a few times K). `stats(expert, base, **hp)`
+    (None: no statistics) gives one expert's number from its whole tensor, an expert at a time;
+    `merge(stacked, base, stats [K], **hp)` merges a row block of one-leaf trees to the same
+    values as `MERGES[name]` gives for those rows of the whole tensor."""
+
+    stats: Callable | None
+    merge: Callable
+
+
+def _ties_blocks(stacked, base, stats, density, lam):
+    del density  # in the thresholds
+    return ties_given_thresholds(stacked, base, stats, lam)
+
+
+# The merges that are element-wise (given per-tensor statistics): the others merge whole tensors.
+BLOCKWISE: dict[str, Blockwise] = {
+    "weight_average": Blockwise(
+        None, lambda stacked, base, stats, **hp: weight_average(stacked, **hp)
+    ),
+    "task_arithmetic": Blockwise(
+        None, lambda stacked, base, stats, **hp: task_arithmetic(stacked, base, **hp)
+    ),
+    "ties": Blockwise(
+        lambda expert, base, density, lam: ties_threshold(expert, base, density), _ties_blocks
+    ),
 }
 
 
