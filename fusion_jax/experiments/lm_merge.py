@@ -144,7 +144,7 @@ def streaming_merge(
         out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(kept) else kept
     plan = [(n, math.prod(shapes[n]) * out_dtypes[n].itemsize) for n in names]
     writer = hc.ShardWriter(out_dir, plan, max_shard_size)
-    key = jax.random.key(seed)
+    key, draws = jax.random.key(seed), merging.needs_rng(method)
 
     def parts(name) -> list:
         """The row blocks tensor `name` is merged in; [None]: whole."""
@@ -221,8 +221,8 @@ def streaming_merge(
                 if rows is None:
                     # One fixed key for every tensor: the jitted merges are compiled once per
                     # shape and dtype, not once per name (a tree keyed by the name is a new
-                    # structure).
-                    rng = jax.random.fold_in(key, i)
+                    # structure). Drawn only for a merge that draws (an eager op per tensor).
+                    rng = jax.random.fold_in(key, i) if draws else None
                     merged = merging.merge(method, w, rng=rng, **args, **hparams)["w"]
                 else:
                     merged = blockwise.merge(w, args.get("base"), given, **hparams)["w"]
