@@ -1,11 +1,17 @@
 """Benchmark: streaming merges of Hugging Face Llama checkpoints, end to end, against mergekit.
 
-    python bench/lm_merge.py [--dir DIR] [--params 97.5] [--methods ties,weight_average] \
-        [--runner cli|api|both] [--mergekit /tmp/mk/bin/mergekit-yaml] [--skip-write]
+    python bench/lm_merge.py [--case random|7b|smollm2] [--dir DIR] [--params 97.5] \
+        [--methods ties,weight_average] [--runner cli|api|both] \
+        [--mergekit /tmp/mk/bin/mergekit-yaml] [--skip-write]
 
-Writes (or reuses, if `--dir` already holds them) a random fp32 Llama base of about `--params`
-million parameters and three "fine-tunes" (base + small Gaussian perturbations), generated with
-NumPy and saved with `hf_checkpoint.save`. Then it times every merge in a fresh subprocess:
+Writes (or reuses, if `--dir` already holds them) a base and three "fine-tunes" (base + small
+Gaussian perturbations), saved with `hf_checkpoint.save`. The base of `--case`:
+* `random`: a random fp32 Llama of about `--params` million parameters (few, large tensors);
+* `7b`: the tensor shapes of Llama-2-7B (width 4096, intermediate 11008, vocab 32000) with 2
+  layers, bf16: the largest tensors of a 7B merge, so its peak memory;
+* `smollm2`: the real SmolLM2-135M (`pretrained.resolve("smollm2")`) in fp32: 272 tensors,
+  so a per-tensor cost cannot hide.
+Then it times every merge in a fresh subprocess:
 
 * runner `cli`: the real CLI, `python main.py --config=configs/lm_merge.py ...`, which also
   hashes every input file (sha256) for merge_info.json;
@@ -21,7 +27,10 @@ the end of its imports (api runner), or a separate child that only imports what 
 methods in the same run (YAML configs printed), and its output is compared with ours tensor by
 tensor. All checkpoints sit in the page cache after being written, for both tools alike. Peak
 RSS counts the mmapped checkpoint pages that safetensors' readers touch (both tools read that
-way), so the anonymous and file-backed peaks, sampled from /proc, are printed too.
+way), so the anonymous and file-backed peaks, sampled from /proc, are printed too. The
+anonymous peak, less that of a child that only imports, is printed beside the streaming bound
+(K + 3) x the largest tensor + one output shard. GB/s is printed beside the machine's own copy
+bandwidth (`np.copyto` of 512 MB, best of 3) as a fraction of it.
 
 mergekit is never a dependency of this project; for the comparison, in a scratch venv (torch
 first, pinned to the local CPU wheel, or pip fetches a multi-GB CUDA build):
@@ -99,26 +108,33 @@ def checkpoint_dirs(root: str) -> tuple[str, list[str]]:
     return os.path.join(root, "base"), [os.path.join(root, f"ft{k}") for k in range(NUM_EXPERTS)]
 
 
-def write_checkpoints(root: str, hf_config: dict, seed: int, delta: float) -> None:
-    """Base: N(0, 0.02) matrices and unit norm scales; fine-tune k: base + N(0, delta) noise."""
-    base_dir, expert_dirs = checkpoint_dirs(root)
-    shapes = hc.abstract_params(LMConfig.from_hf(hf_config))
+def random_base(hf_config: dict, seed: int) -> dict:
+    """Flat {path: fp32 array}: N(0, 0.02) matrices and unit norm scales."""
     rng = np.random.default_rng(seed)
     base = {}
-    for path, s in shapes.items():
+    for path, s in hc.abstract_params(LMConfig.from_hf(hf_config)).items():
         if path.endswith("/scale"):
             base[path] = np.ones(s.shape, np.float32)
         else:
             base[path] = rng.standard_normal(s.shape, np.float32)
             base[path] *= np.float32(0.02)
-    hc.save(hc.unflatten(base), hf_config, base_dir)
+    return base
+
+
+def write_checkpoints(root: str, hf_config: dict, base: dict, seed: int, delta: float,
+                      dtype: str, source: str | None = None) -> None:  # fmt: skip
+    """The base (flat fp32 params) and fine-tune k = base + N(0, delta) noise, saved in `dtype`
+    (with `source`'s side files: its tokenizer)."""
+    base_dir, expert_dirs = checkpoint_dirs(root)
+    rng = np.random.default_rng(seed + 1)
+    hc.save(hc.unflatten(base), hf_config, base_dir, dtype=dtype, source=source)
     for d in expert_dirs:
         expert = {}
         for path, x in base.items():
             noise = rng.standard_normal(x.shape, np.float32)
             noise *= np.float32(delta)
             expert[path] = noise + x
-        hc.save(hc.unflatten(expert), hf_config, d)
+        hc.save(hc.unflatten(expert), hf_config, d, dtype=dtype, source=source)
         del expert
 
 
@@ -199,7 +215,8 @@ def ours(method: str, runner: str, base: str, experts: list[str], work: str) -> 
         times = json.loads(r["out"].split("RESULT ", 1)[1])
         r["startup"] = times["imported"] - tic
         r["merge"] = times["merged"] - times["imported"]
-        r["import_rss"] = run_child([sys.executable, "-c", API_IMPORTS])["rss"]
+        imports = run_child([sys.executable, "-c", API_IMPORTS])
+        r["import_rss"], r["import_anon"] = imports["rss"], imports["anon"]
     else:
         cmd = [
             sys.executable, "main.py", "--config=configs/lm_merge.py", f"--workdir={work}",
@@ -211,6 +228,7 @@ def ours(method: str, runner: str, base: str, experts: list[str], work: str) -> 
         r = run_child(cmd)
         startup = run_child([sys.executable, "-c", CLI_IMPORTS])
         r["startup"], r["import_rss"] = startup["wall"], startup["rss"]
+        r["import_anon"] = startup["anon"]
         with open(os.path.join(work, "merge_info.json")) as f:
             r["merge"] = json.load(f)["seconds"]  # merge + sha256 of the inputs
     return r
@@ -240,7 +258,8 @@ def mergekit(exe: str, method: str, base: str, experts: list[str], work: str) ->
     r = run_child([exe, cfg, os.path.join(work, "merged")], cwd=work)
     python = os.path.join(os.path.dirname(exe), "python")
     startup = run_child([python, "-c", "import mergekit.merge, mergekit.scripts.run_yaml"])
-    r.update(startup=startup["wall"], import_rss=startup["rss"], merge=None)
+    r.update(startup=startup["wall"], import_rss=startup["rss"], import_anon=startup["anon"],
+             merge=None)  # fmt: skip
     return r
 
 
@@ -289,8 +308,44 @@ def compare(ours_dir, theirs_dir, base_dir, experts=None, show: int = 4) -> None
     print(f"  all {len(rows)} tensors: max|diff| {worst:.3g}, {differ} of {total} entries > 1e-6")
 
 
+def copy_bandwidth(nbytes: int = 512 * 2**20) -> float:
+    """This machine's memory copy rate, bytes copied per second (`np.copyto`, best of 3)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(3):
+        tic = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - tic)
+    return nbytes / best
+
+
+def llama2_7b_shapes(layers: int) -> dict:
+    """Llama-2-7B's config.json with `layers` layers, bf16."""
+    return {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32,
+        "intermediate_size": 11008, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False, "rope_theta": 10000.0, "torch_dtype": "bfloat16",
+        "architectures": ["LlamaForCausalLM"],
+    }  # fmt: skip
+
+
+def the_case(args) -> tuple[dict, str, str | None]:
+    """(config.json, dtype, source of the base's weights and tokenizer or None) of `--case`."""
+    if args.case == "7b":
+        return llama2_7b_shapes(2), "bfloat16", None
+    if args.case == "smollm2":
+        from fusion_jax import pretrained
+
+        source = pretrained.resolve("smollm2")
+        return dict(hc.read_config(source), torch_dtype="float32"), "float32", source
+    return llama_config(args.params, args.hidden, args.vocab, args.heads), "float32", None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--case", choices=("random", "7b", "smollm2"), default="random")
     parser.add_argument("--dir", help="checkpoints and outputs (default: a temp dir, removed)")
     parser.add_argument("--params", type=float, default=97.5, help="millions of parameters")
     parser.add_argument("--hidden", type=int, default=768)
@@ -309,7 +364,7 @@ def main():
     runners = ("cli", "api") if args.runner == "both" else (args.runner,)
 
     root = args.dir or tempfile.mkdtemp(prefix="lm_merge_bench_")
-    hf_config = llama_config(args.params, args.hidden, args.vocab, args.heads)
+    hf_config, dtype, source = the_case(args)
     base, experts = checkpoint_dirs(root)
     try:
         if args.skip_write:
@@ -319,19 +374,30 @@ def main():
             print(f"reusing checkpoints in {root}")
         else:
             tic = time.time()
-            write_checkpoints(root, hf_config, args.seed, args.delta)
+            if source:
+                weights = hc.flatten(hc.load(source, "float32")[1])
+            else:
+                weights = random_base(hf_config, args.seed)
+            write_checkpoints(root, hf_config, weights, args.seed, args.delta, dtype, source)
+            del weights
             print(f"wrote base + {NUM_EXPERTS} fine-tunes in {time.time() - tic:.1f} s to {root}")
         size = checkpoint_bytes(base)
-        count = sum(
-            int(np.prod(s.shape)) for s in hc.abstract_params(LMConfig.from_hf(hf_config)).values()
-        )
+        reader = hc.TensorReader(base)
+        sizes = [
+            int(np.prod(reader.shape_dtype(n)[0])) * reader.get_dtype(n).itemsize
+            for n in reader.files
+        ]
         print(
-            f"Llama {count / 1e6:.2f}M params (hidden {hf_config['hidden_size']}, "
+            f"Llama {sum(sizes) / reader.get_dtype(next(iter(reader.files))).itemsize / 1e6:.2f}M"
+            f" params in {len(sizes)} tensors (hidden {hf_config['hidden_size']}, "
             f"{hf_config['num_hidden_layers']} layers, intermediate "
-            f"{hf_config['intermediate_size']}, vocab {hf_config['vocab_size']}), fp32, "
-            f"{size / 1e6:.1f} MB per checkpoint; {os.cpu_count()} CPUs, load average "
+            f"{hf_config['intermediate_size']}, vocab {hf_config['vocab_size']}), {dtype}, "
+            f"{size / 1e6:.1f} MB per checkpoint, largest tensor {max(sizes) / 1e6:.1f} MB; "
+            f"{os.cpu_count()} CPUs, load average "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
+        bandwidth = copy_bandwidth()
+        print(f"this machine copies memory at {bandwidth / 1e9:.1f} GB/s (np.copyto, 512 MB)")
         rows = []
         for method in methods:
             reads = (NUM_EXPERTS + 1 if method == "ties" else NUM_EXPERTS) * size
@@ -346,16 +412,31 @@ def main():
                 )
                 rows.append(("mergekit", method, reads, r))
 
+        # The streaming bound: K inputs + 3 more of the largest tensor, and one output shard.
+        shard = min(size, hc.parse_size("2GB"))
+        bound = (NUM_EXPERTS + 3) * max(sizes) + shard
         print(f"{'tool':<16}{'method':<15}{'wall s':>7}{'startup s':>10}{'merge s':>8}"
-              f"{'GB/s':>6}{'RSS GB':>7}{'x ckpt':>7}{'anon GB':>8}{'file GB':>8}"
-              f"{'import GB':>10}")  # fmt: skip
+              f"{'GB/s':>6}{'of copy':>8}{'RSS GB':>7}{'x ckpt':>7}{'anon GB':>8}{'file GB':>8}"
+              f"{'import GB':>10}{'merge anon':>11}{'/ bound':>8}")  # fmt: skip
         for tool, method, reads, r in rows:
             merge = f"{r['merge']:>8.2f}" if r["merge"] is not None else f"{'-':>8}"
+            own = r["anon"] - r["import_anon"]
             print(f"{tool:<16}{method:<15}{r['wall']:>7.2f}{r['startup']:>10.2f}{merge}"
-                  f"{reads / r['wall'] / 1e9:>6.2f}{r['rss'] / 1e9:>7.2f}{r['rss'] / size:>7.2f}"
+                  f"{reads / r['wall'] / 1e9:>6.2f}{reads / r['wall'] / bandwidth:>8.3f}"
+                  f"{r['rss'] / 1e9:>7.2f}{r['rss'] / size:>7.2f}"
                   f"{r['anon'] / 1e9:>8.2f}{r['file'] / 1e9:>8.2f}"
-                  f"{r['import_rss'] / 1e9:>10.2f}")  # fmt: skip
-        print("GB/s: checkpoint bytes read (K+1 = 4 for ties, K = 3 for linear) / wall seconds.")
+                  f"{r['import_rss'] / 1e9:>10.2f}{own / 1e9:>11.2f}"
+                  f"{own / bound:>8.2f}")  # fmt: skip
+        print(f"bound: (K + 3) x largest tensor + one output shard = {NUM_EXPERTS + 3} x "
+              f"{max(sizes) / 1e6:.1f} MB + {shard / 1e6:.1f} MB = {bound / 1e9:.2f} GB; merge "
+              "anon: peak anonymous RSS less that of a child that only imports.")  # fmt: skip
+        if args.case == "7b":
+            print(
+                "a whole Llama-2-7B (32 layers) streams tensors of these same shapes: the same "
+                f"bound, {bound / 1e9:.2f} GB with 2 GB output shards, plus the imports."
+            )
+        print("GB/s: checkpoint bytes read (K+1 = 4 for ties, K = 3 for linear) / wall seconds;")
+        print("of copy: that over this machine's copy bandwidth.")
         print("startup: spawn to end of imports (api); a separate import-only child (cli,")
         print("mergekit). merge s: in-process merge (api); merge + sha256 of inputs (cli).")
         print("RSS GB / x ckpt: peak RSS (wait4), in GB and in checkpoints; anon / file: peak")

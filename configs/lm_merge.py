@@ -55,6 +55,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.combine = "linear"
     # slerp: interpolation point between the two models (0 = the first).
     config.t = 0.5
+    # Other values of these fields for some tensors, like mergekit's filters: entries
+    # FILTER:field=value[,field=value] separated by ';'. A tensor takes the first entry whose
+    # FILTER is part of its Hugging Face name (e.g. 'self_attn:t=0.3;mlp:t=0.7' for slerp);
+    # a filter must match some tensor.
+    config.overrides = ""
     # Seed of DARE's and DELLA's masks and of DAM's batches.
     config.seed = 0
     # Stored dtype of the output ("" = as the inputs; float32, bfloat16, float16).

@@ -214,6 +214,37 @@ def test_run_writes_checkpoint_and_merge_info(tmp_path):
         np.testing.assert_array_equal(_flat(str(merged))[key], x)
 
 
+def test_overrides_give_tensors_whose_names_hold_a_filter_their_own_values(tmp_path):
+    # Expert A = base + 1, expert B = base - 3: task arithmetic gives base + lam * (-2).
+    a = _shifted(tmp_path, "a", LLAMA, lambda x: x + np.float32(1))
+    b = _shifted(tmp_path, "b", LLAMA, lambda x: x - np.float32(3))
+    overrides = "self_attn.q:lam=0.25;self_attn:lam=0.0;mlp.down:lam=1"
+    config = _config(base=LLAMA, models=f"{a},{b}", method="task_arithmetic", lam=0.5,
+                     overrides=overrides)  # fmt: skip
+    info = lm_merge.run(config, str(tmp_path / "w"))
+    assert info["overrides"] == [
+        {"filter": "self_attn.q", "lam": 0.25},
+        {"filter": "self_attn", "lam": 0},
+        {"filter": "mlp.down", "lam": 1},
+    ]
+    merged = hc.TensorReader(str(tmp_path / "w" / "merged"))
+    original = hc.TensorReader(LLAMA)
+    shifts = {}
+    for name in original.files:
+        shift = float(np.mean(merged.get(name) - original.get(name)))
+        np.testing.assert_allclose(merged.get(name) - original.get(name), shift, atol=1e-5)
+        shifts[name] = round(shift, 4)
+    layer = "model.layers.0."
+    assert shifts[layer + "self_attn.q_proj.weight"] == -0.5  # the first filter that matches
+    assert shifts[layer + "self_attn.k_proj.weight"] == 0.0
+    assert shifts[layer + "mlp.down_proj.weight"] == -2.0
+    assert shifts[layer + "mlp.up_proj.weight"] == -1.0  # no filter: config.lam
+    assert shifts["model.embed_tokens.weight"] == -1.0
+    config.overrides = "self_atn:lam=0.1"
+    with pytest.raises(UserError, match=r"^config.overrides: filter 'self_atn' matches no tensor"):
+        lm_merge.run(config, str(tmp_path / "w2"))
+
+
 def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
     cmd = [
         sys.executable,
@@ -264,6 +295,15 @@ def test_cli_merge_copies_tokenizer_and_casts_dtype(tmp_path):
         ({"method": "dam", "models": LLAMA, "dam.data": "x", "dam.train": "linear,heads"},
          "config.dam.train='linear,heads': must be comma-separated groups from linear, "
          "embedding, norm"),
+        ({"method": "slerp", "models": f"{LLAMA},{LLAMA}", "overrides": "self_attn t=0.3"},
+         "config.overrides='self_attn t=0.3': must be '' or FILTER:field=value[,field=value] "
+         "entries separated by ';' (e.g. 'self_attn:t=0.3;mlp:t=0.7')"),
+        ({"method": "slerp", "models": f"{LLAMA},{LLAMA}", "overrides": "mlp:lam=0.3"},
+         "config.overrides='mlp:lam=0.3': must be fields of config.method='slerp' per tensor "
+         "(t), not 'lam'"),
+        ({"method": "ties", "models": LLAMA, "base": LLAMA, "overrides": "mlp:density=2"},
+         "config.overrides='mlp:density=2': must be density values that are a number in (0, 1] "
+         "(got density=2)"),
     ],
 )  # fmt: skip
 def test_errors_are_one_line_and_name_the_field(tmp_path, fields, message):

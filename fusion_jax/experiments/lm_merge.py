@@ -39,7 +39,7 @@ from fusion_jax.errors import UserError
 from fusion_jax.experiments import engine
 from fusion_jax.merging import dam
 from fusion_jax.models import lm
-from fusion_jax.specs.lm_merge import SPEC
+from fusion_jax.specs.lm_merge import SPEC, parse_overrides
 from fusion_jax.train import checkpoint, logs
 
 
@@ -121,11 +121,27 @@ def streaming_merge(
     max_shard_size="2GB",
     seed: int = 0,
     progress: bool = True,
+    overrides: list[tuple[str, dict]] = (),
 ) -> int:
-    """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count."""
+    """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count.
+    `overrides` ([(filter, hyper-parameters)]): a tensor whose name holds a filter (the first
+    that does) merges with those hyper-parameters over `hparams`."""
     inputs = ([base] if base else []) + models
     files.check_apart(out_dir, inputs)
     _, hf_config, names = hc.check_compatible(inputs)
+    for where, _ in overrides:
+        if not any(where in name for name in names):
+            raise UserError(
+                f"config.overrides: filter {where!r} matches no tensor name of the inputs "
+                f"(e.g. {names[len(names) // 2]!r})"
+            )
+
+    def hparams_of(name) -> dict:
+        for where, values in overrides:
+            if where in name:
+                return {**hparams, **values}
+        return hparams
+
     readers = [hc.open_tensors(d) for d in models]
     base_reader = hc.open_tensors(base) if base else None
     ref = base_reader or readers[0]
@@ -179,7 +195,7 @@ def streaming_merge(
             return None
         b = merge_base.get(name) if merge_base else None
         return np.stack([
-            blockwise.stats(r.get(name).astype(stored[name], copy=False), b, **hparams)
+            blockwise.stats(r.get(name).astype(stored[name], copy=False), b, **hparams_of(name))
             for r in readers
         ])  # fmt: skip
 
@@ -223,9 +239,9 @@ def streaming_merge(
                     # shape and dtype, not once per name (a tree keyed by the name is a new
                     # structure). Drawn only for a merge that draws (an eager op per tensor).
                     rng = jax.random.fold_in(key, i) if draws else None
-                    merged = merging.merge(method, w, rng=rng, **args, **hparams)["w"]
+                    merged = merging.merge(method, w, rng=rng, **args, **hparams_of(name))["w"]
                 else:
-                    merged = blockwise.merge(w, args.get("base"), given, **hparams)["w"]
+                    merged = blockwise.merge(w, args.get("base"), given, **hparams_of(name))["w"]
                 del stacked, args, w
                 with np.errstate(over="ignore"):  # an overflow is refused by the writer, by name
                     merged = np.asarray(merged).astype(out_dtypes[name], copy=False)
@@ -356,12 +372,15 @@ def run(config, workdir: str) -> dict:
     else:
         hparams = method_hparams(config)
         info["hparams"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in hparams.items()}
+        overrides = parse_overrides(config.overrides)
+        if overrides:
+            info["overrides"] = [{"filter": where, **values} for where, values in overrides]
         # The inputs are hashed in a thread while they merge (hashlib releases the GIL).
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             hashed = pool.submit(hc.input_records, models + ([base] if base else []))
             info["tensors"] = streaming_merge(
                 config.method, hparams, models, base, tmp_dir, config.dtype or None,
-                config.max_shard_size, config.seed,
+                config.max_shard_size, config.seed, overrides=overrides,
             )  # fmt: skip
             records = hashed.result()
         inputs, base_record = records[: len(models)], (records[-1] if base else None)

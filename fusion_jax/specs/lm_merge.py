@@ -26,6 +26,40 @@ def _weights(v) -> bool:
         return False
 
 
+def _value(text: str):
+    """An override's value: an int, else a float, else the word (combine's "ties")."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_overrides(text: str) -> list[tuple[str, dict]]:
+    """`config.overrides`, e.g. "self_attn:t=0.3;mlp:t=0.7,lam=0.5", as [(filter, {field:
+    value})] in order. A tensor takes the values of the first filter that is a substring of
+    its Hugging Face name (mergekit's `filter`), the config's fields elsewhere. Raises
+    ValueError naming the entry that is not `FILTER:field=value[,field=value]`."""
+    out = []
+    for entry in (e.strip() for e in text.split(";")):
+        if not entry:
+            continue
+        where, _, settings = entry.partition(":")
+        pairs = [item.partition("=") for item in settings.split(",")]
+        if not where.strip() or not all(eq and name.strip() and v.strip() for name, eq, v in pairs):
+            raise ValueError(f"{entry!r} is not FILTER:field=value[,field=value]")
+        out.append((where.strip(), {n.strip(): _value(v.strip()) for n, _, v in pairs}))
+    return out
+
+
+def _overrides_syntax(v) -> bool:
+    try:
+        return isinstance(v, str) and (parse_overrides(v) is not None)
+    except ValueError:
+        return False
+
+
 DAM_GROUPS = dam.GROUPS
 
 LM_MERGE = {
@@ -51,6 +85,11 @@ LM_MERGE = {
     "select_topk": schema.number(0, 1, low_open=True),
     "max_iter": schema.integer(1),
     "tol": schema.POSITIVE,
+    "overrides": schema.Rule(
+        _overrides_syntax,
+        "'' or FILTER:field=value[,field=value] entries separated by ';' "
+        "(e.g. 'self_attn:t=0.3;mlp:t=0.7')",
+    ),
     "seed": schema.SEED,
     "dtype": schema.choice("", *hf_checkpoint.DTYPES),
     "max_shard_size": schema.Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
@@ -97,6 +136,18 @@ def _lm_merge_inputs(config, devices) -> schema.Problem:
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
     if math.fsum(float(w) for w in weights) == 0 and config.weights.strip():
         return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
+    for _, values in parse_overrides(config.overrides):
+        for field, value in values.items():
+            fields = [h for h in hparams if h in LM_MERGE and h != "weights"]
+            if field not in fields:
+                scalars = ", ".join(fields) or "it has none"
+                return "overrides", (
+                    f"fields of config.method={config.method!r} per tensor ({scalars}), "
+                    f"not {field!r}"
+                )
+            if not LM_MERGE[field].ok(value):
+                allowed = LM_MERGE[field].allowed
+                return "overrides", f"{field} values that are {allowed} (got {field}={value!r})"
     sources = [s for s in config.dam.data.split(";") if s.strip()]
     if config.method == "dam" and len(sources) != n:
         return "dam.data", f"{n} text sources separated by ';' (one per model)"
@@ -116,7 +167,7 @@ def _lm_merge_outputs(config, workdir: str) -> None:
 # lm_merge's hyper-parameter fields, each named as the argument of the merge functions that take it.
 _LM_MERGE_HPARAMS = (
     "weights", "lam", "density", "drop_rate", "combine", "t", "gamma", "epsilon", "select_topk",
-    "max_iter", "tol",
+    "max_iter", "tol", "overrides",
 )  # fmt: skip
 
 
@@ -126,7 +177,7 @@ def _lm_merge_unused(config: Mapping) -> set[str]:
     method = config["method"]
     if method == "dam":
         return set(_LM_MERGE_HPARAMS)
-    unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method))
+    unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method)) - {"overrides"}
     unused |= {f for f in schema.flatten(config) if f.startswith("dam.")}
     return unused | (set() if merging.needs_rng(method) else {"seed"})
 
@@ -156,6 +207,7 @@ SPEC = schema.Spec(
         "select_topk": 1.0,
         "max_iter": 10,
         "tol": 1e-5,
+        "overrides": "",
     },
     unused=_lm_merge_unused,
     outputs=_lm_merge_outputs,
