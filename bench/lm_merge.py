@@ -41,6 +41,7 @@ first, pinned to the local CPU wheel, or pip fetches a multi-GB CUDA build):
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -136,6 +137,12 @@ def write_checkpoints(root: str, hf_config: dict, base: dict, seed: int, delta: 
             expert[path] = noise + x
         hc.save(hc.unflatten(expert), hf_config, d, dtype=dtype, source=source)
         del expert
+
+
+def write_all(root, hf_config, seed, delta, dtype, source) -> None:
+    """`write_checkpoints` of the real weights of `source`, or of a random base."""
+    weights = hc.flatten(hc.load(source, "float32")[1]) if source else random_base(hf_config, seed)
+    write_checkpoints(root, hf_config, weights, seed, delta, dtype, source)
 
 
 def have_checkpoints(root: str, hf_config: dict) -> bool:
@@ -374,12 +381,15 @@ def main():
             print(f"reusing checkpoints in {root}")
         else:
             tic = time.time()
-            if source:
-                weights = hc.flatten(hc.load(source, "float32")[1])
-            else:
-                weights = random_base(hf_config, args.seed)
-            write_checkpoints(root, hf_config, weights, args.seed, args.delta, dtype, source)
-            del weights
+            # In a spawned child: Linux counts the memory a process had when it forked in its
+            # children's peak RSS (wait4), so this process stays small.
+            child = multiprocessing.get_context("spawn").Process(
+                target=write_all, args=(root, hf_config, args.seed, args.delta, dtype, source)
+            )
+            child.start()
+            child.join()
+            if child.exitcode:
+                raise RuntimeError(f"writing the checkpoints failed ({child.exitcode})")
             print(f"wrote base + {NUM_EXPERTS} fine-tunes in {time.time() - tic:.1f} s to {root}")
         size = checkpoint_bytes(base)
         reader = hc.TensorReader(base)

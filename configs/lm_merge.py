@@ -60,6 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # FILTER is part of its Hugging Face name (e.g. 'self_attn:t=0.3;mlp:t=0.7' for slerp);
     # a filter must match some tensor.
     config.overrides = ""
+    # --mode=extract_lora: the rank of the LoRA adapter written for each model against base.
+    config.lora_rank = 16
     # Seed of DARE's and DELLA's masks and of DAM's batches.
     config.seed = 0
     # Stored dtype of the output ("" = as the inputs; float32, bfloat16, float16).

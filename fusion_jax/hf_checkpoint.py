@@ -186,6 +186,12 @@ def _safetensors(path: str):
         raise UserError(f"{path} is not a readable safetensors file ({e}); replace it") from e
 
 
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file (a small one: a LoRA adapter's)."""
+    with _safetensors(_need(path)) as f:
+        return {key: f.get_tensor(key) for key in f.keys()}
+
+
 def read_config(directory: str) -> dict:
     """The parsed config.json of a checkpoint directory (made from a GGUF file's metadata)."""
     if gguf_checkpoint.is_gguf(directory):

@@ -44,7 +44,7 @@ KINDS: dict[str | None, Kind] = {
     None: Kind(grokking.SPEC, ("train", "eval", "analyze", "report")),
     "merge_compare": Kind(merge_compare_spec.SPEC, ("train", "merge_compare"),
                           merge_compare_lib.run, comparisons.merge_markdown),
-    "lm_merge": Kind(lm_merge_spec.SPEC, ("train",), lm_merge.run),
+    "lm_merge": Kind(lm_merge_spec.SPEC, ("train", "extract_lora"), lm_merge.run),
     "lm_fuse": Kind(lm_fuse_spec.SPEC, ("train", "generate"), lm_fuse.train),
     "lm_study": Kind(lm_study_spec.SPEC, ("train", "merge_compare", "export"), lm_study.run,
                      comparisons.study_markdown),
@@ -199,6 +199,15 @@ def generate(config, workdir: str, **_):
     return lm_fuse.generate(config, workdir)
 
 
+def extract_lora(config, workdir: str, **_):
+    """Writes a rank-`config.lora_rank` LoRA adapter (PEFT's layout) of each of
+    `config.models` against `config.base` under `<workdir>/lora/` (configs/lm_merge.py)."""
+    check_mode(config, "extract_lora")
+    validate(config)
+    with workdir_lib.claim(config, workdir, spec_of(config)):
+        return lm_merge.extract_lora(config, workdir)
+
+
 def fetch(config, workdir, model: str | None = None, **_):
     """Downloads a pretrained model by name (fusion_jax/pretrained.py) and prints its path."""
     del config, workdir  # The model goes to the cache, whatever the workdir.
@@ -223,4 +232,5 @@ MODES = {
     "merge_compare": merge_compare,
     "generate": generate,
     "export": export,
+    "extract_lora": extract_lora,
 }

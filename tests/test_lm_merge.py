@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -11,10 +12,11 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import merging, modes
+from fusion_jax import lora, merging, modes
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
 from fusion_jax.merging import dam
@@ -140,8 +142,12 @@ def test_large_tensors_merged_in_row_blocks_equal_whole_tensor_merges(
     whole = _merge(tmp_path, method, experts, base, **hparams)
     rows_read = []
     get_rows = hc.TensorReader.get_rows
-    monkeypatch.setattr(hc.TensorReader, "get_rows",
-                        lambda self, name, rows: rows_read.append(rows) or get_rows(self, name, rows))  # fmt: skip
+
+    def counted(self, name, rows):
+        rows_read.append(rows)
+        return get_rows(self, name, rows)
+
+    monkeypatch.setattr(hc.TensorReader, "get_rows", counted)
     monkeypatch.setattr(lm_merge, "BLOCK_BYTES", 600)  # every matrix in blocks of a few rows
     blocked = _merge(tmp_path, method, experts, base, **hparams)
     assert len(rows_read) > 100
@@ -568,3 +574,107 @@ def test_a_merge_method_registered_in_merging_is_offered_by_lm_merge(tmp_path, t
     merged = _flat(str(tmp_path / "w" / "merged"))
     for key, x in _flat(LLAMA).items():  # base + 0.5 * (A - base)
         np.testing.assert_allclose(merged[key], x + 0.5, rtol=0, atol=1e-6, err_msg=key)
+
+
+def _adapter(folder, factors, r, alpha, **extra):
+    """A PEFT adapter folder: `factors` {module: (A [r, in], B [out, r])}."""
+    os.makedirs(folder, exist_ok=True)
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+    targets = sorted({m.rsplit(".", 1)[-1] for m in factors})
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "bias": "none",
+              "target_modules": targets, **extra}  # fmt: skip
+    with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return str(folder)
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_a_lora_adapter_merges_as_the_fine_tune_it_makes(tmp_path, monkeypatch, rslora):
+    rng = np.random.default_rng(1)
+    layer = "model.layers.1."
+    factors = {
+        layer + "self_attn.q_proj": (rng.standard_normal((4, 64)), rng.standard_normal((64, 4))),
+        layer + "mlp.down_proj": (rng.standard_normal((4, 128)), rng.standard_normal((64, 4))),
+    }
+    factors = {m: (a.astype(np.float32), b.astype(np.float32)) for m, (a, b) in factors.items()}
+    adapter = _adapter(tmp_path / "adapter", factors, r=4, alpha=2, use_rslora=rslora)
+    scale = 2 / (2.0 if rslora else 4.0)
+    # The same fine-tune merged into a full checkpoint by hand.
+    base = hc.TensorReader(LLAMA)
+    full = {name: base.get(name) for name in base.files}
+    for module, (a, b) in factors.items():
+        full[module + ".weight"] = full[module + ".weight"] + scale * (b @ a)
+    full_dir = tmp_path / "full"
+    shutil.copytree(LLAMA, full_dir)
+    save_file(full, str(full_dir / "model.safetensors"))
+    other = _shifted(tmp_path, "other", LLAMA, lambda x: x * np.float32(1.5))
+    for block_bytes in (lm_merge.BLOCK_BYTES, 600):  # whole tensors, then row blocks
+        monkeypatch.setattr(lm_merge, "BLOCK_BYTES", block_bytes)
+        ties = {"density": 0.5, "lam": 1.0}
+        for method, hp in (("weight_average", {"weights": None}), ("ties", ties)):
+            by_hand = _merge(tmp_path, method, [str(full_dir), other], LLAMA, **hp)
+            merged = _merge(tmp_path, method, [adapter, other], LLAMA, **hp)
+            for key, x in by_hand.items():
+                np.testing.assert_allclose(merged[key], x, rtol=0, atol=1e-5, err_msg=key)
+    q = "['layers_1']['self_attn']['q_proj']['kernel']"
+    assert not np.allclose(by_hand[q], _flat(LLAMA)[q])
+
+
+def test_extracted_lora_reproduces_a_rank_r_task_vector_and_applies_back(tmp_path):
+    rng = np.random.default_rng(2)
+
+    def low_rank(x):  # every matrix plus a rank-2 update; vectors (norms) unchanged
+        if x.ndim < 2:
+            return x
+        u, v = rng.standard_normal((x.shape[0], 2)), rng.standard_normal((2, x.shape[1]))
+        return x + (0.01 * u @ v).astype(x.dtype)
+
+    tuned = _shifted(tmp_path, "tuned", LLAMA, low_rank)
+    config = _config(base=LLAMA, models=tuned, lora_rank=2)
+    info = modes.extract_lora(config, str(tmp_path / "w"))
+    (adapter,) = info["adapters"]
+    assert adapter["folder"] == str(tmp_path / "w" / "lora" / "tuned")
+    assert adapter["tensors"] == 14  # 7 linear layers x 2 blocks; not the embeddings or head
+    assert set(adapter["left_out"]) == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert min(adapter["energy_kept"].values()) > 1 - 1e-9
+    with open(os.path.join(adapter["folder"], "adapter_config.json")) as f:
+        peft_config = json.load(f)
+    assert (peft_config["r"], peft_config["lora_alpha"]) == (2, 2)
+    assert peft_config["target_modules"] == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # fmt: skip
+    reader = lora.LoraReader(adapter["folder"], hc.TensorReader(LLAMA))
+    want = hc.TensorReader(tuned)
+    for name in want.files:
+        if "embed" in name or "lm_head" in name:
+            continue
+        np.testing.assert_allclose(reader.get(name), want.get(name), rtol=0, atol=1e-6,
+                                   err_msg=name)  # fmt: skip
+    # Rank 1 cannot hold a rank-2 update: the summary says how much it keeps.
+    config.lora_rank = 1
+    info = modes.extract_lora(config, str(tmp_path / "w"))
+    assert max(info["adapters"][0]["energy_kept"].values()) < 0.99
+
+
+def test_lora_adapters_are_refused_where_they_cannot_stand(tmp_path):
+    a = np.zeros((2, 64), np.float32)
+    adapter = _adapter(tmp_path / "ad", {"model.layers.0.self_attn.q_proj": (a, a.T)}, 2, 2)
+    for fields, message in (
+        ({"models": f"{adapter},{LLAMA}", "method": "weight_average"},
+         f"config.base='': must be the base model of the LoRA adapter {adapter}"),
+        ({"models": f"{adapter},{LLAMA}", "method": "dam", "base": LLAMA, "dam.data": "x;y"},
+         f"config.models='{adapter},{LLAMA}': must be full checkpoints ({adapter} is a LoRA "
+         "adapter, which lm_merge's static merges take)"),
+    ):  # fmt: skip
+        with pytest.raises(UserError) as e:
+            modes.train(_config(**fields), str(tmp_path / "w"))
+        assert str(e.value) == message
+    bad = _adapter(tmp_path / "bad", {"model.layers.0.self_attn.q_proj": (a, a.T)}, 2, 2,
+                   use_dora=True)  # fmt: skip
+    with pytest.raises(UserError) as e:
+        lm_merge.streaming_merge("weight_average", {}, [bad], LLAMA, str(tmp_path / "o"))
+    assert str(e.value) == (f"{bad}: a DoRA adapter (use_dora) rescales the base's columns; "
+                            "supported: LoRA adapters (PEFT) on linear layers")  # fmt: skip

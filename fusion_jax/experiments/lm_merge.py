@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from fusion_jax import errors, files, gguf_checkpoint, merging, schema
+from fusion_jax import errors, files, gguf_checkpoint, lora, merging, schema
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text, tokenize
@@ -128,7 +128,7 @@ def streaming_merge(
     that does) merges with those hyper-parameters over `hparams`."""
     inputs = ([base] if base else []) + models
     files.check_apart(out_dir, inputs)
-    _, hf_config, names = hc.check_compatible(inputs)
+    _, hf_config, names = lora.check_compatible(models, base)
     for where, _ in overrides:
         if not any(where in name for name in names):
             raise UserError(
@@ -142,8 +142,8 @@ def streaming_merge(
                 return {**hparams, **values}
         return hparams
 
-    readers = [hc.open_tensors(d) for d in models]
     base_reader = hc.open_tensors(base) if base else None
+    readers = [lora.open_input(d, base_reader) for d in models]  # an adapter over the base
     ref = base_reader or readers[0]
     # Only the merges that use a base read it (a base given to weight_average is just checked).
     merge_base = base_reader if merging.needs_base(method) else None
@@ -348,6 +348,36 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
 
 
 @workdir_lib.claims_workdir(SPEC)
+def extract_lora(config, workdir: str) -> dict:
+    """`lora.extract` of each of `config.models` against `config.base`, at rank
+    `config.lora_rank`, to `<workdir>/lora/<model's folder name>/`; writes and returns
+    `<workdir>/lora/extract_info.json` (inputs with sha256, and per adapter the fraction of each
+    task vector's squared norm it keeps)."""
+    models, base = schema.split_list(config.models), config.base
+    if not base:
+        raise UserError("config.base='': must be the checkpoint the fine-tunes are taken against "
+                        "for --mode=extract_lora")  # fmt: skip
+    if adapters := [m for m in models if lora.is_adapter(m)]:
+        raise UserError(f"config.models: {adapters[0]} is a LoRA adapter already")
+    out_root = os.path.join(workdir, "lora")
+    folders = [os.path.join(out_root, os.path.basename(os.path.normpath(m))) for m in models]
+    if len(set(folders)) != len(folders):
+        raise UserError("config.models: two fine-tunes share a folder name; the adapters are "
+                        "named after them")  # fmt: skip
+    info = {"rank": config.lora_rank, "base": hc.input_records([base])[0], "adapters": []}
+    for model, folder in zip(models, folders, strict=True):
+        files.check_apart(folder, [base, model])
+        summary = lora.extract(base, model, folder, config.lora_rank)
+        logging.info("[extract_lora] %s: rank %d over %d tensors, %.4f of the task vector's "
+                     "squared norm kept on average -> %s", model, config.lora_rank,
+                     summary["tensors"], float(np.mean(list(summary["energy_kept"].values()))),
+                     folder)  # fmt: skip
+        info["adapters"].append({"model": hc.input_records([model])[0], "folder": folder,
+                                 **summary})  # fmt: skip
+    files.write_json(os.path.join(out_root, "extract_info.json"), info)
+    return info
+
+
 def run(config, workdir: str) -> dict:
     """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`.
 

@@ -90,6 +90,7 @@ LM_MERGE = {
         "'' or FILTER:field=value[,field=value] entries separated by ';' "
         "(e.g. 'self_attn:t=0.3;mlp:t=0.7')",
     ),
+    "lora_rank": schema.integer(1),
     "seed": schema.SEED,
     "dtype": schema.choice("", *hf_checkpoint.DTYPES),
     "max_shard_size": schema.Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
@@ -176,9 +177,10 @@ def _lm_merge_unused(config: Mapping) -> set[str]:
     field, and only a merge that draws (DARE) its seed; DAM reads no static hyper-parameter)."""
     method = config["method"]
     if method == "dam":
-        return set(_LM_MERGE_HPARAMS)
+        return set(_LM_MERGE_HPARAMS) | {"lora_rank"}
     unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method)) - {"overrides"}
     unused |= {f for f in schema.flatten(config) if f.startswith("dam.")}
+    unused |= {"lora_rank"}  # read by --mode=extract_lora only, whose outputs say their rank
     return unused | (set() if merging.needs_rng(method) else {"seed"})
 
 
@@ -208,6 +210,7 @@ SPEC = schema.Spec(
         "max_iter": 10,
         "tol": 1e-5,
         "overrides": "",
+        "lora_rank": 16,
     },
     unused=_lm_merge_unused,
     outputs=_lm_merge_outputs,
