@@ -203,9 +203,7 @@ def extract_lora(config, workdir: str, **_):
     """Writes a rank-`config.lora_rank` LoRA adapter (PEFT's layout) of each of
     `config.models` against `config.base` under `<workdir>/lora/` (configs/lm_merge.py)."""
     check_mode(config, "extract_lora")
-    validate(config)
-    with workdir_lib.claim(config, workdir, spec_of(config)):
-        return lm_merge.extract_lora(config, workdir)
+    return lm_merge.extract_lora(config, workdir)
 
 
 def fetch(config, workdir, model: str | None = None, **_):

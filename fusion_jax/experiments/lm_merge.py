@@ -378,6 +378,7 @@ def extract_lora(config, workdir: str) -> dict:
     return info
 
 
+@workdir_lib.claims_workdir(SPEC)
 def run(config, workdir: str) -> dict:
     """Merges `config.models` (and `config.base`) with `config.method` into `<workdir>/merged`.
 
