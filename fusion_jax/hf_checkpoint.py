@@ -192,12 +192,26 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         return {key: f.get_tensor(key) for key in f.keys()}
 
 
+# What marks a folder as a PEFT adapter (fusion_jax/lora.py reads them).
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def is_adapter(path: str) -> bool:
+    """A folder holding a PEFT adapter (its adapter_config.json) rather than a whole model."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
 def read_config(directory: str) -> dict:
     """The parsed config.json of a checkpoint directory (made from a GGUF file's metadata)."""
     if gguf_checkpoint.is_gguf(directory):
         return gguf_checkpoint.open_gguf(directory).hf_config()
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"checkpoint directory not found: {directory}")
+    if is_adapter(directory) and not os.path.exists(os.path.join(directory, "config.json")):
+        raise UserError(
+            f"{directory} is a LoRA adapter, not a whole model: lm_merge's static merges take "
+            "adapters (with config.base); elsewhere merge it into its base first"
+        )
     return read_json(os.path.join(directory, "config.json"))
 
 

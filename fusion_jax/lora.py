@@ -27,14 +27,12 @@ from fusion_jax import files
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax.errors import UserError
 
-CONFIG_FILE = "adapter_config.json"
+CONFIG_FILE = hc.ADAPTER_CONFIG
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
-def is_adapter(path: str) -> bool:
-    """A folder holding a PEFT adapter (its adapter_config.json)."""
-    return os.path.isfile(os.path.join(path, CONFIG_FILE))
+is_adapter = hc.is_adapter
 
 
 def _refuse(directory: str, why: str):

@@ -667,11 +667,16 @@ def test_lora_adapters_are_refused_where_they_cannot_stand(tmp_path):
          f"config.base='': must be the base model of the LoRA adapter {adapter}"),
         ({"models": f"{adapter},{LLAMA}", "method": "dam", "base": LLAMA, "dam.data": "x;y"},
          f"config.models='{adapter},{LLAMA}': must be full checkpoints ({adapter} is a LoRA "
-         "adapter, which lm_merge's static merges take)"),
+         "adapter, which the static merges take)"),
     ):  # fmt: skip
         with pytest.raises(UserError) as e:
             modes.train(_config(**fields), str(tmp_path / "w"))
         assert str(e.value) == message
+    with pytest.raises(UserError) as e:  # where a whole model is read (lm_fuse, DAM, lm_study)
+        hc.load(adapter)
+    assert str(e.value) == (f"{adapter} is a LoRA adapter, not a whole model: lm_merge's static "
+                            "merges take adapters (with config.base); elsewhere merge it into its "
+                            "base first")  # fmt: skip
     bad = _adapter(tmp_path / "bad", {"model.layers.0.self_attn.q_proj": (a, a.T)}, 2, 2,
                    use_dora=True)  # fmt: skip
     with pytest.raises(UserError) as e:

@@ -4,7 +4,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from fusion_jax import hf_checkpoint, lora, schema
+from fusion_jax import hf_checkpoint, schema
 from fusion_jax.models.lm import LMConfig
 
 
@@ -54,15 +54,9 @@ def compatible_checkpoints(config, devices) -> schema.Problem:
     # Before the workdir is bound (`devices` given: about to run), so that a run refused for
     # mismatched inputs leaves no workdir behind and the fixed command may reuse it. The error
     # is check_compatible's own line, naming the first field or tensor that differs.
-    models = schema.split_list(config.models)
-    adapters = [m for m in models if lora.is_adapter(m)]
-    if adapters and (config.experiment != "lm_merge" or config.method == "dam"):
-        return "models", (f"full checkpoints ({adapters[0]} is a LoRA adapter, which lm_merge's "
-                          "static merges take)")  # fmt: skip
-    if adapters and not config.get("base"):
-        return "base", f"the base model of the LoRA adapter {adapters[0]}"
     if devices is not None:
-        lora.check_compatible(models, config.get("base") or None)
+        base = [config.base] if config.get("base") else []
+        hf_checkpoint.check_compatible(base + schema.split_list(config.models))
     return None
 
 

@@ -4,7 +4,7 @@ import math
 import os
 from collections.abc import Mapping
 
-from fusion_jax import files, gguf_checkpoint, hf_checkpoint, merging, schema
+from fusion_jax import files, gguf_checkpoint, hf_checkpoint, lora, merging, schema
 from fusion_jax.data import text
 from fusion_jax.merging import dam
 from fusion_jax.specs import checkpoints
@@ -158,6 +158,21 @@ def _lm_merge_inputs(config, devices) -> schema.Problem:
     return None
 
 
+def _lm_merge_checkpoints(config, devices) -> schema.Problem:
+    """`checkpoints.compatible_checkpoints` where LoRA adapters may stand as models: they need
+    their base (config.base) and a static merge (DAM runs the experts whole)."""
+    models = schema.split_list(config.models)
+    adapters = [m for m in models if lora.is_adapter(m)]
+    if adapters and config.method == "dam":
+        return "models", (f"full checkpoints ({adapters[0]} is a LoRA adapter, which the "
+                          "static merges take)")  # fmt: skip
+    if adapters and not config.base:
+        return "base", f"the base model of the LoRA adapter {adapters[0]}"
+    if devices is not None:  # as compatible_checkpoints: before the workdir is bound
+        lora.check_compatible(models, config.base or None)
+    return None
+
+
 def _lm_merge_outputs(config, workdir: str) -> None:
     # The folders lm_merge replaces: merged/, and merged.partial/ and merged.old/ beside it.
     inputs = [p for p in [config.base, *schema.split_list(config.models)] if p]
@@ -188,7 +203,7 @@ SPEC = schema.Spec(
     kind="lm_merge",
     config_files="configs/lm_merge.py",
     rules=LM_MERGE,
-    cross_rules=(_lm_merge_inputs, checkpoints.compatible_checkpoints,
+    cross_rules=(_lm_merge_inputs, _lm_merge_checkpoints,
                  checkpoints.within_positions("dam.seq_len"),
                  checkpoints.data_parallel("dam", lambda config: config.method == "dam")),
     safe_changes={
