@@ -406,8 +406,6 @@ def main():
             f"{os.cpu_count()} CPUs, load average "
             f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
         )
-        bandwidth = copy_bandwidth()
-        print(f"this machine copies memory at {bandwidth / 1e9:.1f} GB/s (np.copyto, 512 MB)")
         rows = []
         for method in methods:
             reads = (NUM_EXPERTS + 1 if method == "ties" else NUM_EXPERTS) * size
@@ -422,6 +420,10 @@ def main():
                 )
                 rows.append(("mergekit", method, reads, r))
 
+        # After the runs: Linux counts the memory a process holds when it forks in its
+        # children's peak RSS, and this takes 1 GB.
+        bandwidth = copy_bandwidth()
+        print(f"this machine copies memory at {bandwidth / 1e9:.1f} GB/s (np.copyto, 512 MB)")
         # The streaming bound: K inputs + 3 more of the largest tensor, and one output shard.
         shard = min(size, hc.parse_size("2GB"))
         bound = (NUM_EXPERTS + 3) * max(sizes) + shard

@@ -60,6 +60,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # FILTER is part of its Hugging Face name (e.g. 'self_attn:t=0.3;mlp:t=0.7' for slerp);
     # a filter must match some tensor.
     config.overrides = ""
+    # Inputs whose vocabularies differ by added tokens or padded rows: the output's tokenizer,
+    # "base", "union" (the base's, or the first model's, plus the others' added tokens) or the
+    # path of one input; each input's embedding rows are matched to it by token. "" = the
+    # inputs' vocabularies must be the same.
+    config.tokenizer_source = ""
     # --mode=extract_lora: the rank of the LoRA adapter written for each model against base.
     config.lora_rank = 16
     # Seed of DARE's and DELLA's masks and of DAM's batches.

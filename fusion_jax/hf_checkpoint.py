@@ -550,22 +550,29 @@ def save(
         copy_side_files(source, directory)
 
 
-def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]:
+def check_compatible(
+    directories: list[str], vocab_tensors: tuple[str, ...] = ()
+) -> tuple[LMConfig, dict, list[str]]:
     """Checks that checkpoints share architecture, tensor names and shapes, before any work.
 
     Returns (config, config.json, tensor names) of the first. The error names the first field
-    or tensor that differs.
+    or tensor that differs. `vocab_tensors` (Flax paths): tensors with a row per token, whose
+    row counts (and vocab_size, and the tokenizers) may differ; fusion_jax/vocab.py matches
+    their rows.
     """
     first, rest = directories[0], directories[1:]
-    config, _, _ = parameter_names(first)
+    config, _, found = parameter_names(first)
     hf_config = read_config(first)
     reader = open_tensors(first)
     names = list(reader.files)
     shapes = {n: reader.shape_dtype(n)[0] for n in names}
+    per_token = {found[p][0] for p in vocab_tensors if p in found}
+    for n in per_token:
+        shapes[n] = shapes[n][1:]
     for other in rest:
         other_config, _, _ = parameter_names(other)
         for field in dataclasses.fields(LMConfig):
-            if field.name in ("param_dtype", "dtype"):
+            if field.name in ("param_dtype", "dtype") or (per_token and field.name == "vocab_size"):
                 continue
             a, b = getattr(config, field.name), getattr(other_config, field.name)
             if a != b:
@@ -578,6 +585,7 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
             if name not in r.files:
                 raise UserError(f"models differ: tensor {name!r} is in {first} but not in {other}")
             shape = r.shape_dtype(name)[0]
+            shape = shape[1:] if name in per_token else shape
             if shape != shapes[name]:
                 raise UserError(
                     f"models differ at tensor {name!r}: shape {list(shapes[name])} in {first} "
@@ -586,7 +594,8 @@ def check_compatible(directories: list[str]) -> tuple[LMConfig, dict, list[str]]
         extra = sorted(set(r.files) - set(names))
         if extra:
             raise UserError(f"models differ: tensor {extra[0]!r} is in {other} but not in {first}")
-    _check_tokenizers(directories)
+    if not per_token:
+        _check_tokenizers(directories)
     return config, hf_config, names
 
 
@@ -604,18 +613,18 @@ def tokenizer_content(path: str) -> dict | None:
         raise UserError(f"{file} is not a readable tokenizer ({e}); replace it") from e
 
 
-def _first_difference(a, b, where: str = "") -> str | None:
+def first_difference(a, b, where: str = "") -> str | None:
     """The path of the first place where JSON trees `a` and `b` differ, None if they do not."""
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b), key=str):
             if key not in a or key not in b:
                 return f"{where}.{key}"
-            if (found := _first_difference(a[key], b[key], f"{where}.{key}")) is not None:
+            if (found := first_difference(a[key], b[key], f"{where}.{key}")) is not None:
                 return found
         return None
     if isinstance(a, list) and isinstance(b, list):
         for i, (x, y) in enumerate(zip(a, b, strict=False)):
-            if (found := _first_difference(x, y, f"{where}[{i}]")) is not None:
+            if (found := first_difference(x, y, f"{where}[{i}]")) is not None:
                 return found
         return None if len(a) == len(b) else f"{where}[{min(len(a), len(b))}]"
     return None if a == b else where
@@ -636,7 +645,7 @@ def _check_tokenizers(paths: list[str]) -> None:
             continue
         if reference is None:
             first, reference = path, content
-        elif (where := _first_difference(reference, content)) is not None:
+        elif (where := first_difference(reference, content)) is not None:
             raise UserError(
                 f"models differ in their tokenizers, first at {where.lstrip('.')!r}: {first} "
                 f"and {path} (their token ids would not mean the same)"

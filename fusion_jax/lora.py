@@ -120,14 +120,14 @@ def open_input(path: str, base_reader):
     return hc.open_tensors(path)
 
 
-def check_compatible(paths: list[str], base: str | None):
+def check_compatible(paths: list[str], base: str | None, vocab_tensors: tuple[str, ...] = ()):
     """`hf_checkpoint.check_compatible` of the full checkpoints among `base` + `paths`, and each
     adapter's factors against `base`'s tensors. Returns its (config, config.json, names)."""
     full = ([base] if base else []) + [p for p in paths if not is_adapter(p)]
     adapters = [p for p in paths if is_adapter(p)]
     if adapters and not base:
         raise UserError(f"{adapters[0]} is a LoRA adapter: give its base model as config.base")
-    out = hc.check_compatible(full)
+    out = hc.check_compatible(full, vocab_tensors)
     if adapters:
         reader = hc.open_tensors(base)
         for path in adapters:

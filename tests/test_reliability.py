@@ -420,7 +420,7 @@ def test_the_fields_each_lm_merge_method_never_reads():
     }
     # lora_rank is read by --mode=extract_lora only; overrides by every static merge.
     expected = {m: u | dam_fields | {"lora_rank"} for m, u in expected.items()}
-    expected["dam"] = static | {"overrides", "lora_rank"}
+    expected["dam"] = static | {"overrides", "lora_rank", "tokenizer_source"}
     for method, unused in expected.items():
         config.method = method
         assert modes.spec_of(config).unused(config) == unused, method

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from fusion_jax import errors, files, gguf_checkpoint, lora, merging, schema
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import vocab as vocab_lib
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
@@ -122,13 +123,17 @@ def streaming_merge(
     seed: int = 0,
     progress: bool = True,
     overrides: list[tuple[str, dict]] = (),
+    tokenizer_source: str = "",
 ) -> int:
     """Merges checkpoint directories tensor by tensor into `out_dir`; returns the tensor count.
     `overrides` ([(filter, hyper-parameters)]): a tensor whose name holds a filter (the first
-    that does) merges with those hyper-parameters over `hparams`."""
+    that does) merges with those hyper-parameters over `hparams`. `tokenizer_source` ("base",
+    "union" or an input; "": the inputs' vocabularies must be the same): the output's
+    vocabulary, the inputs' rows matched to it by fusion_jax/vocab.py."""
     inputs = ([base] if base else []) + models
     files.check_apart(out_dir, inputs)
-    _, hf_config, names = lora.check_compatible(models, base)
+    per_token = vocab_lib.VOCAB_PATHS if tokenizer_source else ()
+    _, hf_config, names = lora.check_compatible(models, base, per_token)
     for where, _ in overrides:
         if not any(where in name for name in names):
             raise UserError(
@@ -158,6 +163,16 @@ def streaming_merge(
         stored[name] = np.dtype(jnp.result_type(*(r.get_dtype(name) for r in readers)))
         kept = ref.get_dtype(name)
         out_dtypes[name] = hc.DTYPES[dtype] if dtype and _is_float(kept) else kept
+    vocab_plan, vocab_names = None, ()
+    if tokenizer_source:
+        by_path = dict(zip(models, readers, strict=True)) | ({base: base_reader} if base else {})
+        found = hc.parameter_names(base or models[0])[2]
+        vocab_names = [found[p][0] for p in per_token if p in found]
+        rows = {path: r.shape_dtype(vocab_names[0])[0][0] for path, r in by_path.items()}
+        vocab_plan = vocab_lib.plan(models, base, tokenizer_source, rows)
+        for n in vocab_names:
+            shapes[n] = (vocab_plan.size, *shapes[n][1:])
+        hf_config = dict(hf_config, vocab_size=vocab_plan.size)
     plan = [(n, math.prod(shapes[n]) * out_dtypes[n].itemsize) for n in names]
     writer = hc.ShardWriter(out_dir, plan, max_shard_size)
     key, draws = jax.random.key(seed), merging.needs_rng(method)
@@ -165,7 +180,7 @@ def streaming_merge(
     def parts(name) -> list:
         """The row blocks tensor `name` is merged in; [None]: whole."""
         shape = shapes[name]
-        if not by_rows or len(shape) < 2:
+        if not by_rows or len(shape) < 2 or name in vocab_names:
             return [None]
         rows = max(1, BLOCK_BYTES // (math.prod(shape[1:]) * stored[name].itemsize))
         if shape[0] <= rows:
@@ -175,6 +190,13 @@ def streaming_merge(
     def read(name, rows):
         """The K experts' tensors (or rows) stacked, and the base's for a merge that reads it,
         each checked finite; straight into the stacked array, one copy of each."""
+        if name in vocab_names:  # whole, each input's rows in the output's token order
+            tensors = {path: r.get(name) for path, r in by_path.items()}
+            for path, x in tensors.items():
+                errors.check_finite(x, f"{path}: tensor {name}")
+            permuted = vocab_lib.permute(vocab_plan, tensors, base)
+            stacked = np.stack([permuted[m] for m in models]).astype(stored[name], copy=False)
+            return stacked, ({"base": {"w": permuted[base]}} if merge_base else {})
         shape = shapes[name] if rows is None else (len(range(*rows.indices(shapes[name][0]))),
                                                    *shapes[name][1:])  # fmt: skip
         stacked = np.empty((len(readers), *shape), stored[name])
@@ -257,7 +279,9 @@ def streaming_merge(
     writer.close()
     kept = str(out_dtypes[names[0]]) if names else "float32"
     hc.write_config(hf_config, out_dir, dtype or kept)
-    hc.copy_side_files(base or models[0], out_dir)
+    hc.copy_side_files(vocab_plan.source if vocab_plan else base or models[0], out_dir)
+    if tokenizer_source == "union":
+        vocab_lib.write_tokenizer(vocab_plan, out_dir)
     return len(names)
 
 
@@ -412,6 +436,7 @@ def run(config, workdir: str) -> dict:
             info["tensors"] = streaming_merge(
                 config.method, hparams, models, base, tmp_dir, config.dtype or None,
                 config.max_shard_size, config.seed, overrides=overrides,
+                tokenizer_source=config.tokenizer_source,
             )  # fmt: skip
             records = hashed.result()
         inputs, base_record = records[: len(models)], (records[-1] if base else None)

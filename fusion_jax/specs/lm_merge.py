@@ -4,7 +4,7 @@ import math
 import os
 from collections.abc import Mapping
 
-from fusion_jax import files, gguf_checkpoint, hf_checkpoint, lora, merging, schema
+from fusion_jax import files, gguf_checkpoint, hf_checkpoint, lora, merging, schema, vocab
 from fusion_jax.data import text
 from fusion_jax.merging import dam
 from fusion_jax.specs import checkpoints
@@ -91,6 +91,10 @@ LM_MERGE = {
         "(e.g. 'self_attn:t=0.3;mlp:t=0.7')",
     ),
     "lora_rank": schema.integer(1),
+    "tokenizer_source": schema.Rule(
+        lambda v: isinstance(v, str) and (v in ("", *vocab.SOURCES) or os.path.exists(v)),
+        "'', 'base', 'union' or the path of one of the inputs",
+    ),
     "seed": schema.SEED,
     "dtype": schema.choice("", *hf_checkpoint.DTYPES),
     "max_shard_size": schema.Rule(_shard_size, "a size like '2GB', '500MB', '100KB' or bytes >= 1"),
@@ -137,6 +141,13 @@ def _lm_merge_inputs(config, devices) -> schema.Problem:
         return "weights", f"'' or {n} comma-separated numbers (one per model)"
     if math.fsum(float(w) for w in weights) == 0 and config.weights.strip():
         return "weights", "numbers whose sum is not 0 (they are divided by their sum)"
+    source = config.tokenizer_source
+    if source and config.method == "dam":
+        return "tokenizer_source", "'' for config.method='dam' (it runs the models whole)"
+    if source == "base" and not config.base:
+        return "tokenizer_source", "'union' or an input's path when config.base is ''"
+    if source and source not in (*vocab.SOURCES, config.base, *schema.split_list(config.models)):
+        return "tokenizer_source", "'', 'base', 'union' or the path of one of the inputs"
     for _, values in parse_overrides(config.overrides):
         for field, value in values.items():
             fields = [h for h in hparams if h in LM_MERGE and h != "weights"]
@@ -169,7 +180,8 @@ def _lm_merge_checkpoints(config, devices) -> schema.Problem:
     if adapters and not config.base:
         return "base", f"the base model of the LoRA adapter {adapters[0]}"
     if devices is not None:  # as compatible_checkpoints: before the workdir is bound
-        lora.check_compatible(models, config.base or None)
+        per_token = vocab.VOCAB_PATHS if config.tokenizer_source else ()
+        lora.check_compatible(models, config.base or None, per_token)
     return None
 
 
@@ -192,7 +204,7 @@ def _lm_merge_unused(config: Mapping) -> set[str]:
     field, and only a merge that draws (DARE) its seed; DAM reads no static hyper-parameter)."""
     method = config["method"]
     if method == "dam":
-        return set(_LM_MERGE_HPARAMS) | {"lora_rank"}
+        return set(_LM_MERGE_HPARAMS) | {"lora_rank", "tokenizer_source"}
     unused = set(_LM_MERGE_HPARAMS) - set(merging.hyperparameters(method)) - {"overrides"}
     unused |= {f for f in schema.flatten(config) if f.startswith("dam.")}
     unused |= {"lora_rank"}  # read by --mode=extract_lora only, whose outputs say their rank
@@ -226,6 +238,7 @@ SPEC = schema.Spec(
         "tol": 1e-5,
         "overrides": "",
         "lora_rank": 16,
+        "tokenizer_source": "",
     },
     unused=_lm_merge_unused,
     outputs=_lm_merge_outputs,
