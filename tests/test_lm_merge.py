@@ -13,6 +13,9 @@ import ml_collections
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
@@ -683,3 +686,74 @@ def test_lora_adapters_are_refused_where_they_cannot_stand(tmp_path):
         lm_merge.streaming_merge("weight_average", {}, [bad], LLAMA, str(tmp_path / "o"))
     assert str(e.value) == (f"{bad}: a DoRA adapter (use_dora) rescales the base's columns; "
                             "supported: LoRA adapters (PEFT) on linear layers")  # fmt: skip
+
+
+def _vocab_models(tmp_path):
+    """A = the Llama fixture with a 260-token word-level tokenizer; B = 2 x A's weights, with
+    two added tokens ("<x>", "<y>": ids 260, 261) and rows for them."""
+    vocab = {f"t{i}": i for i in range(259)} | {"[UNK]": 259}
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    a = tmp_path / "a"
+    shutil.copytree(LLAMA, a)
+    tok.save(str(a / "tokenizer.json"))
+    _, params = hc.load(LLAMA)
+    rng = np.random.default_rng(3)
+    extra = rng.standard_normal((2, 64)).astype(np.float32)
+    params = jax.tree.map(lambda x: 2 * x, params)
+    params["embed_tokens"]["embedding"] = np.concatenate([params["embed_tokens"]["embedding"],
+                                                          extra])  # fmt: skip
+    params["lm_head"]["kernel"] = np.concatenate([params["lm_head"]["kernel"], 3 * extra.T], 1)
+    b = str(tmp_path / "b")
+    hc.save(params, dict(hc.read_config(LLAMA), vocab_size=262), b)
+    tok.add_tokens(["<x>", "<y>"])
+    tok.save(os.path.join(b, "tokenizer.json"))
+    return str(a), b, extra
+
+
+def test_a_union_vocabulary_merge_matches_rows_by_token_and_writes_the_tokenizer(tmp_path):
+    a, b, extra = _vocab_models(tmp_path)
+    config = _config(models=f"{a},{b}", method="weight_average")
+    with pytest.raises(UserError) as e:  # without tokenizer_source: refused, as before
+        lm_merge.run(config, str(tmp_path / "refused"))
+    assert str(e.value) == f"models differ in config field 'vocab_size': 260 in {a} but 262 in {b}"
+    config.tokenizer_source = "union"
+    lm_merge.run(config, str(tmp_path / "w"))
+    out = str(tmp_path / "w" / "merged")
+    assert hc.read_config(out)["vocab_size"] == 262
+    assert Tokenizer.from_file(os.path.join(out, "tokenizer.json")).encode("t5 <y> <x>").ids == [
+        5, 261, 260]  # fmt: skip
+    merged, original = hc.TensorReader(out), hc.TensorReader(a)
+    for name in original.files:
+        x = original.get(name)
+        np.testing.assert_allclose(merged.get(name)[: len(x)], 1.5 * x, rtol=1e-6, err_msg=name)
+    # The added tokens' rows: only B has them, so A takes B's (mergekit's donor rule).
+    np.testing.assert_array_equal(merged.get("model.embed_tokens.weight")[260:], extra)
+    np.testing.assert_array_equal(merged.get("lm_head.weight")[260:], 3 * extra)
+    # B's tokenizer as the source: the same rows, B's tokenizer file.
+    config.tokenizer_source = b
+    lm_merge.run(config, str(tmp_path / "w2"))
+    with (
+        open(os.path.join(b, "tokenizer.json")) as f1,
+        open(tmp_path / "w2" / "merged" / "tokenizer.json") as f2,
+    ):
+        assert f1.read() == f2.read()
+
+
+def test_vocabularies_that_differ_beyond_added_tokens_are_refused(tmp_path):
+    a, b, _ = _vocab_models(tmp_path)
+    other = Tokenizer(WordLevel({f"w{i}": i for i in range(260)}, unk_token="w0"))
+    other.add_tokens(["<x>", "<y>"])
+    other.save(os.path.join(b, "tokenizer.json"))
+    config = _config(models=f"{a},{b}", method="weight_average", tokenizer_source="union")
+    with pytest.raises(UserError) as e:
+        lm_merge.run(config, str(tmp_path / "w"))
+    assert str(e.value).startswith("tokenizers differ beyond their added tokens, first at ")
+    tail = "merges only vocabularies that differ by added tokens or padded rows"
+    assert str(e.value).endswith(f": {a} and {b}; config.tokenizer_source {tail}")
+    config.tokenizer_source = "base"
+    with pytest.raises(UserError) as e:
+        lm_merge.run(config, str(tmp_path / "w"))
+    assert str(e.value) == (
+        "config.tokenizer_source='base': must be 'union' or an input's path when config.base is ''"
+    )
