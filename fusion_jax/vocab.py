@@ -49,7 +49,8 @@ def _vocab(tree: dict) -> dict[str, int]:
 def plan(models: list[str], base: str | None, source: str, num_rows: dict[str, int]) -> Plan:
     """The output vocabulary of `source` over the inputs (`num_rows`: each input's rows)."""
     paths = ([base] if base else []) + models
-    trees = {path: hc.tokenizer_content(path) for path in paths}
+    # A LoRA adapter reads its base's tokens.
+    trees = {p: hc.tokenizer_content(base if hc.is_adapter(p) else p) for p in paths}
     for path, tree in trees.items():
         if tree is None:
             raise UserError(f"{path} has no tokenizer.json: config.tokenizer_source needs each "
