@@ -11,12 +11,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
 from configs import lm_merge as lm_merge_config
-from fusion_jax import files, gguf_checkpoint
+from fusion_jax import errors, files, gguf_checkpoint
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax.errors import UserError, disk_error
 from fusion_jax.experiments import lm_merge, stages
@@ -445,3 +446,13 @@ def test_a_checkpoint_save_that_fills_the_disk_is_named():
         "on that disk, or use a --workdir on another, then rerun (what was saved before is kept)"
     )
     assert disk_error(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+
+
+def test_check_finite_counts_nan_and_inf_and_passes_finite_values_whose_sum_overflows():
+    big = np.full(4, 3e38, np.float32)  # finite, but their float32 sum is Inf
+    errors.check_finite(big, "big")
+    for dtype in (np.float32, ml_dtypes.bfloat16, np.float16):
+        x = np.array([1.0, np.nan, np.inf, -np.inf, 2.0]).astype(dtype)
+        with pytest.raises(UserError) as e:
+            errors.check_finite(x, "x")
+        assert str(e.value).startswith(f"x: 3 of its 5 {np.dtype(dtype)} values are NaN or Inf")

@@ -105,6 +105,20 @@ def _finish(tmp_dir: str, out_dir: str, workdir: str, info: dict) -> dict:
     return info
 
 
+def _aligned(shape, dtype, fill: np.ndarray | None = None) -> np.ndarray:
+    """An array (empty, or a copy of `fill`) whose data start on a 64-byte boundary, which
+    `jax.device_put` on CPU then uses in place: XLA's alignment. It copied NumPy's own arrays
+    (16 bytes past a page) at about 1 GB/s, 0.09 s per 100 MB on this machine."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    out = raw[start : start + nbytes].view(dtype).reshape(shape)
+    if fill is not None:
+        out[...] = fill
+    return out
+
+
 # A float tensor of more bytes per input than this is merged in row blocks of about this size,
 # when the method has a row-block form (`merging.BLOCKWISE`) and every input reads rows
 # (safetensors; GGUF files are read whole): the working memory is then the blocks, the output
@@ -199,7 +213,7 @@ def streaming_merge(
             return stacked, ({"base": {"w": permuted[base]}} if merge_base else {})
         shape = shapes[name] if rows is None else (len(range(*rows.indices(shapes[name][0]))),
                                                    *shapes[name][1:])  # fmt: skip
-        stacked = np.empty((len(readers), *shape), stored[name])
+        stacked = _aligned((len(readers), *shape), stored[name])
         for k, r in enumerate(readers):
             stacked[k] = r.get(name) if rows is None else r.get_rows(name, rows)
             errors.check_finite(stacked[k], f"{models[k]}: tensor {name}")
@@ -207,7 +221,7 @@ def streaming_merge(
         if merge_base:
             b = merge_base.get(name) if rows is None else merge_base.get_rows(name, rows)
             errors.check_finite(b, f"{base}: tensor {name}")
-            args["base"] = {"w": b}
+            args["base"] = {"w": jax.device_put(_aligned(b.shape, b.dtype, b))}
         return stacked, args
 
     def stats(name):
@@ -255,7 +269,7 @@ def streaming_merge(
                 stacked, args = fetch(j)
                 j += 1
                 read_ahead(j)
-                w = {"w": jnp.asarray(stacked)}
+                w = {"w": jax.device_put(stacked)}  # in place: no copy (see `_aligned`)
                 if rows is None:
                     # One fixed key for every tensor: the jitted merges are compiled once per
                     # shape and dtype, not once per name (a tree keyed by the name is a new
