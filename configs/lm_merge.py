@@ -11,11 +11,15 @@
     python main.py --config=configs/lm_merge.py --workdir=runs/convert \
         --config.method=weight_average --config.models=MODEL.gguf --config.output_format=both
 
+    # A rank-16 LoRA adapter (PEFT's layout) of each fine-tune, to <workdir>/lora/<its folder>/:
+    python main.py --config=configs/lm_merge.py --workdir=runs/x --mode=extract_lora \
+        --config.base=BASE_DIR --config.models=DIR_A --config.lora_rank=16
+
 Writes `<workdir>/merged/` (config.json, safetensors, tokenizer files; loads in transformers and
 vLLM; with output_format gguf or both also model.gguf) and `<workdir>/merge_info.json` (method,
-hyper-parameters, inputs with sha256 per file). Methods: weight_average, task_arithmetic, ties,
-dare, slerp (streamed tensor by tensor) and dam. Inputs may be .gguf files: quantized tensors are
-dequantized to float32 (or config.dtype).
+hyper-parameters, inputs with sha256 per file). Methods: those of merging.MERGES (streamed tensor
+by tensor) and dam. Inputs may be .gguf files (quantized tensors are dequantized to float32, or
+config.dtype) or PEFT LoRA adapter folders over config.base.
 """
 
 import ml_collections
