@@ -133,10 +133,8 @@ def _loss_fn(model, trainable, frozen, tokens, mask):
     """Mean next-token cross-entropy over the mask, plus the gate's sown regularisers."""
     params = {**trainable, **jax.lax.stop_gradient(frozen)}
     logits, extra = model.apply({"params": params}, tokens[:, :-1], mutable=["aux_loss"])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    loss = jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros((), jnp.float32))
-    return loss + aux, loss
+    loss = lm.mean_nll(logits, tokens, mask)
+    return loss + lm.sown_losses(extra), loss
 
 
 # Parameters and data reach every jitted function below as arguments: arrays a jitted function
@@ -271,9 +269,7 @@ def _expert_val_losses(setup: Setup) -> list[float]:
 
     @jax.jit
     def sums(p, t, m):
-        logits = model.apply({"params": p}, t[:, :-1])
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, t[:, 1:])
-        return jnp.sum(nll * m), jnp.sum(m)
+        return lm.next_token_nll(model.apply({"params": p}, t[:, :-1]), t, m)
 
     out = []
     for directory in split_list(setup.config.models):

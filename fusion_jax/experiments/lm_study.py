@@ -136,9 +136,7 @@ def load_data(config, workdir: str, tokenizer: str = "bytes") -> Data:
 def lm_loss(model, params, frozen, tokens, mask):
     """Mean next-token cross-entropy over the mask of `tokens [B, L+1]` (`frozen` unused)."""
     del frozen
-    logits = model.apply({"params": params}, tokens[:, :-1])
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return lm.mean_nll(model.apply({"params": params}, tokens[:, :-1]), tokens, mask)
 
 
 def sample_mixture(tokens, mask, sizes, key, batch_size):
@@ -353,12 +351,11 @@ class Study:
             def loss_fn(p, fr, tokens, mask):
                 full = model_params(p, jax.lax.stop_gradient(fr))
                 logits, extra = model.apply({"params": full}, tokens[:, :-1], mutable=["aux_loss"])
-                nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-                aux = sum((jnp.sum(x) for x in jax.tree.leaves(extra)), jnp.zeros(()))
+                aux = lm.sown_losses(extra)
                 if "head_init" in fr:
                     drift = p["head"]["kernel"] - fr["head_init"]["kernel"]
                     aux = aux + f.head_decay * jnp.sum(drift * drift)
-                return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0) + aux
+                return lm.mean_nll(logits, tokens, mask) + aux
 
             def select(p):  # mean holdout bits per byte of each seed
                 return self.score(logits_fn, model_params(p, frozen), "holdout",
@@ -544,8 +541,8 @@ def bpb_sums(logits, tokens, mask, token_bytes):
     """(sum of next-token NLL in nats, bytes of text the targets stand for) over the mask;
     `token_bytes [V]` is each token's UTF-8 byte count (special tokens, EOS among them, count
     in the NLL, since the model must predict them, but cover no bytes)."""
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
-    return jnp.sum(nll * mask), jnp.sum(mask * token_bytes[tokens[:, 1:]])
+    total, _ = lm.next_token_nll(logits, tokens, mask)
+    return total, jnp.sum(mask * token_bytes[tokens[:, 1:]])
 
 
 # DAM's starting points (dam.INITS) as the table names them.

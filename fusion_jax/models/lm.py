@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from fusion_jax.errors import UserError
 
@@ -475,3 +476,21 @@ class LanguageModel(nn.Module):
     def __call__(self, tokens, cache=None, index=0):
         _, logits, new_cache = self.features_and_logits(tokens, cache, index)
         return logits if cache is None else (logits, new_cache)
+
+
+def next_token_nll(logits, tokens, mask):
+    """(sum of the next-token cross-entropy in nats over `mask [B, L]`, the mask's sum) for the
+    `logits` of `tokens[:, :-1]` (`tokens [B, L+1]`): the LM loss of every trainer and scorer,
+    a mean within a batch (`mean_nll`) or sums over a split's batches."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def mean_nll(logits, tokens, mask):
+    total, count = next_token_nll(logits, tokens, mask)
+    return total / jnp.maximum(count, 1.0)
+
+
+def sown_losses(collections) -> jax.Array:
+    """The sum of what a model sowed into its mutable collections (the gate's regularisers)."""
+    return sum((jnp.sum(x) for x in jax.tree.leaves(collections)), jnp.zeros((), jnp.float32))
