@@ -489,7 +489,7 @@ class ShardWriter:
 
 # Files of the source that would misdescribe a written checkpoint: its own config.json is
 # written, and the model card (README.md) and the hub's .gitattributes describe the source.
-_NOT_COPIED = {"config.json", "README.md", ".gitattributes"}
+_NOT_COPIED = {"config.json", "README.md", ".gitattributes", ADAPTER_CONFIG}
 
 
 def copy_side_files(src: str, dst: str) -> list[str]:

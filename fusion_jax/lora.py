@@ -30,6 +30,8 @@ from fusion_jax.errors import UserError
 CONFIG_FILE = hc.ADAPTER_CONFIG
 WEIGHTS_FILE = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+# GPT2LMHeadModel's module path of the blocks, which PEFT's keys carry.
+GPT2_MODULE_PREFIX = "transformer."
 
 
 is_adapter = hc.is_adapter
@@ -63,8 +65,9 @@ class LoraReader:
         self.factors = {}  # base tensor name -> (B * s [out, r], A [r, in]), float32
         for key in sorted(factors):
             if not key.endswith(".lora_A.weight"):
-                if not key.endswith(".lora_B.weight"):
-                    _refuse(directory, f"tensor {key!r} is not a LoRA factor")
+                a_key = key.removesuffix("lora_B.weight") + "lora_A.weight"
+                if not key.endswith(".lora_B.weight") or a_key not in factors:
+                    _refuse(directory, f"tensor {key!r} is not half of a LoRA factor pair")
                 continue
             module = key.removesuffix(".lora_A.weight").removeprefix(PREFIX)
             b_key = key.removesuffix("lora_A.weight") + "lora_B.weight"
@@ -72,6 +75,8 @@ class LoraReader:
                 _refuse(directory, f"{key!r} has no {b_key!r}")
             a, b = factors[key].astype(np.float32), factors[b_key].astype(np.float32)
             name = module + ".weight"
+            if name not in base.files:  # the original GPT-2 files name no `transformer.`
+                name = name.removeprefix(GPT2_MODULE_PREFIX)
             if name not in base.files:
                 raise UserError(f"{directory}: adapts {name!r}, which the base model lacks")
             r = a.shape[0]
@@ -135,6 +140,10 @@ def check_compatible(paths: list[str], base: str | None, vocab_tensors: tuple[st
     return out
 
 
+# The 2-D tensors that are not linear layers: embeddings, positions, the output head.
+NOT_LINEAR = {"embed_tokens", "wte", "wpe", "lm_head"}
+
+
 def extract(base: str, fine_tune: str, out_dir: str, rank: int) -> dict:
     """Writes the rank-`rank` LoRA adapter (PEFT's layout) of `fine_tune` against `base`: per
     linear layer (not the embeddings or the output head), the truncated SVD of its task vector.
@@ -144,20 +153,27 @@ def extract(base: str, fine_tune: str, out_dir: str, rank: int) -> dict:
     config, _, names = hc.parameter_names(base)
     hc.check_compatible([base, fine_tune])
     base_reader, tuned = hc.open_tensors(base), hc.open_tensors(fine_tune)
-    fan_in_fan_out = config.family == "gpt2"  # Conv1D weights are stored [in, out]
+    gpt2 = config.family == "gpt2"  # Conv1D weights, stored [in, out]: fan_in_fan_out
     tensors, kept, modules, left_out = {}, {}, set(), []
-    for name, kind in sorted(names.values()):
+    for name, _ in sorted(names.values()):
         delta = tuned.get(name).astype(np.float32) - base_reader.get(name).astype(np.float32)
-        if kind != "linear" or name.startswith(("lm_head", "model.embed", "transformer.wte")):
+        if delta.ndim != 2 or name.split(".")[-2] in NOT_LINEAR:
             if np.any(delta):
                 left_out.append(name)
             continue
-        delta = delta.T if fan_in_fan_out else delta  # [out, in]
+        delta = delta.T if gpt2 else delta  # [out, in]
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
         r = min(rank, len(s))
+        # Rank `rank` everywhere (zero rows past a matrix's smaller side): the config's r is
+        # every module's, and the scale lora_alpha / r must be 1 for each.
+        a, b = np.zeros((rank, delta.shape[1]), np.float32), np.zeros((delta.shape[0], rank),
+                                                                       np.float32)  # fmt: skip
+        a[:r], b[:, :r] = vt[:r], u[:, :r] * s[:r]
         module = name.removesuffix(".weight")
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(vt[:r])
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(u[:, :r] * s[:r])
+        if gpt2 and not module.startswith(GPT2_MODULE_PREFIX):
+            module = GPT2_MODULE_PREFIX + module
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b
         total = float(np.sum(s.astype(np.float64) ** 2))
         kept[name] = 1.0 if total == 0 else float(np.sum(s[:r].astype(np.float64) ** 2) / total)
         modules.add(module.rsplit(".", 1)[-1])
@@ -165,7 +181,7 @@ def extract(base: str, fine_tune: str, out_dir: str, rank: int) -> dict:
     save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
     files.write_json(os.path.join(out_dir, CONFIG_FILE), {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": rank,
-        "use_rslora": False, "use_dora": False, "fan_in_fan_out": fan_in_fan_out,
+        "use_rslora": False, "use_dora": False, "fan_in_fan_out": gpt2,
         "bias": "none", "lora_dropout": 0.0, "target_modules": sorted(modules),
         "base_model_name_or_path": os.path.abspath(base), "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,

@@ -70,10 +70,11 @@ def plan(models: list[str], base: str | None, source: str, num_rows: dict[str, i
         for path in paths:
             for token in trees[path].get("added_tokens", []):
                 if token["content"] not in known:
-                    tree["added_tokens"].append({**token, "id": len(_vocab(tree))})
+                    tree["added_tokens"].append({**token, "id": len(known)})
                     known.add(token["content"])
     else:
-        out = base if source == "base" else source
+        # An adapter's tokens are its base's (and its folder holds no model's side files).
+        out = base if source == "base" or hc.is_adapter(source) else source
         tree = trees[out]
     vocab = _vocab(tree)
     if sorted(vocab.values()) != list(range(len(vocab))):
@@ -105,7 +106,7 @@ def permute(p: Plan, tensors: dict[str, np.ndarray], base: str | None) -> dict[s
     # (a token in one input only: the mean above is that input's row)
     out = {}
     for i, path in enumerate(paths):
-        x = default.astype(first.dtype)
+        x = default.astype(tensors[path].dtype)  # each input keeps its own dtype
         have = present[i]
         x[have] = tensors[path][p.rows[path][have]]
         out[path] = x

@@ -66,7 +66,7 @@ def main():
         tuned = {}
         for name in base.files:
             x = base.get(name)
-            if x.ndim == 2 and "embed" not in name and "lm_head" not in name:
+            if x.ndim == 2 and name.split(".")[-2] not in lora.NOT_LINEAR:
                 u = rng.standard_normal((x.shape[0], args.rank))
                 v = rng.standard_normal((args.rank, x.shape[1]))
                 x = x + (0.01 * u @ v).astype(x.dtype)

@@ -10,6 +10,7 @@ import sys
 import hlo_checks
 import jax
 import ml_collections
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
@@ -20,6 +21,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import lora, merging, modes
+from fusion_jax import vocab as vocab_lib
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
 from fusion_jax.merging import dam
@@ -627,8 +629,24 @@ def test_a_lora_adapter_merges_as_the_fine_tune_it_makes(tmp_path, monkeypatch, 
     assert not np.allclose(by_hand[q], _flat(LLAMA)[q])
 
 
-def test_extracted_lora_reproduces_a_rank_r_task_vector_and_applies_back(tmp_path):
+@pytest.mark.parametrize(
+    "fixture, rank, adapted, targets",
+    [
+        # 7 linear layers x 2 blocks; not the embeddings or the head.
+        ("llama", 2, 14, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                          "v_proj"]),
+        # Past k_proj's smaller side (32): zero rows keep every module at the config's r.
+        ("llama", 40, 14, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj",
+                           "v_proj"]),
+        # GPT-2's Conv1D weights, stored [in, out] (fan_in_fan_out).
+        ("gpt2", 2, 8, ["c_attn", "c_fc", "c_proj"]),
+    ],
+)  # fmt: skip
+def test_extracted_lora_reproduces_a_rank_r_task_vector_and_applies_back(
+    tmp_path, fixture, rank, adapted, targets
+):
     rng = np.random.default_rng(2)
+    source = os.path.join(FIXTURES, fixture)
 
     def low_rank(x):  # every matrix plus a rank-2 update; vectors (norms) unchanged
         if x.ndim < 2:
@@ -636,23 +654,22 @@ def test_extracted_lora_reproduces_a_rank_r_task_vector_and_applies_back(tmp_pat
         u, v = rng.standard_normal((x.shape[0], 2)), rng.standard_normal((2, x.shape[1]))
         return x + (0.01 * u @ v).astype(x.dtype)
 
-    tuned = _shifted(tmp_path, "tuned", LLAMA, low_rank)
-    config = _config(base=LLAMA, models=tuned, lora_rank=2)
+    tuned = _shifted(tmp_path, "tuned", source, low_rank)
+    config = _config(base=source, models=tuned, lora_rank=rank)
     info = modes.extract_lora(config, str(tmp_path / "w"))
     (adapter,) = info["adapters"]
     assert adapter["folder"] == str(tmp_path / "w" / "lora" / "tuned")
-    assert adapter["tensors"] == 14  # 7 linear layers x 2 blocks; not the embeddings or head
-    assert set(adapter["left_out"]) == {"lm_head.weight", "model.embed_tokens.weight"}
+    assert adapter["tensors"] == adapted
     assert min(adapter["energy_kept"].values()) > 1 - 1e-9
     with open(os.path.join(adapter["folder"], "adapter_config.json")) as f:
         peft_config = json.load(f)
-    assert (peft_config["r"], peft_config["lora_alpha"]) == (2, 2)
-    assert peft_config["target_modules"] == [
-        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]  # fmt: skip
-    reader = lora.LoraReader(adapter["folder"], hc.TensorReader(LLAMA))
+    assert (peft_config["r"], peft_config["lora_alpha"]) == (rank, rank)
+    assert peft_config["target_modules"] == targets
+    assert peft_config["fan_in_fan_out"] == (fixture == "gpt2")
+    reader = lora.LoraReader(adapter["folder"], hc.TensorReader(source))
     want = hc.TensorReader(tuned)
     for name in want.files:
-        if "embed" in name or "lm_head" in name:
+        if name in adapter["left_out"]:  # embeddings and positions: not in the adapter
             continue
         np.testing.assert_allclose(reader.get(name), want.get(name), rtol=0, atol=1e-6,
                                    err_msg=name)  # fmt: skip
@@ -757,3 +774,26 @@ def test_vocabularies_that_differ_beyond_added_tokens_are_refused(tmp_path):
     assert str(e.value) == (
         "config.tokenizer_source='base': must be 'union' or an input's path when config.base is ''"
     )
+
+
+def test_vocab_rows_follow_mergekits_rule_and_keep_each_inputs_dtype():
+    # Output tokens 0..3. Token 0: in all three; 1: in a and b, not the base; 2: in b only;
+    # 3: in none.
+    rows = {"base": np.array([0, -1, -1, -1]), "a": np.array([0, 1, -1, -1]),
+            "b": np.array([1, 0, 2, -1])}  # fmt: skip
+    plan = vocab_lib.Plan(tokenizer={}, source="a", rows=rows)
+    tensors = {
+        "base": np.array([[10.0]], np.float32),
+        "a": np.array([[1.0], [2.0]], ml_dtypes.bfloat16),
+        "b": np.array([[7.0], [5.0], [9.0]], np.float32),
+    }
+    out = vocab_lib.permute(plan, tensors, "base")
+    assert {p: x.dtype for p, x in out.items()} == {p: x.dtype for p, x in tensors.items()}
+    # Token 1 is missing from the base only: it takes the mean of a's 2 and b's 7; token 2 is
+    # b's alone; token 3 is nobody's: zeros. Each input keeps its own rows.
+    assert out["base"][:, 0].tolist() == [10.0, 4.5, 9.0, 0.0]
+    assert out["a"][:, 0].astype(np.float32).tolist() == [1.0, 2.0, 9.0, 0.0]
+    assert out["b"][:, 0].tolist() == [5.0, 7.0, 9.0, 0.0]
+    # A token several inputs have but one lacks takes the base's row when the base has it.
+    rows["a"] = np.array([-1, 1, -1, -1])
+    assert vocab_lib.permute(plan, tensors, "base")["a"][0, 0] == 10.0

@@ -167,8 +167,10 @@ def streaming_merge(
     # Only the merges that use a base read it (a base given to weight_average is just checked).
     merge_base = base_reader if merging.needs_base(method) else None
     blockwise = merging.BLOCKWISE.get(method)
+    # (An adapter reads rows when its base does: GGUF files are read whole.)
     by_rows = blockwise is not None and all(
-        hasattr(r, "get_rows") for r in readers + ([merge_base] if merge_base else [])
+        hasattr(getattr(r, "base", r), "get_rows")
+        for r in readers + ([merge_base] if merge_base else [])
     )
     shapes, stored, out_dtypes = {}, {}, {}
     for name in names:
