@@ -5,7 +5,7 @@
   resumable mid-stage, batches drawn in the program with `fold_in(run key, step)`.
 * `train_dam`: the one DAM trainer, `train_runs` with DAM's objective (`merging.dam.dam_loss`).
 * `grid_search`: per run, the merge hyper-parameters that score best on held-out data, with the
-  metric and its order as arguments.
+  metric and its order as arguments; `searched_merges`, the grid search of every searched row.
 * `output_ensemble`: the mean-logits and mean-probabilities ensembles of stacked experts.
 """
 
@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from fusion_jax import merging
 from fusion_jax.experiments.stages import flops_of, stack, train_stage
 from fusion_jax.merging import dam
 from fusion_jax.train import chunks
@@ -219,6 +220,17 @@ def grid_search(points: list[dict], merge, evaluate, rank):
             best_key[r], chosen[r] = key[r], hp
         best = _where_runs(better, merged, best)
     return best, chosen, scored
+
+
+def searched_merges(grid, names, merge_of, evaluate, rank):
+    """Per row of `merging.ROWS` (both studies' searched merges): (label, merged params `[R,
+    ...]`, chosen point per run, scores of every point), from `grid_search` over the row's grid
+    from the config section `grid`. `merge_of(row, hp)` merges every run; a pairwise row's
+    label names the first two experts of `names`, which it merges."""
+    for row in merging.ROWS:
+        label = row.label + (f" ({names[0]}, {names[1 % len(names)]})" if row.pairwise else "")
+        merge = functools.partial(merge_of, row)
+        yield (label, *grid_search(row.grid(grid), merge, evaluate, rank))
 
 
 def _where_runs(pick, new, old):

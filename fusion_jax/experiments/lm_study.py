@@ -614,19 +614,20 @@ def run(config, workdir: str) -> dict:
     add("output ensemble (mean probs)", experts, engine.output_ensemble(plain, "probs"),
         expert_flops)  # fmt: skip
     add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
-    first_two = f" ({study.expert_names[0]}, {study.expert_names[1]})"
-    for row in merging.ROWS:
-        label = row.label + (first_two if row.pairwise else "")
-        # Merged a parameter at a time (the working memory is one tensor's K task vectors); a
-        # merge that draws (DARE) takes each parameter's masks from fold_in(key, its index).
-        make = functools.partial(
-            lambda row, e, b, hp, i: row.merge(e, b, jax.random.fold_in(rng, i), hp), row
-        )
-        merged, chosen, _ = engine.grid_search(
-            row.grid(config.grid), engine.merge_per_leaf(make, experts, base, len(seeds)),
-            lambda m: {"holdout_bits_per_byte": study.score(plain, m, "holdout").mean(1)},
-            lambda scores: (scores["holdout_bits_per_byte"],),
-        )  # fmt: skip
+
+    def merge_of(row, hp):
+        # A parameter at a time (the working memory is one tensor's K task vectors); a merge
+        # that draws (DARE) takes each parameter's masks from fold_in(key, its index).
+        def make(e, b, hp, i):
+            return row.merge(e, b, jax.random.fold_in(rng, i), hp)
+
+        return engine.merge_per_leaf(make, experts, base, len(seeds))(hp)
+
+    for label, merged, chosen, _ in engine.searched_merges(
+        config.grid, study.expert_names, merge_of,
+        lambda m: {"holdout_bits_per_byte": study.score(plain, m, "holdout").mean(1)},
+        lambda scores: (scores["holdout_bits_per_byte"],),
+    ):  # fmt: skip
         if label == "TIES":  # kept for the samples; the other merges are let go once scored
             merged_by[label] = merged
         add(label, merged, plain, expert_flops, hparams=chosen)

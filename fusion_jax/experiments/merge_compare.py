@@ -429,14 +429,11 @@ def static_merges(p: Pipeline, base, experts, random_experts):
     keys = _streams(p.keys, DARE)
     per_seed = [(take(experts, r), take(base, r), keys[r]) for r in range(len(p.seeds))]
     searches = {}
-    for row in merging.ROWS:
-        label = row.label + (f" ({p.names[0]}, {p.names[1 % p.k]})" if row.pairwise else "")
-        merged, chosen, scored = engine.grid_search(
-            row.grid(p.config.grid),
-            functools.partial(lambda row, hp: stack([row.merge(*s, hp) for s in per_seed]), row),
-            functools.partial(_holdout_scores, p),
-            lambda scores: (-scores["holdout_acc"], scores["holdout_loss"]),
-        )  # fmt: skip
+    for label, merged, chosen, scored in engine.searched_merges(
+        p.config.grid, p.names, lambda row, hp: stack([row.merge(*s, hp) for s in per_seed]),
+        functools.partial(_holdout_scores, p),
+        lambda scores: (-scores["holdout_acc"], scores["holdout_loss"]),
+    ):  # fmt: skip
         searches[label] = {"chosen": chosen, "grid": scored}
         methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=chosen))
     return methods, searches
