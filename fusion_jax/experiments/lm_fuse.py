@@ -209,9 +209,14 @@ def train(config, workdir: str) -> dict:
     log_path = os.path.join(workdir, "metrics.jsonl")
     tokens_per_step = t.batch_size * config.data.seq_len
 
+    compiled = []  # the step, compiled at its first call with its memory plan logged
+
     def run_chunk(state, n):
+        if not compiled:
+            args = (state, frozen, train_tokens, train_mask)
+            compiled.append(chunks.compile_reporting("[lm_fuse] training step", step_fn, *args))
         for _ in range(n):
-            state = step_fn(state, frozen, train_tokens, train_mask)
+            state = compiled[0](state, frozen, train_tokens, train_mask)
         done = int(state["step"])
         if done % t.log_every and done != t.num_steps:
             return state, {}
