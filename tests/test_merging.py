@@ -448,3 +448,18 @@ def test_multislerp_of_two_equal_norm_experts_is_slerp_halfway_and_karcher_the_a
     out = static.karcher(_one(points), max_iter=50, tol=1e-7)["w"]
     np.testing.assert_allclose(out, 2 * np.array([np.cos(np.deg2rad(40)), np.sin(np.deg2rad(40))]),
                                rtol=1e-5)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [ml_dtypes.bfloat16, np.float16])
+def test_weight_average_of_narrow_floats_is_the_float32_average_rounded_once(dtype):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 64, 48)).astype(dtype)
+    w = np.array([0.2, 0.5, 0.3], np.float32)
+    out = np.asarray(weight_average({"w": jnp.asarray(x)}, jnp.asarray(w))["w"])
+    assert out.dtype == dtype
+    exact = np.einsum("k,k...->...", w.astype(np.float64), x.astype(np.float64))
+    # float32 sums rounded once to the narrow type: within half a unit of its last place,
+    # plus float32's own rounding of the terms (far below it but where they cancel).
+    ulp = float(ml_dtypes.finfo(dtype).eps) * 2.0 ** np.floor(np.log2(np.abs(exact)))
+    terms = np.einsum("k,k...->...", w.astype(np.float64), np.abs(x.astype(np.float64)))
+    assert np.all(np.abs(out.astype(np.float64) - exact) <= 0.5 * ulp + 1e-6 * terms)
