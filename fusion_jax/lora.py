@@ -117,12 +117,9 @@ class LoraReader:
 
 
 def open_input(path: str, base_reader):
-    """The tensor reader of a merge input: a LoRA adapter over `base_reader`, or a checkpoint."""
-    if is_adapter(path):
-        if base_reader is None:
-            raise UserError(f"{path} is a LoRA adapter: give its base model as config.base")
-        return LoraReader(path, base_reader)
-    return hc.open_tensors(path)
+    """The tensor reader of a merge input: a LoRA adapter over `base_reader` (there is one:
+    `check_compatible` refuses an adapter without a base), or a checkpoint."""
+    return LoraReader(path, base_reader) if is_adapter(path) else hc.open_tensors(path)
 
 
 def check_compatible(paths: list[str], base: str | None, vocab_tensors: tuple[str, ...] = ()):
