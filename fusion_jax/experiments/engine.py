@@ -7,10 +7,16 @@
 * `grid_search`: per run, the merge hyper-parameters that score best on held-out data, with the
   metric and its order as arguments; `searched_merges`, the grid search of every searched row.
 * `output_ensemble`: the mean-logits and mean-probabilities ensembles of stacked experts.
+* `methods` and `write_comparison`: the rows every study's table holds, in its order, and the
+  files it writes; a study gives its models, metric and costs through a `Table`.
 """
 
+import dataclasses
 import functools
 import math
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +24,8 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import merging
+from fusion_jax import files, merging
+from fusion_jax.evaluate import plots
 from fusion_jax.experiments.stages import flops_of, stack, train_stage
 from fusion_jax.merging import dam
 from fusion_jax.train import chunks
@@ -270,3 +277,86 @@ def output_ensemble(apply, mode: str):
         return jnp.log(jnp.mean(jax.nn.softmax(logits, -1), 0))
 
     return fn
+
+
+@dataclasses.dataclass
+class Method:
+    """One row: `logits_fn(params, inputs)` of every seed's `params` (leaves `[R, ...]`)."""
+
+    label: str
+    logits_fn: Callable
+    params: Any
+    train_flops: float
+    # Params carry an expert axis `[R, K, ...]`: each task or domain is read by its own expert.
+    per_task: bool = False
+    # Per seed, the hyper-parameters chosen on the held-out data (searched methods only).
+    hparams: list | None = None
+
+
+@dataclasses.dataclass
+class Table:
+    """What a study gives `methods`: its trained stages (seeds first) and how to use them.
+
+    `cost(kind) -> FLOPs` is the training cost a row reports, for kind "base", "ensemble",
+    "merge", "fusion_frozen" and "fusion_e2e" (each study keeps its own convention).
+    `holdout(merged [R, ...]) -> {metric: [R]}` and `rank(metrics)` drive the grid search (see
+    `grid_search`); `merge(row, hp) -> [R, ...]` merges every seed's experts with `merging.ROWS`'
+    `row`. `controls` and `averages` are the study's own rows, after the oracle and after the
+    weight average; `dam` the DAM rows, `fusion` the fused models' logits function.
+    """
+
+    apply: Callable
+    ensemble: Callable  # mode ("logits" or "probs") -> logits function of stacked experts
+    base: Any
+    experts: Any
+    names: list  # the experts'
+    base_label: str
+    oracle: Method
+    cost: Callable
+    grid: Any
+    merge: Callable
+    holdout: Callable
+    rank: Callable
+    dam: list  # [Method]
+    fusion: Callable
+    fusion_frozen: Any
+    fusion_e2e: Any
+    controls: list = dataclasses.field(default_factory=list)
+    averages: list = dataclasses.field(default_factory=list)
+
+
+def methods(t: Table, searches: dict) -> Iterator[Method]:
+    """The rows of a study's table, in order: the base, the oracle, the study's controls, the
+    output ensembles, the weight average and the study's other averages, every searched merge of
+    `merging.ROWS` (its grid search stored in `searches[label]`), DAM, dynamic fusion with frozen
+    experts and end to end. A generator: a caller that scores a row and lets it go holds one
+    merged model at a time."""
+    yield Method(t.base_label, t.apply, t.base, t.cost("base"))
+    yield t.oracle
+    yield from t.controls
+    for mode in ("logits", "probs"):
+        yield Method(f"output ensemble (mean {mode})", t.ensemble(mode), t.experts,
+                     t.cost("ensemble"))  # fmt: skip
+    yield Method("weight average", t.apply, weight_average(t.experts), t.cost("merge"))
+    yield from t.averages
+    for label, merged, chosen, scored in searched_merges(t.grid, t.names, t.merge, t.holdout,
+                                                         t.rank):  # fmt: skip
+        searches[label] = {"chosen": chosen, "grid": scored}
+        yield Method(label, t.apply, merged, t.cost("merge"), hparams=chosen)
+    yield from t.dam
+    yield Method("dynamic fusion, frozen experts", t.fusion, t.fusion_frozen,
+                 t.cost("fusion_frozen"))  # fmt: skip
+    yield Method("dynamic fusion, end to end", t.fusion, t.fusion_e2e, t.cost("fusion_e2e"))
+
+
+weight_average = jax.jit(jax.vmap(merging.weight_average))
+
+
+def write_comparison(workdir: str, out: dict, markdown: str, frontier: list, **labels) -> None:
+    """A study's `comparison.json` (`out`), `comparison.md` and `frontier.png` (`frontier`:
+    (method, inference FLOPs, per-seed metric) per row; `labels` the plot's xlabel, ylabel,
+    title)."""
+    files.write_json(os.path.join(workdir, "comparison.json"), out)
+    with open(os.path.join(workdir, "comparison.md"), "w") as f:
+        f.write(markdown)
+    plots.plot_frontier(frontier, os.path.join(workdir, "frontier.png"), **labels)

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import files, gguf_checkpoint, merging, pretrained
+from fusion_jax import gguf_checkpoint, pretrained
 from fusion_jax import hf_checkpoint as hc
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import domains as domains_lib
@@ -467,6 +467,30 @@ class Study:
             out.append([text.bits_per_byte(x, c) for x, c in zip(nll, count, strict=True)])
         return np.asarray(out).T
 
+    def row(self, method: engine.Method, base) -> dict:
+        """The method's row: bits per byte per domain and seed, size, cost and choices. The
+        oracle (`per_task`) scores each domain with its own expert, or `base` where it has none."""
+        if method.per_task:
+
+            def own_model(d):
+                if d in self.expert_domain:
+                    return take(method.params, (slice(None), self.expert_domain.index(d)))
+                return base
+
+            scores = self.score(method.logits_fn, None, per_domain_params=own_model)
+            params = own_model(self.expert_domain[0])
+        else:
+            scores, params = self.score(method.logits_fn, method.params), method.params
+        n, per_token, rate = self.cost(params, method.logits_fn)
+        logging.info("[lm_study] %s: mean bits per byte %.4f", method.label, scores.mean())
+        return {
+            "method": method.label,
+            "bits_per_byte": {d: scores[:, i].tolist() for i, d in enumerate(self.names)},
+            "mean_bits_per_byte": scores.mean(1).tolist(),
+            "params": n, "flops_per_token": per_token, "tokens_per_s": rate,
+            "training_flops": method.train_flops, "hparams": method.hparams,
+        }  # fmt: skip
+
     def plain_logits(self, params, tokens):
         return self.model.apply({"params": params}, tokens[:, :-1])
 
@@ -579,41 +603,11 @@ def run(config, workdir: str) -> dict:
 
     rng = jax.random.key(config.seed)
     base_flops, expert_flops = costs["base"], costs["base"] + k * costs["experts"]
-    rows, merged_by = [], {}
-
-    def add(method, params, logits_fn, flops, scores=None, hparams=None):
-        scores = study.score(logits_fn, params) if scores is None else scores
-        n, per_token, rate = study.cost(params, logits_fn)
-        rows.append({
-            "method": method,
-            "bits_per_byte": {d: scores[:, i].tolist() for i, d in enumerate(study.names)},
-            "mean_bits_per_byte": scores.mean(1).tolist(),
-            "params": n, "flops_per_token": per_token, "tokens_per_s": rate,
-            "training_flops": flops, "hparams": hparams,
-        })  # fmt: skip
-        logging.info("[lm_study] %s: mean bits per byte %.4f", method, scores.mean())
-
     pretrained_base = study.base_path is not None
-    add("base model (pretrained, untouched)" if pretrained_base else "base model (mixture)",
-        base, plain, base_flops)  # fmt: skip
 
-    def own_model(d):  # each domain's own expert `[R, ...]`; the base where a domain has none
-        if d in study.expert_domain:
-            return take(experts, (slice(None), study.expert_domain.index(d)))
-        return base
-
-    oracle = study.score(plain, None, per_domain_params=own_model)
     no_expert = [n for i, n in enumerate(study.names) if i not in study.expert_domain]
     oracle_label = "own expert per domain (oracle routing)" + (
         f"; the base for {', '.join(no_expert)}" if no_expert else "")  # fmt: skip
-    add(oracle_label, take(experts, (slice(None), 0)), plain, expert_flops, scores=oracle)
-    add(f"control: base + {control_steps} steps (experts' + fusion's FLOPs)", control, plain,
-        base_flops + costs["control"])  # fmt: skip
-    add("output ensemble (mean logits)", experts, engine.output_ensemble(plain, "logits"),
-        expert_flops)  # fmt: skip
-    add("output ensemble (mean probs)", experts, engine.output_ensemble(plain, "probs"),
-        expert_flops)  # fmt: skip
-    add("weight average", jax.vmap(merging.weight_average)(experts), plain, expert_flops)
 
     def merge_of(row, hp):
         # A parameter at a time (the working memory is one tensor's K task vectors); a merge
@@ -623,24 +617,35 @@ def run(config, workdir: str) -> dict:
 
         return engine.merge_per_leaf(make, experts, base, len(seeds))(hp)
 
-    for label, merged, chosen, _ in engine.searched_merges(
-        config.grid, study.expert_names, merge_of,
-        lambda m: {"holdout_bits_per_byte": study.score(plain, m, "holdout").mean(1)},
-        lambda scores: (scores["holdout_bits_per_byte"],),
-    ):  # fmt: skip
-        if label == "TIES":  # kept for the samples; the other merges are let go once scored
-            merged_by[label] = merged
-        add(label, merged, plain, expert_flops, hparams=chosen)
-        del merged
     dam_merged = {}
     for init in inits:
-        stage = "dam" if init == "repository" else f"dam_{init}"
         dam_merged[init] = jax.vmap(lambda c, e: dam.merge(c, e))(coeffs[init], experts)
-        add(DAM_ROWS[init], dam_merged[init], plain, expert_flops + costs[stage])
-    add("dynamic fusion, frozen experts", fusion_frozen, fusion_logits,
-        expert_flops + costs["fusion_frozen"])  # fmt: skip
-    add("dynamic fusion, end to end", fusion_e2e, fusion_logits,
-        expert_flops + costs["fusion_e2e"])  # fmt: skip
+    # Each row's training FLOPs, the base's and experts' included.
+    cost = {"base": base_flops, "ensemble": expert_flops, "merge": expert_flops,
+            "fusion_frozen": expert_flops + costs["fusion_frozen"],
+            "fusion_e2e": expert_flops + costs["fusion_e2e"]}  # fmt: skip
+    table = engine.Table(
+        apply=plain, ensemble=lambda mode: engine.output_ensemble(plain, mode), base=base,
+        experts=experts, names=study.expert_names,
+        base_label=("base model (pretrained, untouched)" if pretrained_base
+                    else "base model (mixture)"),
+        oracle=engine.Method(oracle_label, plain, experts, expert_flops, per_task=True),
+        controls=[engine.Method(
+            f"control: base + {control_steps} steps (experts' + fusion's FLOPs)", plain, control,
+            base_flops + costs["control"])],
+        cost=cost.get, grid=config.grid, merge=merge_of,
+        holdout=lambda m: {"holdout_bits_per_byte": study.score(plain, m, "holdout").mean(1)},
+        rank=lambda scores: (scores["holdout_bits_per_byte"],),
+        dam=[engine.Method(DAM_ROWS[init], plain, dam_merged[init], expert_flops + costs[
+            "dam" if init == "repository" else f"dam_{init}"]) for init in inits],
+        fusion=fusion_logits, fusion_frozen=fusion_frozen, fusion_e2e=fusion_e2e,
+    )  # fmt: skip
+    rows, ties_merged = [], None
+    for method in engine.methods(table, {}):
+        rows.append(study.row(method, base))
+        if method.label == "TIES":  # kept for the samples; the other merges are let go once scored
+            ties_merged = method.params
+        del method
 
     routing = {}
     for name, params in (("frozen", fusion_frozen), ("end_to_end", fusion_e2e)):
@@ -665,15 +670,13 @@ def run(config, workdir: str) -> dict:
         for name, c in curves.items() if c is not None
     }  # fmt: skip
     out["samples"] = study.samples(_sample_models(
-        study, base, experts, dam_merged[inits[0]], merged_by["TIES"], fusion_model,
+        study, base, experts, dam_merged[inits[0]], ties_merged, fusion_model,
         fusion_frozen, fusion_e2e))  # fmt: skip
-    files.write_json(os.path.join(workdir, "comparison.json"), out)
-    with open(os.path.join(workdir, "comparison.md"), "w") as f:
-        f.write(study_markdown(out))
-    plots.plot_frontier(
+    engine.write_comparison(
+        workdir, out, study_markdown(out),
         [(r["method"], r["flops_per_token"], r["mean_bits_per_byte"]) for r in rows],
-        os.path.join(workdir, "frontier.png"), xlabel="forward FLOPs per token",
-        ylabel="mean validation bits per byte", title="Bits per byte against inference cost",
+        xlabel="forward FLOPs per token", ylabel="mean validation bits per byte",
+        title="Bits per byte against inference cost",
     )  # fmt: skip
     plot_routing(out, os.path.join(workdir, "routing.png"))
     plot_gate_tokens(study, fusion_model, fusion_frozen, os.path.join(workdir, "gate_tokens.png"))

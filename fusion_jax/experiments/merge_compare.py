@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from fusion_jax import files, merging, models
+from fusion_jax import merging, models
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import multitask, pipeline
 from fusion_jax.data import tasks as tasks_lib
@@ -50,20 +50,6 @@ from fusion_jax.train.optimizer import make_optimizer
 # + i), the fusion model's init and DARE's drops. Inits use the training loop's INIT_STREAM.
 BASE, EXPERTS, DAM, FUSION_INIT, FUSION, DARE = 100, 200, 300, 400, 500, 600
 METRICS = ("acc", "loss")
-
-
-@dataclasses.dataclass
-class Method:
-    """One row: `logits_fn(params, tokens)` of every seed's `params` (leaves `[R, ...]`)."""
-
-    label: str
-    logits_fn: Callable
-    params: Any
-    train_flops: float
-    # Params carry a task axis `[R, K, ...]`: task k is read by its own expert (oracle routing).
-    per_task: bool = False
-    # Per seed, the hyper-parameters chosen on the held-out slice (searched methods only).
-    hparams: list | None = None
 
 
 def strip_head(params):
@@ -398,14 +384,7 @@ def train_fusion(p: Pipeline, experts, frozen: bool):
     return p.stages.run_seeds(name, p.seeds, run, abstract)
 
 
-# -- methods -----------------------------------------------------------------------------------
-
-
-def ensembles(p: Pipeline, experts) -> list[Method]:
-    return [
-        Method("output ensemble (mean logits)", p.kit.mean_logits, experts, 0.0),
-        Method("output ensemble (mean probs)", p.kit.mean_probs, experts, 0.0),
-    ]
+# -- methods ----------------------------------------------------------------------------------
 
 
 def _holdout_scores(p: Pipeline, merged) -> dict:
@@ -415,31 +394,7 @@ def _holdout_scores(p: Pipeline, merged) -> dict:
     return {"holdout_acc": m["acc"].mean(1), "holdout_loss": m["loss"].mean(1)}
 
 
-_weight_average = jax.jit(jax.vmap(merging.weight_average))
-
-
-def static_merges(p: Pipeline, base, experts, random_experts):
-    """Weight averages and the searched merges (`merging.ROWS`); returns (methods, grid searches
-    by label)."""
-    methods = [
-        Method("weight average", p.kit.apply, _weight_average(experts), 0.0),
-        Method("weight average, unrelated random inits", p.kit.apply,
-               _weight_average(random_experts), 0.0),
-    ]  # fmt: skip
-    keys = _streams(p.keys, DARE)
-    per_seed = [(take(experts, r), take(base, r), keys[r]) for r in range(len(p.seeds))]
-    searches = {}
-    for label, merged, chosen, scored in engine.searched_merges(
-        p.config.grid, p.names, lambda row, hp: stack([row.merge(*s, hp) for s in per_seed]),
-        functools.partial(_holdout_scores, p),
-        lambda scores: (-scores["holdout_acc"], scores["holdout_loss"]),
-    ):  # fmt: skip
-        searches[label] = {"chosen": chosen, "grid": scored}
-        methods.append(Method(label, p.kit.apply, merged, 0.0, hparams=chosen))
-    return methods, searches
-
-
-def score(p: Pipeline, method: Method) -> dict:
+def score(p: Pipeline, method: engine.Method) -> dict:
     """The method's row: every metric as a mean over seeds with its standard error, the
     per-seed values (`per_seed`), and the model's size and cost."""
     val = p.evaluate(method.logits_fn, method.params, "val", method.per_task)
@@ -465,30 +420,6 @@ def score(p: Pipeline, method: Method) -> dict:
     return row
 
 
-def report(p: Pipeline, rows, searches, coeffs) -> dict:
-    out = {
-        "tasks": list(p.names),
-        "seeds": p.seeds,
-        "device": jax.devices()[0].device_kind,
-        "rows": rows,
-        "grid_search": searches,
-    }
-    workdir = os.path.dirname(p.stages.dir)
-    files.write_json(os.path.join(workdir, "comparison.json"), out)
-    with open(os.path.join(workdir, "comparison.md"), "w") as fh:
-        fh.write(merge_markdown(out))
-    plots.plot_frontier(
-        [(r["method"], r["flops_per_example"], r["per_seed"]["mean_acc"]) for r in rows],
-        os.path.join(workdir, "frontier.png"),
-        xlabel="forward FLOPs per example (XLA cost analysis)",
-        ylabel="mean validation accuracy over tasks",
-        title=f"Accuracy against inference cost (mean ± s.e. over {len(p.seeds)} seeds)",
-    )
-    dam_path = os.path.join(workdir, "dam_coefficients.png")
-    plot_dam(coeffs, p.config.dam.nonlinearity, p.names, dam_path)
-    return out
-
-
 @workdir_lib.claims_workdir(SPEC)
 def run(config, workdir: str) -> dict:
     """Runs (or restores) every stage, scores every method and writes the comparison."""
@@ -500,22 +431,44 @@ def run(config, workdir: str) -> dict:
     fusion_frozen = train_fusion(p, experts, frozen=True)
     fusion_e2e = train_fusion(p, experts, frozen=False)
     cost = p.stages.costs
-    merges, searches = static_merges(p, base, experts, random_experts)
-    methods = [
-        Method("base model", p.kit.apply, base, cost["base"]),
-        Method("own expert per task (oracle routing)", p.kit.apply, experts, cost["experts"],
-               per_task=True),
-        *ensembles(p, experts),
-        *merges,
-        Method("DAM", p.kit.apply, jax.vmap(
+    keys = _streams(p.keys, DARE)
+    per_seed = [(take(experts, r), take(base, r), keys[r]) for r in range(len(p.seeds))]
+    kit = p.kit
+    # Each row's own training: merges and ensembles of trained experts add none.
+    costs = {"base": cost["base"], "ensemble": 0.0, "merge": 0.0,
+             "fusion_frozen": cost["fusion_frozen"],
+             "fusion_e2e": cost["experts"] + cost["fusion_e2e"]}  # fmt: skip
+    table = engine.Table(
+        apply=kit.apply, ensemble={"logits": kit.mean_logits, "probs": kit.mean_probs}.get,
+        base=base, experts=experts, names=p.names, base_label="base model",
+        oracle=engine.Method("own expert per task (oracle routing)", kit.apply, experts,
+                             cost["experts"], per_task=True),
+        cost=costs.get, grid=config.grid,
+        merge=lambda row, hp: stack([row.merge(*s, hp) for s in per_seed]),
+        holdout=functools.partial(_holdout_scores, p),
+        rank=lambda scores: (-scores["holdout_acc"], scores["holdout_loss"]),
+        dam=[engine.Method("DAM", kit.apply, jax.vmap(
             lambda c, e: merging.dam_merge(c, e, config.dam.nonlinearity))(coeffs, experts),
-            cost["dam"]),
-        Method("dynamic fusion, frozen experts", p.kit.fusion_apply, fusion_frozen,
-               cost["fusion_frozen"]),
-        Method("dynamic fusion, end to end", p.kit.fusion_apply, fusion_e2e,
-               cost["experts"] + cost["fusion_e2e"]),
-    ]  # fmt: skip
-    return report(p, [score(p, m) for m in methods], searches, coeffs)
+            cost["dam"])],
+        fusion=kit.fusion_apply, fusion_frozen=fusion_frozen, fusion_e2e=fusion_e2e,
+        averages=[engine.Method("weight average, unrelated random inits", kit.apply,
+                                engine.weight_average(random_experts), 0.0)],
+    )  # fmt: skip
+    searches = {}
+    rows = [score(p, m) for m in engine.methods(table, searches)]
+    out = {"tasks": list(p.names), "seeds": p.seeds, "device": jax.devices()[0].device_kind,
+           "rows": rows, "grid_search": searches}  # fmt: skip
+    engine.write_comparison(
+        workdir, out, merge_markdown(out),
+        [(r["method"], r["flops_per_example"], r["per_seed"]["mean_acc"]) for r in rows],
+        xlabel="forward FLOPs per example (XLA cost analysis)",
+        ylabel="mean validation accuracy over tasks",
+        title=f"Accuracy against inference cost (mean ± s.e. over {len(p.seeds)} seeds)",
+    )  # fmt: skip
+    plot_dam(
+        coeffs, config.dam.nonlinearity, p.names, os.path.join(workdir, "dam_coefficients.png")
+    )
+    return out
 
 
 def plot_dam(coeffs, nonlinearity, names, path):
