@@ -64,6 +64,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Local devices the batch is split over (data parallelism, each device holding the whole
     # model); 0 = all, e.g. the 8 cores of a Colab TPU. batch_size must divide by it.
     config.train.num_devices = 0
+    # The device mesh: "auto" (data parallelism over num_devices) or axis sizes such as
+    # "data:2,model:4", which also split each expert's kernels over 4 devices (fusion_jax/mesh.py:
+    # RULES) for experts that do not fit on one. batch_size must divide by the data axis.
+    config.train.mesh = "auto"
     config.train.learning_rate = 1e-3
     config.train.weight_decay = 0.0
     config.train.log_every = 50

@@ -102,6 +102,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the K models); 0 = all. dam.batch_size must divide by their count: on an 8-core TPU set
     # num_devices=4 or batch_size=8 (refused at start otherwise, before any work).
     config.dam.num_devices = 0
+    # The device mesh: "auto" (data parallelism over num_devices) or axis sizes such as
+    # "data:2,model:4", which also split the K models' kernels over 4 devices (fusion_jax/mesh.py:
+    # RULES). dam.batch_size must divide by the data axis.
+    config.dam.mesh = "auto"
     # Coefficient updates; 0 = one epoch over the largest model's text (as the DAM repository).
     config.dam.num_steps = 0
     config.dam.learning_rate = 1e-3

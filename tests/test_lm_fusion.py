@@ -16,12 +16,12 @@ from hlo_checks import dot_precisions
 
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import modes
+from fusion_jax import mesh, modes
 from fusion_jax.data import tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import decoding, lm, lm_fusion
-from fusion_jax.train import checkpoint
+from fusion_jax.train import checkpoint, chunks
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -231,42 +231,64 @@ def test_no_program_holds_the_experts_or_the_text_as_constants(tmp_path, monkeyp
     assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
 
 
-def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkeypatch):
+def _workdir(tmp_path, mesh_spec: str):
+    return tmp_path / mesh_spec.replace(",", "_").replace(":", "")
+
+
+def test_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, monkeypatch):
+    """The batch split over `data`, the experts' kernels and the trained state over `model`:
+    the same losses and parameters as one device, each device holding its shards only, and a
+    workdir resumes on another mesh."""
     experts = _experts(tmp_path)
-    one, four = tmp_path / "one", tmp_path / "four"
     made, train_step = [], lm_fuse.train_step
     monkeypatch.setattr(lm_fuse, "train_step", lambda *a: made.append(train_step(*a)) or made[-1])
-    lm_fuse.train(_config(tmp_path, experts, 4), str(one))
+    argument_bytes = _argument_bytes(monkeypatch)
+    lm_fuse.train(_config(tmp_path, experts, 4), str(tmp_path / "one"))
     # One compile for the run, ahead of time (its memory plan logged), never through the jit's
     # cache: a compiled program refuses arguments placed otherwise, so the loss window reset at
     # each log line is placed like the state.
     assert made[0]._cache_size() == 0
     programs = hlo_checks.record_programs(monkeypatch)
-    lm_fuse.train(_config(tmp_path, experts, 4, num_devices=4), str(four))
-    monkeypatch.undo()
-    # The update is one program over a 4-device mesh with its batch rows split along it.
+    for spec in ("data:2,model:4", "data:1,model:8"):
+        lm_fuse.train(_config(tmp_path, experts, 4, num_devices=0, mesh=spec),
+                      str(_workdir(tmp_path, spec)))  # fmt: skip
+    # The update is one program over the 2 x 4 mesh with its batch rows split along `data`.
     updates = [p for p in programs if "sharding_constraint" in p]
-    assert len(updates) == 1  # compiled once, ahead of time, and run for every step
-    for update in updates:
-        assert 'sdy.mesh @mesh = <["data"=4]>' in update
-        assert '<@mesh, [{"data"}, {}]> : tensor<4x33xi32>' in update  # the batch's windows
-    # A workdir may change its device count: 2 steps on one device, resumed to 4 on four.
-    switched = tmp_path / "switched"
-    lm_fuse.train(_config(tmp_path, experts, 2), str(switched))
-    lm_fuse.train(_config(tmp_path, experts, 4, num_devices=4), str(switched))
-    setup = lm_fuse.Setup(_config(tmp_path, experts, 4), str(one), load_data=False)
-    a = lm_fuse.restore_params(setup, str(one))
+    assert len(updates) == 2  # one per mesh, compiled once and run for every step
+    assert 'sdy.mesh @mesh = <["data"=2, "model"=4]>' in updates[0]
+    assert '<@mesh, [{"data"}, {}]> : tensor<4x33xi32>' in updates[0]  # the batch's windows
+    # Per device, the arguments are the shards of what mesh.RULES splits (1/4, 1/8) plus what
+    # it keeps whole (norms, biases, the vocabulary's 260 rows over 8, the text).
+    setup = lm_fuse.Setup(_config(tmp_path, experts, 4), str(tmp_path / "one"))
+    trainable, frozen = setup.split(setup.params)
+    tx = optax.adamw(1e-2)
+    arguments = (lm_fuse._initial_state(tx, trainable), frozen, *setup.train)
+    one = argument_bytes[0]
+    assert one == sum(np.asarray(x).nbytes for x in jax.tree.leaves(arguments))
+    for model, measured in zip((4, 8), argument_bytes[1:], strict=True):
+        whole = _replicated_bytes(arguments, model)
+        assert measured == whole + (one - whole) // model, model
+        assert measured < one / model + whole + 1
+    # Resharding: 2 steps with the models over 4 devices, resumed on 2, and on one device.
+    half = _workdir(tmp_path, "model:4")
+    lm_fuse.train(_config(tmp_path, experts, 2, num_devices=0, mesh="model:4"), str(half))
+    shutil.copytree(half, tmp_path / "resumed_on_one")
+    lm_fuse.train(_config(tmp_path, experts, 4, num_devices=0, mesh="model:2"), str(half))
+    lm_fuse.train(_config(tmp_path, experts, 4), str(tmp_path / "resumed_on_one"))
+    a = lm_fuse.restore_params(setup, str(tmp_path / "one"))
     # The gate's key bias cancels in its softmax over experts: its true gradient is 0, so Adam
     # turns rounding noise into +-lr steps there (as in tests/test_multidevice.py).
     del a["fusion"]["key"]["bias"]
-    for other in (four, switched):
+    others = [_workdir(tmp_path, s) for s in ("data:2,model:4", "data:1,model:8", "model:4")]
+    for other in (*others, tmp_path / "resumed_on_one"):
         b = lm_fuse.restore_params(setup, str(other))
         del b["fusion"]["key"]["bias"]
         for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
         losses = [
-            [json.loads(x)["train_loss"] for x in open(w / "metrics.jsonl")] for w in (one, other)
-        ]
+            [json.loads(x)["train_loss"] for x in open(w / "metrics.jsonl")]
+            for w in (tmp_path / "one", other)
+        ]  # fmt: skip
         np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
     config = _config(tmp_path, experts, 4, num_devices=3)
     with pytest.raises(ValueError) as e:
@@ -274,6 +296,20 @@ def test_the_batch_split_over_four_devices_trains_as_one_device(tmp_path, monkey
     assert str(e.value) == (
         "config.train.batch_size=4: must be divisible by the 3 devices used for data "
         "parallelism (or set config.train.num_devices)"
+    )
+    for spec, message in (
+        ("data:3", "must be divisible by the mesh's data axis (3, config.train.mesh)"),
+        ("data:2,model:8", "must be at most 8 devices in all (the local devices)"),
+    ):
+        with pytest.raises(ValueError) as e:
+            lm_fuse.train(_config(tmp_path, experts, 4, mesh=spec), str(tmp_path / "three"))
+        field = "batch_size=4" if spec == "data:3" else f"mesh={spec!r}"
+        assert str(e.value) == f"config.train.{field}: {message}"
+    with pytest.raises(ValueError) as e:
+        lm_fuse.train(_config(tmp_path, experts, 4, mesh="data:2,tensor:4"), str(tmp_path / "x"))
+    assert str(e.value) == (
+        "config.train.mesh='data:2,tensor:4': must be \"auto\" or axis sizes like "
+        '"data:2,model:4" (axes data and model)'
     )
 
 
@@ -474,3 +510,47 @@ def test_the_text_is_part_of_the_workdir_and_binary_sources_are_refused(tmp_path
         f"{tmp_path / 'docs' / '3.txt'} is not a text file (it holds NUL bytes); name text only"
     )
     assert not (tmp_path / "other").exists()  # refused before the workdir is bound
+
+
+def _argument_bytes(monkeypatch) -> list:
+    """Records the per-device argument bytes XLA plans for each program compiled ahead of time."""
+    recorded, compile_reporting = [], chunks.compile_reporting
+
+    def recording(*args, **kwargs):
+        compiled = compile_reporting(*args, **kwargs)
+        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
+        return compiled
+
+    monkeypatch.setattr(chunks, "compile_reporting", recording)
+    return recorded
+
+
+def _replicated_bytes(tree, model: int) -> int:
+    """Bytes of the leaves mesh.RULES keeps whole on every device of a `model` axis."""
+    return sum(
+        x.nbytes
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if mesh.partition(mesh.path_name(path), x.shape, model) == jax.sharding.PartitionSpec()
+    )
+
+
+def _argument_bytes(monkeypatch) -> list:
+    """Records the per-device argument bytes XLA plans for each program compiled ahead of time."""
+    recorded, compile_reporting = [], chunks.compile_reporting
+
+    def recording(*args, **kwargs):
+        compiled = compile_reporting(*args, **kwargs)
+        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
+        return compiled
+
+    monkeypatch.setattr(chunks, "compile_reporting", recording)
+    return recorded
+
+
+def _replicated_bytes(tree, model: int) -> int:
+    """Bytes of the leaves mesh.RULES keeps whole on every device of a `model` axis."""
+    return sum(
+        np.asarray(x).nbytes
+        for path, x in jax.tree_util.tree_leaves_with_path(tree)
+        if mesh.partition(mesh.path_name(path), np.shape(x), model) == jax.sharding.PartitionSpec()
+    )

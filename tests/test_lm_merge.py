@@ -20,7 +20,7 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import lora, merging, modes
+from fusion_jax import lora, merging, mesh, modes
 from fusion_jax import vocab as vocab_lib
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
@@ -480,26 +480,80 @@ def test_no_dam_program_holds_the_models_as_constants(tmp_path, monkeypatch):
     assert max(hlo_checks.largest_constant_bytes(p) for p in programs) < 4096
 
 
-def test_dam_over_four_devices_trains_as_one_device(tmp_path):
+def test_dam_over_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, monkeypatch):
+    """The windows split over `data`, the K models, coefficients and moments over `model`: the
+    same KL and merge as one device, each device holding its shards only, and an interrupted
+    workdir resumes on another mesh."""
     experts = _two_experts(tmp_path)
-    lm_merge.run(_dam_config(tmp_path, experts, 3), str(tmp_path / "one"))
+    recorded, compile_reporting = [], lm_merge.engine.chunks.compile_reporting
+
+    def recording(*args, **kwargs):
+        compiled = compile_reporting(*args, **kwargs)
+        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
+        return compiled
+
+    monkeypatch.setattr(lm_merge.engine.chunks, "compile_reporting", recording)
+    runs = {"one": {}, "four": {"num_devices": 4}, "data2_model4": {"mesh": "data:2,model:4"},
+            "data1_model8": {"mesh": "data:1,model:8"}}  # fmt: skip
+    for name, fields in runs.items():
+        config = _dam_config(tmp_path, experts, 3)
+        config.dam.update(fields)
+        lm_merge.run(config, str(tmp_path / name))
+    # Per device, the arguments are the shards of what mesh.RULES splits (the kernels, their
+    # coefficients and moments; 1/4, 1/8) plus what it keeps whole (the rest, and the text).
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[hc.load(e)[1] for e in experts])
+    coefficients = jax.tree.map(np.asarray, dam.init_coefficients(stacked))
+    models = (stacked, coefficients, coefficients, coefficients)  # with Adam's two moments
+    split = sum(np.asarray(x).nbytes for x in jax.tree.leaves(models))
+    one = recorded[0]
+    assert recorded[1] == one  # data parallel: everything whole on every device
+    for model, measured in zip((4, 8), recorded[2:], strict=True):
+        whole = sum(
+            x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(models)
+            if mesh.partition(mesh.path_name(path), x.shape, model) == jax.sharding.PartitionSpec()
+        )  # fmt: skip
+        assert measured == one - (split - whole) + (split - whole) // model, model
+    # Interrupted after step 2 on model:4, resumed on model:2 and on one device.
+    append = lm_merge.logs.append
+
+    def interrupted(path, records):
+        if records[0]["step"] == 3:
+            raise KeyboardInterrupt
+        append(path, records)
+
     config = _dam_config(tmp_path, experts, 3)
-    config.dam.num_devices = 4
-    lm_merge.run(config, str(tmp_path / "four"))
-    logs = [
-        [json.loads(x)["kl"] for x in open(tmp_path / w / "dam" / "metrics.jsonl")]
-        for w in ("one", "four")
-    ]
-    np.testing.assert_allclose(logs[0], logs[1], rtol=1e-5)
-    a, b = _flat(str(tmp_path / "one" / "merged")), _flat(str(tmp_path / "four" / "merged"))
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    config.dam.mesh = "model:4"
+    monkeypatch.setattr(lm_merge.logs, "append", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lm_merge.run(config, str(tmp_path / "resharded"))
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "resharded", tmp_path / "resumed_on_one")
+    config.dam.mesh = "model:2"
+    lm_merge.run(config, str(tmp_path / "resharded"))
+    lm_merge.run(_dam_config(tmp_path, experts, 3), str(tmp_path / "resumed_on_one"))
+    logs = {
+        w: [json.loads(x)["kl"] for x in open(tmp_path / w / "dam" / "metrics.jsonl")]
+        for w in ("one", "four", "data2_model4", "data1_model8", "resharded", "resumed_on_one")
+    }
+    a = _flat(str(tmp_path / "one" / "merged"))
+    for w, kl in logs.items():
+        np.testing.assert_allclose(kl, logs["one"], rtol=1e-5, err_msg=w)
+        b = _flat(str(tmp_path / w / "merged"))
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=f"{w} {key}")
+    config = _dam_config(tmp_path, experts, 3)
     config.dam.num_devices = 3
     with pytest.raises(ValueError) as e:
         lm_merge.run(config, str(tmp_path / "three"))
     assert str(e.value) == (
         "config.dam.batch_size=32: must be divisible by the 3 devices used for data parallelism "
         "(or set config.dam.num_devices)"
+    )
+    config.dam.mesh = "data:3,model:2"
+    with pytest.raises(ValueError) as e:
+        lm_merge.run(config, str(tmp_path / "three"))
+    assert str(e.value) == (
+        "config.dam.batch_size=32: must be divisible by the mesh's data axis (3, config.dam.mesh)"
     )
     config.method = "ties"  # reads no dam.* field: the rule does not apply
     config.base = experts[0]

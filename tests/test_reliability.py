@@ -425,7 +425,7 @@ def test_the_fields_each_lm_merge_method_never_reads():
         config.method = method
         assert modes.spec_of(config).unused(config) == unused, method
     assert (
-        len(dam_fields) == 19
+        len(dam_fields) == 20
         and modes.spec_of(dyn_fusion.get_config()).unused(dyn_fusion.get_config()) == set()
     )
 

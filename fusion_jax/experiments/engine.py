@@ -39,7 +39,7 @@ def _shapes(tree, lead: int):
 def train_runs(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, *, chunk, progress,
                every_secs=0.0, every_steps=0, tokens_per_step=0, data_axes=(None,),
                save_at_end=False, select=None, frozen=None, hand_over=False, has_aux=False,
-               constrain=None, log=None, compiled_flops=True):  # fmt: skip
+               constrain=None, shard=None, log=None, compiled_flops=True):  # fmt: skip
     """Trains `params` for `num_steps` steps of `tx`, one compiled chunk of `chunk` steps at a
     time. Returns (params, FLOPs of one run, curve).
 
@@ -49,7 +49,9 @@ def train_runs(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, *, ch
     domain). `loss_fn(params, frozen, *batch) -> loss` (`(loss, aux)` with `has_aux`);
     `sample_fn(*data, key) -> batch`, with `fold_in(run key, step)`, so the result does not
     depend on the chunking. `constrain(batch)` (e.g. a
-    sharding constraint over a mesh's data axis) is applied to every batch. `frozen` (leaves with
+    sharding constraint over a mesh's data axis) is applied to every batch. `shard(tree) ->
+    shardings` (e.g. `mesh.shardings` over a mesh) places the training state: it is put there
+    before the first chunk and kept there by every chunk. `frozen` (leaves with
     the same run axes; None: nothing) is an argument of every step, never updated nor saved:
     models the training reads but does not change.
 
@@ -92,6 +94,13 @@ def train_runs(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, *, ch
         init = jax.vmap(init)
     lead_axes, data_lead = len(data_axes), sum(a is not None for a in data_axes)
     # The state is donated: each chunk writes the new parameters and moments over the old.
+    if shard is not None:
+        unsharded = fn
+
+        def fn(state, frozen, run_data, key, n):  # the new state on the old one's shards
+            state, out = unsharded(state, frozen, run_data, key, n)
+            return jax.lax.with_sharding_constraint(state, shard(state)), out
+
     jitted, programs = jax.jit(fn, static_argnums=4, donate_argnums=0), {}
 
     def compiled(s, n):  # one program per chunk length, its memory plan logged
@@ -108,6 +117,8 @@ def train_runs(tag, params, loss_fn, sample_fn, data, keys, num_steps, tx, *, ch
     if not hand_over:  # donating the state must not invalidate the caller's arrays
         params = jax.tree.map(jnp.copy, params)
     state = (params, init(params), jnp.zeros(keys.shape, jnp.int32))
+    if shard is not None:
+        state = jax.device_put(state, shard(state))
 
     def step_of(s):
         return int(np.asarray((s["run"] if select is not None else s)[2]).flat[0])

@@ -15,6 +15,7 @@ is split over `config.train.num_devices` local devices (0 = all), the model repl
 """
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -26,6 +27,7 @@ from absl import logging
 
 from fusion_jax import files
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import mesh as mesh_lib
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text, tokenize
 from fusion_jax.errors import UserError
@@ -36,9 +38,10 @@ from fusion_jax.train import checkpoint, chunks, logs
 
 
 class Setup:
-    """Experts, model, tokenizer and data for a fusion workdir."""
+    """Experts, model, tokenizer and data for a fusion workdir. With a `mesh`, the experts are
+    stacked straight onto their shards (mesh.RULES)."""
 
-    def __init__(self, config, workdir: str, load_data: bool = True):
+    def __init__(self, config, workdir: str, load_data: bool = True, mesh=None):
         self.config = config
         models = split_list(config.models)
         if len(models) < 2:
@@ -64,6 +67,8 @@ class Setup:
             entropy_weight=f.entropy_weight,
         )
         self.model = lm_fusion.LMFusion(self.fusion_config)
+        if mesh is not None:
+            expert_params = mesh_lib.stack_onto(expert_params, mesh)
         self.params = lm_fusion.init_from_experts(
             self.model, jax.random.key(config.seed), expert_params
         )
@@ -158,17 +163,18 @@ def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
-def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None):
+def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None, state_shardings=None):
     """The jitted update `(state, frozen, tokens, mask) -> state`: a batch of `batch_size`
     windows drawn with `fold_in(key, step)` from the training split `tokens`, `mask`.
 
-    With everything else replicated over a mesh's devices, `batch_sharding` splits the batch
-    over them: XLA partitions the step by batch rows and sums the gradients across devices."""
+    Over a mesh, `batch_sharding` splits the batch over its `data` axis (XLA sums the gradients
+    across devices) and the new state keeps `state_shardings` (parameters and moments split
+    over `model` by mesh.RULES)."""
 
     def split(x):
         return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=state_shardings)
     def step_fn(state, frozen, tokens, mask):
         idx = jax.random.randint(
             jax.random.fold_in(key, state["step"]), (batch_size,), 0, tokens.shape[0]
@@ -193,17 +199,19 @@ def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None):
 def train(config, workdir: str) -> dict:
     """Trains the fusion gate (and head; everything with end_to_end), resuming if possible."""
     t = config.train
-    setup = Setup(config, workdir)
+    mesh = mesh_lib.make(t.mesh, mesh_lib.devices(t.mesh, t.num_devices))
+    setup = Setup(config, workdir, mesh=mesh)
     tx = optax.adamw(t.learning_rate, weight_decay=t.weight_decay)
     trainable, frozen = setup.split(setup.params)
-    state = _initial_state(tx, trainable)
-    devices = jax.local_devices()[: t.num_devices or jax.local_device_count()]
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-    frozen, train_tokens, train_mask = jax.device_put((frozen, *setup.train), replicated)
-    step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed), rows)
-    logging.info("[lm_fuse] batch of %d split over %d device(s)", t.batch_size, len(devices))
+    state = mesh_lib.place(_initial_state(tx, trainable), mesh)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    frozen = mesh_lib.place(frozen, mesh)
+    train_tokens, train_mask = jax.device_put(setup.train, replicated)
+    step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed),
+                         mesh_lib.batch(mesh), shardings)  # fmt: skip
+    logging.info("[lm_fuse] mesh %s: the batch of %d split over data, the models over model",
+                 dict(mesh.shape), t.batch_size)  # fmt: skip
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")
@@ -245,7 +253,7 @@ def train(config, workdir: str) -> dict:
         start = int(state["step"])
         logs.truncate(log_path, start)  # lines written after the checkpoint a rerun starts from
         state = chunks.train_in_chunks(
-            "[lm_fuse]", run_chunk, jax.device_put(state, replicated), start, t.num_steps,
+            "[lm_fuse]", run_chunk, jax.device_put(state, shardings), start, t.num_steps,
             mngr=mngr, chunk=t.log_every, log=log, report=report,
             every_steps=t.checkpoint_every,
         )  # fmt: skip

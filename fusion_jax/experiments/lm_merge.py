@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from fusion_jax import errors, files, gguf_checkpoint, lora, merging, schema
 from fusion_jax import hf_checkpoint as hc
+from fusion_jax import mesh as mesh_lib
 from fusion_jax import vocab as vocab_lib
 from fusion_jax import workdir as workdir_lib
 from fusion_jax.data import text, tokenize
@@ -332,16 +333,14 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
         what="text files",
     )
     num_steps = d.num_steps or -(-max(len(t) for t in tokens) // d.batch_size)  # one epoch
-    # Each step's windows are split over the devices (batch axis 1 of [K, B, T]), the models and
-    # coefficients replicated on each; XLA sums the coefficients' gradients across devices.
-    devices = jax.local_devices()[: d.num_devices or jax.local_device_count()]
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    # Each step's windows are split over the mesh's `data` axis (batch axis 1 of [K, B, T]), the
+    # experts and coefficients over its `model` axis by mesh.RULES (whole on every device for
+    # `data:N`); XLA sums the coefficients' gradients across devices.
+    mesh = mesh_lib.make(d.mesh, mesh_lib.devices(d.mesh, d.num_devices))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
-    # One stacked leaf at a time on the host: K models there, not 2K.
-    stacked = jax.tree.map(
-        lambda *xs: jax.device_put(np.stack(xs), replicated), *[hc.load(m)[1] for m in models]
-    )
+    # Each device's shards cut from the K models: K models on the host, not 2K.
+    stacked = mesh_lib.stack_onto([hc.load(m)[1] for m in models], mesh)
+    logging.info("[dam] mesh %s", dict(mesh.shape))
     model = lm.LanguageModel(lm_config)
     trainable = jax.tree.map(
         lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
@@ -373,7 +372,8 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
         functools.partial(engine.sample_experts, batch_size=d.batch_size), tables,
         jax.random.key(config.seed), num_steps=num_steps, data_axes=(), trainable=trainable,
         chunk=d.log_every, progress=progress, every_steps=d.checkpoint_every, save_at_end=True,
-        constrain=lambda batch: jax.lax.with_sharding_constraint(batch, rows), log=log,
+        constrain=lambda batch: jax.lax.with_sharding_constraint(batch, mesh_lib.batch(mesh, 1)),
+        shard=functools.partial(mesh_lib.shardings, mesh=mesh), log=log,
     )  # fmt: skip
     merged = dam.merge(coefficients, stacked, d.nonlinearity)
     hc.save(

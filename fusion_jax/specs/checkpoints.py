@@ -4,7 +4,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from fusion_jax import hf_checkpoint, schema
+from fusion_jax import hf_checkpoint, mesh, schema
 from fusion_jax.models.lm import LMConfig
 
 
@@ -62,10 +62,22 @@ def compatible_checkpoints(config, devices) -> schema.Problem:
 
 def data_parallel(section: str, only_if: Callable[[Any], bool] = lambda config: True):
     """Cross rule: `<section>.num_devices` within the local devices and dividing
-    `<section>.batch_size`."""
+    `<section>.batch_size`; or, where the section has an explicit `mesh`, its devices within
+    the local ones and its data axis dividing the batch."""
 
     def rule(config, devices) -> schema.Problem:
         if devices is None or not only_if(config):
+            return None
+        spec = schema.lookup(config, f"{section}.mesh") if "mesh" in config[section] else "auto"
+        if spec != "auto":
+            shape = mesh.sizes(spec, devices)
+            if shape["data"] * shape["model"] > devices:
+                return f"{section}.mesh", f"at most {devices} devices in all (the local devices)"
+            if schema.lookup(config, f"{section}.batch_size") % shape["data"]:
+                return (
+                    f"{section}.batch_size",
+                    f"divisible by the mesh's data axis ({shape['data']}, config.{section}.mesh)",
+                )
             return None
         wanted = schema.lookup(config, f"{section}.num_devices")
         if wanted > devices:

@@ -1,6 +1,6 @@
 """lm_fuse configs (configs/lm_fuse.py): the kind "lm_fuse"."""
 
-from fusion_jax import schema
+from fusion_jax import mesh, schema
 from fusion_jax.data import text
 from fusion_jax.specs import checkpoints
 
@@ -25,6 +25,7 @@ LM_FUSE = {
     "train.num_steps": schema.integer(1),
     "train.batch_size": schema.integer(1),
     "train.num_devices": schema.integer(0),
+    "train.mesh": mesh.MESH,
     "train.learning_rate": schema.POSITIVE,
     "train.weight_decay": schema.NON_NEGATIVE,
     "train.log_every": schema.integer(1),
@@ -76,6 +77,7 @@ SPEC = schema.Spec(
     safe_changes={
         "train.num_steps": "increase",
         "train.num_devices": "any",  # the same sums, added in another order
+        "train.mesh": "any",  # a resume reshards the checkpoint onto the new mesh
         "train.log_every": "any",
         "train.checkpoint_every": "any",
         "train.require_accelerator": "any",
@@ -89,6 +91,7 @@ SPEC = schema.Spec(
         "matmul_precision": "default",
         "data.special_tokens": False,
         "train.num_devices": 1,
+        "train.mesh": "auto",
     },
     module="fusion_jax/specs/lm_fuse.py",
 )  # fmt: skip

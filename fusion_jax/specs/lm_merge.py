@@ -4,7 +4,7 @@ import math
 import os
 from collections.abc import Mapping
 
-from fusion_jax import files, gguf_checkpoint, hf_checkpoint, lora, merging, schema, vocab
+from fusion_jax import files, gguf_checkpoint, hf_checkpoint, lora, merging, mesh, schema, vocab
 from fusion_jax.data import text
 from fusion_jax.merging import dam
 from fusion_jax.specs import checkpoints
@@ -106,6 +106,7 @@ LM_MERGE = {
     "dam.seq_len": schema.integer(1),
     "dam.batch_size": schema.integer(1),
     "dam.num_devices": schema.integer(0),
+    "dam.mesh": mesh.MESH,
     "dam.num_steps": schema.integer(0),
     "dam.learning_rate": schema.POSITIVE,
     "dam.temperature": schema.POSITIVE,
@@ -223,6 +224,7 @@ SPEC = schema.Spec(
         "dam.log_every": "any",
         "dam.checkpoint_every": "any",
         "dam.num_devices": "any",  # the same sums, added in another order
+        "dam.mesh": "any",  # a resume reshards the checkpoint onto the new mesh
     },
     added_fields={
         "output_format": "safetensors",
@@ -230,6 +232,7 @@ SPEC = schema.Spec(
         "dam.matmul_precision": "default",
         "dam.special_tokens": False,
         "dam.num_devices": 1,
+        "dam.mesh": "auto",
         # Hyper-parameters of merges added later; no earlier method reads them.
         "gamma": 0.01,
         "epsilon": 0.15,
