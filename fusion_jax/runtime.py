@@ -7,9 +7,11 @@ collectively (every process calls it, process 0 writes).
 """
 
 import contextlib
+import gc
 import os
 import signal
 import sys
+import threading
 
 import jax
 import numpy as np
@@ -111,9 +113,24 @@ def wait_for_all(name: str) -> None:
 
 def raise_interrupt(signum, frame) -> None:
     """SIGTERM handler (preemption, `kill`): stop as Ctrl-C does, so the loops save on the way
-    out. The signal number rides along for `exit_on_interrupt`."""
-    del frame
+    out. The signal number rides along for `exit_on_interrupt`.
+
+    Python discards an exception raised inside a garbage-collector callback ("Exception ignored
+    in", and the run went on: JAX registers one, and a SIGTERM during a compile landed there under
+    load). There the signal is sent again a moment later instead, to reach the code it stopped."""
+    if _in_gc_callback(frame):
+        threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        return
     raise KeyboardInterrupt(signum)
+
+
+def _in_gc_callback(frame) -> bool:
+    callbacks = {getattr(c, "__code__", None) for c in gc.callbacks}
+    while frame is not None:
+        if frame.f_code in callbacks:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @contextlib.contextmanager

@@ -796,6 +796,40 @@ def test_an_interrupted_process_saves_and_dies_by_the_signal(tmp_path, during):
         np.testing.assert_array_equal(restored["w"], np.arange(2**24, dtype=np.float32))
 
 
+# SIGTERM sent from inside a garbage-collector callback, so that the handler runs there (as when
+# the signal lands during JAX's own callback): Python discards an exception raised in one.
+SIGNAL_IN_GC_CALLBACK = """
+import gc, os, signal, time
+from fusion_jax import runtime
+
+signal.signal(signal.SIGTERM, runtime.raise_interrupt)
+sent = []
+
+def callback(phase, info):
+    if phase == "start" and not sent:
+        sent.append(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(1000))  # the handler runs here, inside the callback
+
+with runtime.exit_on_interrupt():
+    gc.callbacks.append(callback)
+    gc.collect()
+    for _ in range(500):
+        time.sleep(0.01)
+    print("not interrupted")
+"""
+
+
+def test_a_signal_handled_inside_a_garbage_collector_callback_still_stops_the_run():
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_GC_CALLBACK], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == -15, done.stdout + done.stderr[-2000:]
+    assert "not interrupted" not in done.stdout
+    assert "Exception ignored" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("stopped by SIGTERM: a rerun continues from what was saved")
+
+
 def test_main_py_dies_by_sigterm_after_saying_so(tmp_path):
     proc = subprocess.Popen([sys.executable, "main.py", "--config=configs/baseline.py:tiny",
                              f"--workdir={tmp_path / 'w'}"], cwd=ROOT, stderr=subprocess.PIPE,
