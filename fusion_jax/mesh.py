@@ -111,6 +111,11 @@ def stack_onto(trees: list, mesh: jax.sharding.Mesh):
     return jax.tree.map_with_path(one, *trees)
 
 
+def nbytes(tree) -> int:
+    """Bytes of a tree's arrays, all shards counted once."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def batch(mesh: jax.sharding.Mesh, axis: int = 0) -> NamedSharding:
     """Rows of axis `axis` split over `data`, the rest whole."""
     return NamedSharding(mesh, PartitionSpec(*([None] * axis), "data"))

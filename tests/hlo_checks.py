@@ -1,8 +1,13 @@
-"""What a jitted function's lowered program does with its matmuls (shared by the LM tests)."""
+"""What a jitted function's lowered program does with its matmuls and memory (shared by the LM
+tests)."""
 
 import re
 
 import jax
+import numpy as np
+
+from fusion_jax import mesh
+from fusion_jax.train import chunks
 
 
 def dot_precisions(fn, *args) -> list[tuple[str, str] | None]:
@@ -42,3 +47,30 @@ def record_programs(monkeypatch) -> list[str]:
 
     monkeypatch.setattr(jax, "jit", Recording)
     return programs
+
+
+def argument_bytes(monkeypatch) -> list[int]:
+    """Records the per-device argument bytes XLA plans for each program compiled ahead of time
+    (`chunks.compile_reporting`) after this call."""
+    recorded, compile_reporting = [], chunks.compile_reporting
+
+    def recording(*args, **kwargs):
+        compiled = compile_reporting(*args, **kwargs)
+        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
+        return compiled
+
+    monkeypatch.setattr(chunks, "compile_reporting", recording)
+    return recorded
+
+
+def sharded_bytes(tree, model: int) -> tuple[int, int]:
+    """(bytes of the leaves mesh.RULES splits over a `model` axis, bytes of those it keeps
+    whole on every device)."""
+    split = whole = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+        spec = mesh.partition(mesh.path_name(path), np.shape(x), model)
+        if spec == jax.sharding.PartitionSpec():
+            whole += np.asarray(x).nbytes
+        else:
+            split += np.asarray(x).nbytes
+    return split, whole

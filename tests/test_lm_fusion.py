@@ -16,12 +16,12 @@ from hlo_checks import dot_precisions
 
 from configs import lm_fuse as lm_fuse_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import mesh, modes
+from fusion_jax import modes
 from fusion_jax.data import tokenize
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_fuse
 from fusion_jax.models import decoding, lm, lm_fusion
-from fusion_jax.train import checkpoint, chunks
+from fusion_jax.train import checkpoint
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "lm")
 REPO = os.path.dirname(os.path.dirname(__file__))
@@ -242,7 +242,7 @@ def test_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, monkeypatc
     experts = _experts(tmp_path)
     made, train_step = [], lm_fuse.train_step
     monkeypatch.setattr(lm_fuse, "train_step", lambda *a: made.append(train_step(*a)) or made[-1])
-    argument_bytes = _argument_bytes(monkeypatch)
+    argument_bytes = hlo_checks.argument_bytes(monkeypatch)
     lm_fuse.train(_config(tmp_path, experts, 4), str(tmp_path / "one"))
     # One compile for the run, ahead of time (its memory plan logged), never through the jit's
     # cache: a compiled program refuses arguments placed otherwise, so the loss window reset at
@@ -266,9 +266,8 @@ def test_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, monkeypatc
     one = argument_bytes[0]
     assert one == sum(np.asarray(x).nbytes for x in jax.tree.leaves(arguments))
     for model, measured in zip((4, 8), argument_bytes[1:], strict=True):
-        whole = _replicated_bytes(arguments, model)
-        assert measured == whole + (one - whole) // model, model
-        assert measured < one / model + whole + 1
+        split, whole = hlo_checks.sharded_bytes(arguments, model)
+        assert measured == whole + split // model, model
     # Resharding: 2 steps with the models over 4 devices, resumed on 2, and on one device.
     half = _workdir(tmp_path, "model:4")
     lm_fuse.train(_config(tmp_path, experts, 2, num_devices=0, mesh="model:4"), str(half))
@@ -510,47 +509,3 @@ def test_the_text_is_part_of_the_workdir_and_binary_sources_are_refused(tmp_path
         f"{tmp_path / 'docs' / '3.txt'} is not a text file (it holds NUL bytes); name text only"
     )
     assert not (tmp_path / "other").exists()  # refused before the workdir is bound
-
-
-def _argument_bytes(monkeypatch) -> list:
-    """Records the per-device argument bytes XLA plans for each program compiled ahead of time."""
-    recorded, compile_reporting = [], chunks.compile_reporting
-
-    def recording(*args, **kwargs):
-        compiled = compile_reporting(*args, **kwargs)
-        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
-        return compiled
-
-    monkeypatch.setattr(chunks, "compile_reporting", recording)
-    return recorded
-
-
-def _replicated_bytes(tree, model: int) -> int:
-    """Bytes of the leaves mesh.RULES keeps whole on every device of a `model` axis."""
-    return sum(
-        x.nbytes
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-        if mesh.partition(mesh.path_name(path), x.shape, model) == jax.sharding.PartitionSpec()
-    )
-
-
-def _argument_bytes(monkeypatch) -> list:
-    """Records the per-device argument bytes XLA plans for each program compiled ahead of time."""
-    recorded, compile_reporting = [], chunks.compile_reporting
-
-    def recording(*args, **kwargs):
-        compiled = compile_reporting(*args, **kwargs)
-        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
-        return compiled
-
-    monkeypatch.setattr(chunks, "compile_reporting", recording)
-    return recorded
-
-
-def _replicated_bytes(tree, model: int) -> int:
-    """Bytes of the leaves mesh.RULES keeps whole on every device of a `model` axis."""
-    return sum(
-        np.asarray(x).nbytes
-        for path, x in jax.tree_util.tree_leaves_with_path(tree)
-        if mesh.partition(mesh.path_name(path), np.shape(x), model) == jax.sharding.PartitionSpec()
-    )

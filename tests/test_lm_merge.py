@@ -20,7 +20,7 @@ from tokenizers.pre_tokenizers import Whitespace
 
 from configs import lm_merge as lm_merge_config
 from fusion_jax import hf_checkpoint as hc
-from fusion_jax import lora, merging, mesh, modes
+from fusion_jax import lora, merging, modes
 from fusion_jax import vocab as vocab_lib
 from fusion_jax.errors import UserError
 from fusion_jax.experiments import lm_merge
@@ -485,14 +485,7 @@ def test_dam_over_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, m
     same KL and merge as one device, each device holding its shards only, and an interrupted
     workdir resumes on another mesh."""
     experts = _two_experts(tmp_path)
-    recorded, compile_reporting = [], lm_merge.engine.chunks.compile_reporting
-
-    def recording(*args, **kwargs):
-        compiled = compile_reporting(*args, **kwargs)
-        recorded.append(compiled.memory_analysis().argument_size_in_bytes)
-        return compiled
-
-    monkeypatch.setattr(lm_merge.engine.chunks, "compile_reporting", recording)
+    recorded = hlo_checks.argument_bytes(monkeypatch)
     runs = {"one": {}, "four": {"num_devices": 4}, "data2_model4": {"mesh": "data:2,model:4"},
             "data1_model8": {"mesh": "data:1,model:8"}}  # fmt: skip
     for name, fields in runs.items():
@@ -504,15 +497,11 @@ def test_dam_over_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, m
     stacked = jax.tree.map(lambda *xs: np.stack(xs), *[hc.load(e)[1] for e in experts])
     coefficients = jax.tree.map(np.asarray, dam.init_coefficients(stacked))
     models = (stacked, coefficients, coefficients, coefficients)  # with Adam's two moments
-    split = sum(np.asarray(x).nbytes for x in jax.tree.leaves(models))
     one = recorded[0]
     assert recorded[1] == one  # data parallel: everything whole on every device
     for model, measured in zip((4, 8), recorded[2:], strict=True):
-        whole = sum(
-            x.nbytes for path, x in jax.tree_util.tree_leaves_with_path(models)
-            if mesh.partition(mesh.path_name(path), x.shape, model) == jax.sharding.PartitionSpec()
-        )  # fmt: skip
-        assert measured == one - (split - whole) + (split - whole) // model, model
+        split, _ = hlo_checks.sharded_bytes(models, model)
+        assert measured == one - split + split // model, model
     # Interrupted after step 2 on model:4, resumed on model:2 and on one device.
     append = lm_merge.logs.append
 

@@ -48,27 +48,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _two_processes(workdir, python_args, *flags):
-    """Starts main.py (after `python_args`, where "{process}" becomes the process id) as the
-    two processes of one run of the tiny baseline, 2 fake CPU devices each."""
+def _spawn(args_of, devices: int) -> list[subprocess.Popen]:
+    """Two processes running `python *args_of(i)`, with `devices` fake CPU devices each."""
     # The last of a repeated XLA flag wins; the rest of conftest's flags carry over.
-    env = dict(
-        os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + " --xla_force_host_platform_device_count=2"
-    )
-    port = _free_port()
+    flag = f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"] + flag)
     return [
         subprocess.Popen(
-            [
-                sys.executable,
-                *(a.format(process=i) for a in python_args),
-                os.path.join(ROOT, "main.py"),
-                "--config=configs/baseline.py:tiny",
-                f"--workdir={workdir}",
-                "--config.train.num_processes=2",
-                f"--config.train.coordinator_address=127.0.0.1:{port}",
-                f"--config.train.process_id={i}",
-                *flags,
-            ],
+            [sys.executable, *args_of(i)],
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -77,6 +64,25 @@ def _two_processes(workdir, python_args, *flags):
         )  # fmt: skip
         for i in range(2)
     ]
+
+
+def _two_processes(workdir, python_args, *flags):
+    """Starts main.py (after `python_args`, where "{process}" becomes the process id) as the
+    two processes of one run of the tiny baseline, 2 fake CPU devices each."""
+    port = _free_port()
+    return _spawn(
+        lambda i: [
+            *(a.format(process=i) for a in python_args),
+            os.path.join(ROOT, "main.py"),
+            "--config=configs/baseline.py:tiny",
+            f"--workdir={workdir}",
+            "--config.train.num_processes=2",
+            f"--config.train.coordinator_address=127.0.0.1:{port}",
+            f"--config.train.process_id={i}",
+            *flags,
+        ],
+        2,
+    )
 
 
 def test_two_processes_train_like_one_process_with_four_devices(tmp_path):
@@ -212,3 +218,65 @@ def test_sigterm_stops_a_run_on_a_cluster_of_one_process(tmp_path):
     assert "1 process(es)" in output and proc.returncode == -15, output[-3000:]
     (saved,) = os.listdir(os.path.join(workdir, "x_plus_y", "checkpoints"))
     assert 10 <= int(saved) < 400
+
+
+# One sharded DAM training (engine.train_dam, 2 steps) of two scaled copies of the Llama fixture
+# on a data:2 x model:4 mesh of every process's devices; process 0 writes the coefficients.
+SHARDED_DAM = """
+import sys
+import jax, ml_collections, numpy as np
+process, port, out, checkpoints = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+if process >= 0:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process)
+from jax.experimental import multihost_utils
+from fusion_jax import hf_checkpoint as hc, mesh
+from fusion_jax.experiments import engine
+from fusion_jax.models import lm
+from fusion_jax.train import checkpoint
+
+source = "tests/fixtures/lm/llama"
+_, params = hc.load(source)
+m = mesh.make("data:2,model:4", jax.devices())
+stacked = mesh.stack_onto([params, jax.tree.map(lambda x: 0.8 * x, params)], m)
+model = lm.LanguageModel(lm.LMConfig.from_hf(hc.read_config(source)))
+rng = np.random.default_rng(0)
+tables = (rng.integers(0, 260, (2, 6, 17)).astype(np.int32), np.ones((2, 6, 16), np.float32),
+          np.array([6, 6], np.int32))
+whole = jax.sharding.NamedSharding(m, jax.sharding.PartitionSpec())
+tables = tuple(mesh.from_host(lambda i, t=t: t[i], t.shape, t.dtype, whole) for t in tables)
+mngr = checkpoint.manager(checkpoints, max_to_keep=1)
+coefficients, _, _ = engine.train_dam(
+    "[dam]", stacked, ml_collections.ConfigDict({"learning_rate": 3e-2, "num_steps": 2}),
+    lambda p, x: model.apply({"params": p}, x[:, :-1]),
+    lambda *data: engine.sample_experts(*data, batch_size=4), tables, jax.random.key(0),
+    data_axes=(), chunk=1, progress=lambda state: (mngr, None),
+    constrain=lambda batch: jax.lax.with_sharding_constraint(batch, mesh.batch(m, 1)),
+    shard=lambda tree: mesh.shardings(tree, m),
+)
+mngr.close()
+flat = {mesh.path_name(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(
+    multihost_utils.process_allgather(coefficients, tiled=True))}
+if process <= 0:
+    np.savez(out, **flat)
+"""
+
+
+def test_two_processes_run_a_sharded_dam_step_like_one_process_with_eight_devices(tmp_path):
+    one = tmp_path / "one.npz"
+    done = subprocess.run([sys.executable, "-c", SHARDED_DAM, "-1", "0", str(one),
+                           str(tmp_path / "c1")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    two, port = tmp_path / "two.npz", _free_port()
+    procs = _spawn(lambda i: ["-c", SHARDED_DAM, str(i), str(port), str(two), str(tmp_path / "c2")],
+                   4)  # fmt: skip
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-3000:]
+    a, b = np.load(one), np.load(two)
+    assert sorted(a) == sorted(b) and len(a) > 10
+    for key in a:
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # The training moved the coefficients from their start (1/K = 0.5).
+    assert max(float(np.abs(a[key] - 0.5).max()) for key in a) > 1e-3

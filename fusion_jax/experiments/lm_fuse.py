@@ -210,8 +210,10 @@ def train(config, workdir: str) -> dict:
     train_tokens, train_mask = jax.device_put(setup.train, replicated)
     step_fn = train_step(setup, tx, t.batch_size, jax.random.key(config.seed),
                          mesh_lib.batch(mesh), shardings)  # fmt: skip
-    logging.info("[lm_fuse] mesh %s: the batch of %d split over data, the models over model",
-                 dict(mesh.shape), t.batch_size)  # fmt: skip
+    # Beside the compiled step's per-device plan (logged at its compile): what the models weigh.
+    logging.info("[lm_fuse] mesh %s: the batch of %d split over data, the models (%.3f GB in all) "
+                 "over model", dict(mesh.shape), t.batch_size,
+                 mesh_lib.nbytes(setup.params) / 1e9)  # fmt: skip
 
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=2)
     log_path = os.path.join(workdir, "metrics.jsonl")

@@ -340,7 +340,9 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # Each device's shards cut from the K models: K models on the host, not 2K.
     stacked = mesh_lib.stack_onto([hc.load(m)[1] for m in models], mesh)
-    logging.info("[dam] mesh %s", dict(mesh.shape))
+    # Beside the compiled step's per-device plan (logged at its compile): what the models weigh.
+    logging.info("[dam] mesh %s: the %d models %.3f GB in all", dict(mesh.shape), len(models),
+                 mesh_lib.nbytes(stacked) / 1e9)  # fmt: skip
     model = lm.LanguageModel(lm_config)
     trainable = jax.tree.map(
         lambda g: g in groups, dam.coefficient_groups(dam.init_coefficients(stacked))
