@@ -203,6 +203,9 @@ def extract_lora(config, workdir: str, **_):
     """Writes a rank-`config.lora_rank` LoRA adapter (PEFT's layout) of each of
     `config.models` against `config.base` under `<workdir>/lora/` (configs/lm_merge.py)."""
     check_mode(config, "extract_lora")
+    if not config.base:  # first: else the rule of the default method (TIES) would name it
+        raise UserError("config.base='': must be the checkpoint the fine-tunes are taken against "
+                        "for --mode=extract_lora")  # fmt: skip
     return lm_merge.extract_lora(config, workdir)
 
 

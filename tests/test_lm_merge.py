@@ -720,6 +720,12 @@ def test_extracted_lora_reproduces_a_rank_r_task_vector_and_applies_back(
     config.lora_rank = 1
     info = modes.extract_lora(config, str(tmp_path / "w"))
     assert max(info["adapters"][0]["energy_kept"].values()) < 0.99
+    config.base = ""  # with the default method (TIES), which needs a base too
+    with pytest.raises(UserError) as e:
+        modes.extract_lora(config, str(tmp_path / "no_base"))
+    assert str(e.value) == ("config.base='': must be the checkpoint the fine-tunes are taken "
+                            "against for --mode=extract_lora")  # fmt: skip
+    assert not (tmp_path / "no_base").exists()
 
 
 def test_lora_adapters_are_refused_where_they_cannot_stand(tmp_path):

@@ -391,14 +391,12 @@ def dam_merge(config, workdir: str, models: list[str], out_dir: str) -> tuple[di
 
 @workdir_lib.claims_workdir(SPEC)
 def extract_lora(config, workdir: str) -> dict:
-    """`lora.extract` of each of `config.models` against `config.base`, at rank
+    """`lora.extract` of each of `config.models` against `config.base` (`modes.extract_lora`
+    refuses a config without one, before the spec's rules for `config.method`), at rank
     `config.lora_rank`, to `<workdir>/lora/<model's folder name>/`; writes and returns
     `<workdir>/lora/extract_info.json` (inputs with sha256, and per adapter the fraction of each
     task vector's squared norm it keeps)."""
     models, base = schema.split_list(config.models), config.base
-    if not base:
-        raise UserError("config.base='': must be the checkpoint the fine-tunes are taken against "
-                        "for --mode=extract_lora")  # fmt: skip
     if adapters := [m for m in models if lora.is_adapter(m)]:
         raise UserError(f"config.models: {adapters[0]} is a LoRA adapter already")
     out_root = os.path.join(workdir, "lora")
