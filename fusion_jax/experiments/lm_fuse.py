@@ -163,16 +163,16 @@ def evaluate(setup: Setup, params, tokens, mask, batch_size: int) -> float:
     return total / max(count, 1.0)
 
 
-def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding=None, state_shardings=None):
+def train_step(setup: Setup, tx, batch_size: int, key, batch_sharding, state_shardings):
     """The jitted update `(state, frozen, tokens, mask) -> state`: a batch of `batch_size`
     windows drawn with `fold_in(key, step)` from the training split `tokens`, `mask`.
 
-    Over a mesh, `batch_sharding` splits the batch over its `data` axis (XLA sums the gradients
-    across devices) and the new state keeps `state_shardings` (parameters and moments split
-    over `model` by mesh.RULES)."""
+    On the run's mesh, `batch_sharding` splits the batch over its `data` axis (XLA sums the
+    gradients across devices) and the new state keeps `state_shardings` (parameters and moments
+    split over `model` by mesh.RULES)."""
 
     def split(x):
-        return x if batch_sharding is None else jax.lax.with_sharding_constraint(x, batch_sharding)
+        return jax.lax.with_sharding_constraint(x, batch_sharding)
 
     @functools.partial(jax.jit, out_shardings=state_shardings)
     def step_fn(state, frozen, tokens, mask):
