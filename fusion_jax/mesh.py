@@ -30,22 +30,25 @@ RULES = (
 )
 
 _SPEC = re.compile(r"^(data|model):[1-9][0-9]*(,(data|model):[1-9][0-9]*)?$")
-MESH = Rule(
-    lambda v: isinstance(v, str) and (v == "auto" or bool(_SPEC.match(v.replace(" ", "")))),
-    '"auto" or axis sizes like "data:2,model:4" (axes data and model)',
-)
+
+
+def _valid(v) -> bool:
+    if not isinstance(v, str) or not (v == "auto" or _SPEC.match(v.replace(" ", ""))):
+        return False
+    return v == "auto" or len({part.split(":")[0] for part in v.split(",")}) == v.count(",") + 1
+
+
+MESH = Rule(_valid, '"auto" or axis sizes like "data:2,model:4" (axes data and model, once each)')
 
 
 def sizes(spec: str, devices: int) -> dict[str, int]:
     """{"data": n, "model": m} of a `MESH` string; "auto" is `data:devices`. An axis left out
-    has size 1; a repeated one is refused."""
+    has size 1."""
     if spec == "auto":
         return {"data": devices, "model": 1}
     out = {}
     for part in spec.replace(" ", "").split(","):
         axis, n = part.split(":")
-        if axis in out:
-            raise UserError(f"mesh {spec!r} names the {axis} axis twice")
         out[axis] = int(n)
     return {"data": out.get("data", 1), "model": out.get("model", 1)}
 
@@ -71,11 +74,11 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def partition(name: str, shape: tuple, model: int, rules=RULES) -> PartitionSpec:
+def partition(name: str, shape: tuple, model: int) -> PartitionSpec:
     """The leaf's PartitionSpec over a `model` axis of size `model` (see RULES)."""
-    for pattern, dim in rules:
+    for pattern, dim in RULES:
         if re.search(pattern, name):
-            if dim is None or len(shape) < -dim or shape[dim] % model or model == 1:
+            if len(shape) < -dim or shape[dim] % model or model == 1:
                 break
             spec = [None] * len(shape)
             spec[len(shape) + dim] = "model"
@@ -83,11 +86,11 @@ def partition(name: str, shape: tuple, model: int, rules=RULES) -> PartitionSpec
     return PartitionSpec()
 
 
-def shardings(tree, mesh: jax.sharding.Mesh, rules=RULES):
+def shardings(tree, mesh: jax.sharding.Mesh):
     """A NamedSharding per leaf of `tree` (arrays or shape structs) by the rule table."""
     model = mesh.shape["model"]
     return jax.tree.map_with_path(
-        lambda path, x: NamedSharding(mesh, partition(path_name(path), np.shape(x), model, rules)),
+        lambda path, x: NamedSharding(mesh, partition(path_name(path), np.shape(x), model)),
         tree,
     )
 

@@ -304,12 +304,13 @@ def test_a_mesh_of_data_and_model_axes_trains_as_one_device(tmp_path, monkeypatc
             lm_fuse.train(_config(tmp_path, experts, 4, mesh=spec), str(tmp_path / "three"))
         field = "batch_size=4" if spec == "data:3" else f"mesh={spec!r}"
         assert str(e.value) == f"config.train.{field}: {message}"
-    with pytest.raises(ValueError) as e:
-        lm_fuse.train(_config(tmp_path, experts, 4, mesh="data:2,tensor:4"), str(tmp_path / "x"))
-    assert str(e.value) == (
-        "config.train.mesh='data:2,tensor:4': must be \"auto\" or axis sizes like "
-        '"data:2,model:4" (axes data and model)'
-    )
+    for spec in ("data:2,tensor:4", "model:2,model:4"):
+        with pytest.raises(ValueError) as e:
+            lm_fuse.train(_config(tmp_path, experts, 4, mesh=spec), str(tmp_path / "x"))
+        assert str(e.value) == (
+            f'config.train.mesh={spec!r}: must be "auto" or axis sizes like '
+            '"data:2,model:4" (axes data and model, once each)'
+        )
 
 
 def test_frozen_bfloat16_experts_stay_bfloat16_and_train_as_float32_copies(tmp_path, monkeypatch):
